@@ -1,0 +1,19 @@
+"""gopd_kernels: fused Generalized On-Policy Distillation (G-OPD) losses for PyTorch.
+
+    import gopd_kernels as gk
+    out = gk.gopd_loss(student_logits, targets, teacher_logits, ref_logits, lam=1.25, mode="full")
+    out.loss.backward()
+
+See README.md for the math, the backends and the options; ``gopd_kernels.reference`` is the
+plain-PyTorch definition every backend is tested against.
+"""
+
+from . import backends, reference
+from ._output import GOPDOutput
+from .api import fused_linear_gopd_loss, fused_linear_logprobs, gopd_loss
+from .modules import FusedLinearGOPDLoss, GOPDLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["gopd_loss", "fused_linear_gopd_loss", "fused_linear_logprobs", "GOPDLoss", "FusedLinearGOPDLoss",
+           "GOPDOutput", "reference", "backends", "__version__"]

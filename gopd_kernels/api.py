@@ -1,0 +1,282 @@
+"""Public ops: gopd_loss (on logits), fused_linear_gopd_loss and fused_linear_logprobs (on hidden states).
+
+All three validate their inputs, pick a backend (``gopd_kernels.backends``), run its row kernels
+through an autograd function (``gopd_kernels.autograd``) and apply the per-token objective
+(``gopd_kernels.objective``). The math is documented in ``gopd_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate as check
+from . import backends
+from ._output import GOPDOutput
+from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, RowConfig
+from .backends import LP_S
+from .objective import full_loss_from_stats, token_objective
+
+# fp32 bytes of logits a fused-linear chunk may hold (all heads together); see default_chunk_size.
+_CPU_CHUNK_BYTES = 256 << 20
+_GPU_CHUNK_BYTES = 2 << 30
+
+
+def default_chunk_size(n_tokens: int, vocab: int, n_heads: int, device: torch.device) -> int:
+    """Tokens per fused-linear chunk: the largest power of two whose fp32 logits of all heads fit the
+    budget (256 MiB on CPU; on CUDA min(2 GiB, a quarter of free memory)), at most n_tokens."""
+    budget = _CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = min(_GPU_CHUNK_BYTES, free // 4)
+    rows = max(1, budget // max(1, 4 * vocab * n_heads))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, max(n_tokens, 1)))
+
+
+def _common_checks(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap, num_items_in_batch,
+                   temperature, old_logprobs, targets, lead, per_token_inputs, ignore_index):
+    check.scalars(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                  dual_clip=dual_clip, is_cap=is_cap, num_items_in_batch=num_items_in_batch)
+    check.optimizer_like_options(mode, old_logprobs)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    for name, x in per_token_inputs.items():
+        check.per_token(name, x, lead, targets)
+    return check.temperatures(temperature)
+
+
+def _flat(x, dtype):
+    return None if x is None else x.reshape(-1).to(dtype)
+
+
+def _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch):
+    if reduction == "none":
+        loss = per_token.reshape(lead)
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / _denominator(valid, num_items_in_batch, per_token)
+    return GOPDOutput(loss=loss, **{k: (None if v is None else v.reshape(lead)) for k, v in diagnostics.items()})
+
+
+def _denominator(valid, num_items_in_batch, like):
+    if num_items_in_batch is None:
+        return valid.sum().clamp(min=1).to(like.dtype)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(device=like.device, dtype=like.dtype)
+    return float(num_items_in_batch)
+
+
+def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, teacher_logprobs=None,
+              ref_logprobs=None, lam=1.0, mode="sampled", old_logprobs=None, rollout_logprobs=None,
+              clip_eps=0.2, clip_eps_high=None, dual_clip=3.0, is_cap=5.0, temperature=1.0,
+              ignore_index=-100, reduction="mean", num_items_in_batch=None, backend="auto",
+              inplace_backward=False) -> GOPDOutput:
+    """G-OPD loss on logits, fused over the vocabulary (no [N, V] intermediate in the fused backends).
+
+    student_logits: [..., V], float16 / bfloat16 / float32 / float64 (math in fp32 or better).
+    targets: [...] sampled token ids (int), ignore_index marks tokens that count for nothing.
+    teacher_logits / ref_logits: [..., V'] with V' >= V (a padded vocabulary is cut to the student's V),
+        the student's dtype; or, in mode="sampled" only, teacher_logprobs / ref_logprobs: [...].
+    lam: reward scale (1 = OPD, > 1 = ExOPD); lam != 1 needs a reference.
+    mode: "sampled" (the paper's estimator: PPO-clip policy gradient with advantage
+        lam (lp_t - lp_r) - (lp_s - lp_r)) or "full" (sum_v p_s (log p_s - lam log p_t - (1-lam) log p_r)).
+    old_logprobs: [...] log-probs of the policy that sampled (PPO ratio; default: on-policy, ratio = 1).
+    rollout_logprobs: [...] the rollout engine's log-probs; the loss is weighted by
+        min(exp(lp_old - lp_rollout), is_cap).
+    temperature: a float, or a (student, teacher, reference) triple; log-probs are of logits / T.
+    reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum" or "none" (per token,
+        differentiable with any upstream gradient).
+    backend: "auto", "torch", "cpu", "cuda" or "triton".
+    inplace_backward: let backward write the logit gradient into student_logits' storage (saves one
+        [N, V] buffer; student_logits must not be used after backward).
+    Returns a GOPDOutput: .loss plus detached per-token diagnostics (see GOPDOutput).
+    """
+    check.tensor("student_logits", student_logits)
+    check.tensor("targets", targets, floating=False, ndim_min=0)
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets: expected shape {lead} (student_logits' shape without the vocab dim), "
+                         f"got {tuple(targets.shape)}")
+    vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("student_logits: the vocabulary dimension is empty")
+    for name, z in (("teacher_logits", teacher_logits), ("ref_logits", ref_logits)):
+        if z is None:
+            continue
+        check.tensor(name, z)
+        if tuple(z.shape[:-1]) != lead:
+            raise ValueError(f"{name}: expected leading shape {lead} like student_logits, got {tuple(z.shape[:-1])}")
+        check.vocab(name, z.shape[-1], vocab)
+        if z.dtype != student_logits.dtype:
+            raise TypeError(f"{name}: dtype {z.dtype} differs from student_logits' {student_logits.dtype}; "
+                            "cast one so all logits share a dtype")
+    check.same_device("student_logits", student_logits, targets=targets, teacher_logits=teacher_logits,
+                      ref_logits=ref_logits)
+    check.models(mode=mode, lam=lam, teacher=teacher_logits, teacher_logprobs=teacher_logprobs,
+                 ref=ref_logits, ref_logprobs=ref_logprobs)
+    temps = _common_checks(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps,
+                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
+                           num_items_in_batch=num_items_in_batch, temperature=temperature,
+                           old_logprobs=old_logprobs, targets=targets, lead=lead, ignore_index=ignore_index,
+                           per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
+                                                 old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
+    check.targets_in_range(targets, vocab, ignore_index)
+    module = backends.get(backends.resolve(backend, student_logits.device))
+
+    def rows(z):
+        if z is None:
+            return None
+        z2 = z.reshape(-1, z.shape[-1])[:, :vocab]
+        return z2 if z2.stride(-1) == 1 else z2.contiguous()
+
+    y = targets.reshape(-1).to(torch.int64).contiguous()
+    cfg = RowConfig(module, lam, temps, ignore_index)
+    lp_s, full, stats = LogitRows.apply(rows(student_logits), rows(teacher_logits), rows(ref_logits), y, cfg,
+                                        bool(inplace_backward))
+    valid = y != ignore_index
+    dt = stats.dtype
+    per_token, diagnostics = token_objective(
+        lp_s, full, stats, valid, mode=mode, lam=float(lam), has_ref_logits=ref_logits is not None,
+        teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
+        old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt), clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
+    return _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
+
+
+def _check_head(prefix, hidden, weight, bias, lead):
+    """Checks one (hidden, weight, bias) head; names in errors are f"{prefix}hidden" etc."""
+    check.tensor(f"{prefix}hidden", hidden)
+    check.tensor(f"{prefix}weight", weight, ndim_min=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight: expected [V, D], got shape {tuple(weight.shape)}")
+    if tuple(hidden.shape[:-1]) != lead:
+        raise ValueError(f"{prefix}hidden: expected leading shape {lead} (one row per target), "
+                         f"got {tuple(hidden.shape[:-1])}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}hidden: hidden size {hidden.shape[-1]} does not match "
+                         f"{prefix}weight's [V, D] with D={weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{prefix}hidden dtype {hidden.dtype} differs from {prefix}weight dtype {weight.dtype}")
+    if bias is not None:
+        check.tensor(f"{prefix}bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check.same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
+
+
+def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None,
+                           ref_hidden=None, ref_weight=None, *, student_bias=None, teacher_bias=None,
+                           ref_bias=None, teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
+                           old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
+                           dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
+                           num_items_in_batch=None, backend="auto", chunk_size=None) -> GOPDOutput:
+    """G-OPD loss from final hidden states and LM-head weights; never holds [N, V] logits.
+
+    student_hidden: [..., D_s] with student_weight [V, D_s] (student_bias [V]); teacher / reference
+    likewise with their own hidden sizes and V' >= V (padding cut). Logits of each chunk of
+    ``chunk_size`` tokens are computed in fp32, scored by the backend's row kernel and dropped:
+    extra memory O(chunk x V). With reduction "mean" / "sum" the gradients (to student_hidden,
+    student_weight, student_bias) are built chunk by chunk during forward, so backward does no
+    GEMM recompute; with "none" each chunk is recomputed in backward. Other keywords as gopd_loss.
+    """
+    check.tensor("targets", targets, floating=False, ndim_min=0)
+    lead = tuple(targets.shape)
+    _check_head("student_", student_hidden, student_weight, student_bias, lead)
+    vocab = student_weight.shape[0]
+    for prefix, h, w, b in (("teacher", teacher_hidden, teacher_weight, teacher_bias),
+                            ("ref", ref_hidden, ref_weight, ref_bias)):
+        if (h is None) != (w is None):
+            raise ValueError(f"{prefix}_hidden and {prefix}_weight go together: give both or neither")
+        if h is not None:
+            _check_head(f"{prefix}_", h, w, b, lead)
+            check.vocab(f"{prefix}_weight", w.shape[0], vocab)
+            check.same_device("student_hidden", student_hidden, **{f"{prefix}_hidden": h})
+    check.same_device("student_hidden", student_hidden, targets=targets)
+    check.models(mode=mode, lam=lam, teacher=teacher_hidden, teacher_logprobs=teacher_logprobs, ref=ref_hidden,
+                 ref_logprobs=ref_logprobs, teacher_word="teacher_hidden/teacher_weight",
+                 ref_word="ref_hidden/ref_weight")
+    temps = _common_checks(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps,
+                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
+                           num_items_in_batch=num_items_in_batch, temperature=temperature,
+                           old_logprobs=old_logprobs, targets=targets, lead=lead, ignore_index=ignore_index,
+                           per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
+                                                 old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
+    _check_chunk(chunk_size)
+    check.targets_in_range(targets, vocab, ignore_index)
+    module = backends.get(backends.resolve(backend, student_hidden.device))
+
+    def flat(h):
+        return None if h is None else h.reshape(-1, h.shape[-1])
+
+    y = targets.reshape(-1).to(torch.int64).contiguous()
+    n = y.shape[0]
+    n_heads = 1 + (teacher_hidden is not None) + (ref_hidden is not None)
+    chunk = chunk_size or default_chunk_size(n, vocab, n_heads, student_hidden.device)
+    cfg = RowConfig(module, lam, temps, ignore_index)
+    valid = y != ignore_index
+    dt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    extras = dict(teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
+                  old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt))
+    options = dict(mode=mode, lam=float(lam), has_ref_logits=ref_hidden is not None, clip_eps=clip_eps,
+                   clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
+    heads = (flat(student_hidden), student_weight, student_bias, flat(teacher_hidden), teacher_weight,
+             teacher_bias, flat(ref_hidden), ref_weight, ref_bias)
+
+    if reduction != "none":
+        # Gradient in forward: the objective is row-local, so each chunk's per-token gradients are
+        # known once its statistics are; backward only scales by the upstream scalar.
+        if reduction == "mean":
+            denom = _denominator(valid, num_items_in_batch, torch.zeros((), dtype=dt, device=y.device))
+            scale = 1.0 / float(denom)
+        else:
+            scale = 1.0
+
+        def objective(lp_s, full, stats_c, rows):
+            sliced = {k: (None if v is None else v[rows]) for k, v in extras.items()}
+            per_token, _ = token_objective(lp_s, full, stats_c, valid[rows], **options, **sliced)
+            return per_token
+
+        loss, stats = FusedLinearLoss.apply(*heads, y, cfg, vocab, chunk, objective, scale)
+        with torch.no_grad():
+            _, diagnostics = token_objective(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, valid,
+                                             **options, **extras)
+        return GOPDOutput(loss=loss.to(dt), **{k: (None if v is None else v.reshape(lead))
+                                              for k, v in diagnostics.items()})
+
+    lp_s, full, stats = FusedLinearRows.apply(*heads, y, cfg, vocab, chunk)
+    per_token, diagnostics = token_objective(lp_s, full, stats, valid, **options, **extras)
+    return _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
+
+
+def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None, ignore_index=-100,
+                          backend="auto", chunk_size=None) -> torch.Tensor:
+    """log softmax(hidden @ weight.T (+ bias) / temperature)[target] per token, without [N, V] logits.
+
+    hidden: [..., D], weight: [V, D], targets: [...]; returns [...] (fp32, or fp64 for fp64 input),
+    0 at masked tokens, differentiable w.r.t. hidden, weight and bias (used for teacher / reference
+    scoring and for the policy's own log-probs).
+    """
+    check.tensor("targets", targets, floating=False, ndim_min=0)
+    lead = tuple(targets.shape)
+    _check_head("", hidden, weight, bias, lead)
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+    _check_chunk(chunk_size)
+    vocab = weight.shape[0]
+    check.targets_in_range(targets, vocab, ignore_index)
+    check.same_device("hidden", hidden, targets=targets)
+    module = backends.get(backends.resolve(backend, hidden.device))
+    y = targets.reshape(-1).to(torch.int64).contiguous()
+    chunk = chunk_size or default_chunk_size(y.shape[0], vocab, 1, hidden.device)
+    cfg = RowConfig(module, 1.0, (float(temperature),) * 3, ignore_index)
+    lp, _full, _stats = FusedLinearRows.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None,
+                                              None, None, None, None, y, cfg, vocab, chunk)
+    return lp.reshape(lead)

@@ -1,0 +1,183 @@
+"""Autograd functions around a backend's row kernels.
+
+LogitRows          [N, V] logits in; per-token lp_s and full-mode loss L out, differentiable
+                   w.r.t. the student logits with any per-token upstream gradient.
+FusedLinearRows    hidden states + LM-head weights in; the same outputs. Chunks over tokens and
+                   recomputes each chunk's logits in backward: memory O(chunk x V), never [N, V].
+FusedLinearLoss    the same, for a scalar loss: the gradient is computed in the forward pass chunk
+                   by chunk (no recompute) and only scaled by the upstream scalar in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import LP_S
+from .objective import full_loss_from_stats
+
+
+class RowConfig:
+    """Scalars every row kernel call needs."""
+
+    def __init__(self, backend, lam, temperatures, ignore_index):
+        self.backend = backend
+        self.lam = float(lam)
+        self.ts, self.tt, self.tr = temperatures
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, zs, zt, zr, targets):
+        return self.backend.rows_forward(zs, zt, zr, targets, self.ts, self.tt, self.tr, self.ignore_index)
+
+    def backward(self, zs, zt, zr, targets, stats, g_lp, g_loss, out):
+        return self.backend.rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, self.lam, self.ts,
+                                          self.tt, self.tr, self.ignore_index, out)
+
+
+def _grad_or_zeros(g, like):
+    return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
+
+
+class LogitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zs, zt, zr, targets, cfg: RowConfig, inplace_backward: bool):
+        stats = cfg.forward(zs, zt, zr, targets)
+        ctx.cfg, ctx.inplace = cfg, inplace_backward
+        ctx.save_for_backward(zs, zt, zr, targets, stats)
+        ctx.mark_non_differentiable(stats)
+        return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
+
+    @staticmethod
+    def backward(ctx, g_lp, g_loss, _g_stats):
+        zs, zt, zr, targets, stats = ctx.saved_tensors
+        out = zs if ctx.inplace else torch.empty_like(zs)
+        ctx.cfg.backward(zs, zt, zr, targets, stats, _grad_or_zeros(g_lp, stats[0]),
+                         _grad_or_zeros(g_loss, stats[0]), out)
+        return out, None, None, None, None, None
+
+
+def linear_logits(hidden, weight, bias, vocab):
+    """fp32 logits hidden @ weight[:vocab].T (+ bias) for one chunk; never rounded to bf16.
+
+    On CUDA, low-precision inputs use the GEMM's fp32 output (accumulated in fp32 by cuBLAS);
+    elsewhere the chunk and weight are up-cast.
+    """
+    weight = weight[:vocab]
+    if hidden.dtype in (torch.float32, torch.float64):
+        logits = hidden @ weight.t()
+    elif hidden.is_cuda:
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = hidden.float() @ weight.float().t()
+    if bias is not None:
+        logits = logits + bias[:vocab].to(logits.dtype)
+    return logits
+
+
+def _chunks(n, chunk):
+    for start in range(0, n, chunk):
+        yield slice(start, min(n, start + chunk))
+
+
+class _Heads:
+    """(hidden, weight, bias) of the student, teacher and reference; teacher / ref may be None."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, hr, wr, br, vocab):
+        self.s, self.t, self.r, self.vocab = (hs, ws, bs), (ht, wt, bt), (hr, wr, br), vocab
+
+    def logits(self, rows):
+        def one(head):
+            h, w, b = head
+            return None if h is None else linear_logits(h[rows], w, b, self.vocab)
+        return one(self.s), one(self.t), one(self.r)
+
+
+def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
+    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz (all fp32 accumulators)."""
+    dzc = dz.to(dw.dtype)
+    dh[rows] = (dzc @ ws[: dz.shape[1]].to(dw.dtype)).to(dh.dtype)
+    dw[: dz.shape[1]] += dzc.t() @ hs_chunk.to(dw.dtype)
+    if db is not None:
+        db[: dz.shape[1]] += dzc.sum(0)
+
+
+def _grad_buffers(hs, ws, bs, need_h, need_w, need_b):
+    acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    dh = torch.zeros_like(hs) if need_h else torch.empty_like(hs)
+    dw = torch.zeros(ws.shape, dtype=acc, device=ws.device)
+    db = torch.zeros(bs.shape, dtype=acc, device=bs.device) if (bs is not None and need_b) else None
+    return dh, dw, db
+
+
+class FusedLinearRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int):
+        heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
+        n = targets.shape[0]
+        dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        stats = torch.zeros(9, n, dtype=dtype, device=hs.device)
+        for rows in _chunks(n, chunk):
+            stats[:, rows] = cfg.forward(*heads.logits(rows), targets[rows])
+        ctx.cfg, ctx.vocab, ctx.chunk = cfg, vocab, chunk
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats)
+        ctx.mark_non_differentiable(stats)
+        return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
+
+    @staticmethod
+    def backward(ctx, g_lp, g_loss, _g_stats):
+        hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats = ctx.saved_tensors
+        heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, ctx.vocab)
+        g_lp, g_loss = _grad_or_zeros(g_lp, stats[0]), _grad_or_zeros(g_loss, stats[0])
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
+        for rows in _chunks(targets.shape[0], ctx.chunk):
+            zs, zt, zr = heads.logits(rows)
+            ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
+            _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
+        return (dh if need_h else None, dw.to(ws.dtype) if need_w else None,
+                db.to(bs.dtype) if db is not None else None) + (None,) * 10
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """Scalar loss whose gradient is built in forward.
+
+    `objective(lp_s, full_loss, stats, rows) -> per-token loss` must be row-local (token i's loss
+    depends only on row i), which holds for every G-OPD mode; `scale` is 1 (sum) or 1 / D (mean).
+    Returns (loss, stats); backward multiplies the stored dH, dW, db by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int,
+                objective, scale: float):
+        heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
+        n = targets.shape[0]
+        dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        stats = torch.zeros(9, n, dtype=dtype, device=hs.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
+        total = torch.zeros((), dtype=dtype, device=hs.device)
+        for rows in _chunks(n, chunk):
+            zs, zt, zr = heads.logits(rows)
+            stats_c = cfg.forward(zs, zt, zr, targets[rows])
+            stats[:, rows] = stats_c
+            with torch.enable_grad():
+                lp_s = stats_c[LP_S].clone().requires_grad_(True)
+                full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
+                loss_c = objective(lp_s, full, stats_c, rows).sum() * scale
+                g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
+                                                   materialize_grads=True)
+            total += loss_c.detach()
+            if need_h or need_w or need_b:
+                cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
+                _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, g_total, _g_stats):
+        dh, dw, db = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g_total.to(dw.dtype)
+        return ((dh * g.to(dh.dtype)) if need_h else None, (dw * g).to(ctx.dtypes[0]) if need_w else None,
+                (db * g).to(ctx.dtypes[1]) if (db is not None and need_b) else None) + (None,) * 12

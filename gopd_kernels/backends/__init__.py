@@ -1,0 +1,86 @@
+"""Backend registry: the row kernels every backend implements, and the `auto` choice.
+
+The contract every backend implements
+-------------------------------------
+A backend is a module ``gopd_kernels.backends.<name>`` with three functions. All the G-OPD
+objective logic (advantage, PPO clip, IS weight, reductions) lives once, in Python, on O(N)
+per-token statistics (``gopd_kernels.objective``); a backend only does the vocabulary-wide work.
+
+``available() -> tuple[bool, str]``
+    Whether the backend can run here; if not, a message saying why and how to build it.
+
+``rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index) -> stats``
+    zs: [N, V] student logits; zt, zr: [N, V] teacher / reference logits or None. Each has
+    stride(-1) == 1 (any row stride: the API may pass a column-slice of a padded vocabulary).
+    All three share one dtype (fp16, bf16, fp32, or fp64 where supported). targets: [N] int64,
+    each in [0, V) or == ignore_index. ts, tt, tr: temperatures (python floats > 0).
+    Returns stats: [NSTATS, N], float64 if zs is float64 else float32, rows named below.
+    With log p_m = z_m / T_m - lse_m (computed in fp32 or better, never in the input dtype):
+        LSE_S/T/R  lse_m = logsumexp(z_m / T_m)
+        LP_S/T/R   log p_m(target)
+        E_S        sum_v p_s(v) log p_s(v)        (= -entropy of the student)
+        E_T, E_R   sum_v p_s(v) log p_t(v), sum_v p_s(v) log p_r(v)
+    Conventions: a column where p_s(v) == 0 (z_s = -inf) contributes 0 to E_* (never 0 * -inf);
+    a masked row (target == ignore_index) gets 0 in every stat and costs no vocabulary pass;
+    the stats of a model that is None are 0.
+
+``rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out) -> out``
+    Writes the gradient w.r.t. zs into ``out`` ([N, V], dtype of zs; ``out`` may BE zs, for an
+    in-place backward, so read z_s(v) before writing out(v)). g_lp, g_loss: [N] fp32 (fp64 with fp64
+    input) upstream gradients of the per-token outputs lp_s and L, where
+    L = E_S - lam * E_T - (1 - lam) * E_R. For each valid row i and column v:
+        p(v)  = exp(z_s(v) / ts - lse_s)
+        c(v)  = log p_s(v) - lam * log p_t(v) - (1 - lam) * log p_r(v)
+        out(v) = ( g_loss_i * p(v) * (c(v) - L_i) + g_lp_i * ([v == y_i] - p(v)) ) / ts
+    A term whose coefficient is 0 (lam, 1 - lam, g_loss_i, or p(v)) is 0 even when the log is
+    -inf; a model that is None drops its term (zr None happens only with lam == 1). Masked rows
+    get out = 0.
+
+A backend that does not support a dtype raises TypeError naming the dtype and backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# Row indices of the stats tensor returned by rows_forward.
+LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
+NSTATS = 9
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+
+_BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` (or `make test`)"
+
+
+def get(name: str):
+    """Return the backend module `name`, or raise a ValueError saying why it cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    try:
+        module = importlib.import_module(f"gopd_kernels.backends.{name}")
+    except ImportError as exc:  # a backend whose module or dependency is missing
+        raise ValueError(f"backend={name!r} is not available here: {exc}") from exc
+    ok, why = module.available()
+    if not ok:
+        raise ValueError(f"backend={name!r} is not available here: {why}")
+    return module
+
+
+def is_available(name: str) -> bool:
+    try:
+        get(name)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve(name: str, device) -> str:
+    """Map backend="auto" to a concrete backend for tensors on `device`."""
+    if name != "auto":
+        get(name)  # raises with a clear message if unknown / not built
+        return name
+    candidates = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for cand in candidates:
+        if is_available(cand):
+            return cand
+    return "torch"
