@@ -95,7 +95,8 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
         per_token = w * pg
     else:
         c = logp_s - _safe_times(lam, logp_t) - _safe_times(1.0 - lam, logp_r)
-        full = torch.where(p_s > 0, p_s * c, torch.zeros_like(p_s)).sum(-1)
+        # Mask c (not p_s * c): a where() over p_s * (-inf) would send NaN into the backward pass.
+        full = (p_s * torch.where(p_s > 0, c, torch.zeros_like(c))).sum(-1)
         e_pt = torch.where(p_s > 0, p_s * logp_t, torch.zeros_like(p_s)).sum(-1)
         e_pr = torch.where(p_s > 0, p_s * logp_r, torch.zeros_like(p_s)).sum(-1)
         reward = (lam * (e_pt - e_pr)).detach()

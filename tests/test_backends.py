@@ -1,0 +1,210 @@
+"""Every available backend, end to end through the public API, against gopd_kernels.reference.
+
+float64 is judged tightly; float32 / bfloat16 / float16 the Cut-Cross-Entropy way: our error against
+the float64 truth may not exceed plain torch's error on the same low-precision inputs by more than a
+small factor.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gopd_kernels as gk
+from gopd_kernels import backends
+from gopd_kernels import reference as R
+
+from helpers import assert_close_as_torch, make_problem, max_err
+
+BACKENDS = [b for b in backends.BACKENDS if backends.is_available(b)]
+DIAGS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
+
+
+def run(fn, zs, y, zt, zr, **kw):
+    zs = zs.detach().clone().requires_grad_(True)
+    out = fn(zs, y, zt, zr, **kw)
+    upstream = torch.linspace(-1, 2, y.numel(), dtype=torch.float64).view(y.shape)
+    loss = (out.loss * upstream.to(out.loss.dtype)).sum() if kw.get("reduction") == "none" else out.loss
+    (g,) = torch.autograd.grad(loss, zs)
+    return out, g
+
+
+def supports(backend, dtype):
+    return not (backend in ("triton", "cuda") and dtype == torch.float64)
+
+
+def device_for(backend):
+    return "cuda" if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+problem = dict(
+    n=st.sampled_from([1, 7, 33]),
+    v=st.sampled_from([1, 7, 129, 3001]),
+    lam=st.sampled_from([0.0, 0.5, 1.0, 1.25, 3.0]),
+    mode=st.sampled_from(["sampled", "full"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    scale=st.sampled_from([1.0, 30.0, 1e4]),
+    inf_cols=st.sampled_from([0, 3]),
+    pad=st.sampled_from([0, 5]),
+    temps=st.sampled_from([1.0, (0.7, 1.0, 1.5)]),
+    seed=st.integers(0, 1000),
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(**problem)
+@settings(max_examples=20)
+def test_float64_matches_reference(backend, n, v, lam, mode, reduction, scale, inf_cols, pad, temps, seed):
+    if not supports(backend, torch.float64):
+        pytest.skip(f"{backend} has no float64 path")
+    if backend == "triton" and not torch.cuda.is_available() and v > 129:
+        v = 129  # the interpreter is slow; large V is covered on a GPU
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=scale, inf_cols=inf_cols, pad=pad,
+                                 device=device_for(backend))
+    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=temps)
+    ours, g = run(gk.gopd_loss, zs, y, zt, zr, backend=backend, **kw)
+    ref, g_ref = run(R.gopd_loss, zs, y, zt, zr, **kw)
+    tol = 1e-9 * (1 + float(ref.loss.abs().max()))
+    assert max_err(ours.loss, ref.loss) <= tol
+    assert max_err(g, g_ref) <= 1e-9 * (1 + float(g_ref.abs().max()))
+    for name in DIAGS:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert max_err(a, b) <= 1e-9 * (1 + float(b.abs().max())), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@given(n=st.sampled_from([3, 17]), v=st.sampled_from([7, 129, 1000]), lam=st.sampled_from([1.0, 1.25, 2.0]),
+       mode=st.sampled_from(["sampled", "full"]), seed=st.integers(0, 1000))
+@settings(max_examples=8)
+def test_low_precision_error_is_torch_like(backend, dtype, n, v, lam, mode, seed):
+    if backend == "torch" and dtype != torch.float32:
+        pytest.skip("the torch backend is the fp32 baseline itself")
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=4.0, device=device_for(backend))
+    low = [z.to(dtype) for z in (zs, zt, zr)]
+    kw = dict(lam=lam, mode=mode, reduction="none")
+    ours, g = run(gk.gopd_loss, *low[:1], y, *low[1:], backend=backend, **kw)
+    truth, g_truth = run(R.gopd_loss, *(z.double() for z in low[:1]), y, *(z.double() for z in low[1:]), **kw)
+    # Plain torch in that dtype: log-softmax of the low-precision logits, computed in that dtype.
+    base, g_base = run(R.gopd_loss, *(z.to(dtype) if dtype == torch.float32 else z for z in low[:1]), y,
+                       *low[1:], **kw) if dtype == torch.float32 else _torch_in_dtype(low, y, kw)
+    assert_close_as_torch(ours.loss, base.loss, truth.loss, what=f"{backend} {dtype} loss")
+    assert_close_as_torch(g, g_base, g_truth, what=f"{backend} {dtype} grad")
+
+
+def _torch_in_dtype(low, y, kw):
+    """The eager-torch baseline for 16-bit inputs: every op in the 16-bit dtype, no up-cast."""
+    zs, zt, zr = low
+    zs = zs.detach().clone().requires_grad_(True)
+    ls, lt, lr = (torch.log_softmax(z, -1) for z in (zs, zt, zr))
+    lam, valid = kw["lam"], y != -100
+    ys = y.clamp(min=0)[:, None]
+    if kw["mode"] == "full":
+        per = (ls.exp() * (ls - lam * lt - (1 - lam) * lr)).sum(-1)
+    else:
+        lp = lambda t: t.gather(1, ys).squeeze(1)  # noqa: E731
+        adv = (lam * lp(lt) + (1 - lam) * lp(lr) - lp(ls)).detach()
+        per = -adv * torch.exp(lp(ls) - lp(ls).detach())
+    per = torch.where(valid, per, torch.zeros((), dtype=per.dtype))
+    upstream = torch.linspace(-1, 2, y.numel(), dtype=torch.float64).to(per.dtype)
+    (g,) = torch.autograd.grad((per * upstream).sum(), zs)
+
+    class Out:
+        loss = per
+    return Out, g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode,lam", [("sampled", 1.25), ("full", 1.25), ("full", 1.0), ("sampled", 1.0)])
+def test_fused_linear_matches_reference(backend, dtype, reduction, mode, lam):
+    if not supports(backend, dtype):
+        pytest.skip(f"{backend} has no {dtype} path")
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(13)
+    n, v, d_s, d_t = 37, 301, 16, 24
+    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype=dtype, device=dev)  # noqa
+    hs, ws, bs = mk(n, d_s), mk(v, d_s), mk(v)
+    ht, wt, hr, wr = mk(n, d_t), mk(v + 3, d_t), mk(n, d_s), mk(v, d_s)
+    y = torch.randint(0, v, (n,), generator=g).to(dev)
+    y[::5] = -100
+    rollout = torch.randn(n, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev) - 3
+    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=(1.0, 0.8, 1.2), rollout_logprobs=rollout)
+    params = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+    out = gk.fused_linear_gopd_loss(params[0], params[1], y, ht, wt, hr, wr, student_bias=params[2],
+                                    backend=backend, chunk_size=8, **kw)
+    ref_params = [x.detach().double().clone().requires_grad_(True) for x in (hs, ws, bs)]
+    ref = R.gopd_loss(ref_params[0] @ ref_params[1].T + ref_params[2], y, ht.double() @ wt.double().T,
+                      hr.double() @ wr.double().T, **kw)
+    up = torch.linspace(-1, 2, n, dtype=torch.float64, device=dev)
+    loss = (out.loss * up.to(out.loss.dtype)).sum() if reduction == "none" else out.loss
+    ref_loss = (ref.loss * up).sum() if reduction == "none" else ref.loss
+    grads = torch.autograd.grad(loss, params)
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    rel = 1e-9 if dtype == torch.float64 else 2e-4
+    assert max_err(loss, ref_loss) <= rel * (1 + abs(float(ref_loss)))
+    for name, a, b in zip(("dh", "dW", "db"), grads, ref_grads):
+        assert max_err(a, b) <= rel * (1 + float(b.abs().max())), name
+    assert max_err(out.kl, ref.kl) <= rel * (1 + float(ref.kl.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_logprobs(backend):
+    dev = device_for(backend)
+    dtype = torch.float32 if not supports(backend, torch.float64) else torch.float64
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(4, 5, 12, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev).requires_grad_(True)
+    w = torch.randn(77, 12, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev).requires_grad_(True)
+    y = torch.randint(0, 77, (4, 5), generator=g).to(dev)
+    y[0, :2] = -100
+    lp = gk.fused_linear_logprobs(h, w, y, temperature=0.9, backend=backend, chunk_size=3)
+    full = torch.log_softmax((h @ w.T).double() / 0.9, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    full = torch.where(y != -100, full, 0.0)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert lp.shape == (4, 5) and max_err(lp, full) <= tol * 10
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    gh2, gw2 = torch.autograd.grad(full.sum(), (h, w))
+    assert max_err(gh, gh2) <= tol * 10 and max_err(gw, gw2) <= tol * 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sampled", "full"])
+def test_empty_and_all_masked_batches_give_zero_not_nan(backend, mode):
+    dev = device_for(backend)
+    dtype = torch.float32
+    for n, mask_all in ((0, False), (6, True)):
+        zs, zt, zr, y = make_problem(n, 11, dtype=dtype, device=dev)
+        if mask_all:
+            y[:] = -100
+        zs.requires_grad_(True)
+        out = gk.gopd_loss(zs, y, zt, zr, lam=1.25, mode=mode, backend=backend)
+        assert float(out.loss) == 0.0
+        (g,) = torch.autograd.grad(out.loss, zs)
+        assert g.shape == zs.shape and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_shape_teacher_logprobs_and_modules(backend):
+    dev = device_for(backend)
+    zs, zt, zr, y = make_problem(2 * 6, 29, dtype=torch.float32, device=dev)
+    zs, zt, zr, y = (x.view(2, 6, *x.shape[1:]) for x in (zs, zt, zr, y))
+    from_logits = gk.gopd_loss(zs, y, zt, zr, lam=1.25, reduction="none", backend=backend)
+    assert from_logits.loss.shape == (2, 6) and from_logits.kl.shape == (2, 6)
+    served = gk.gopd_loss(zs, y, teacher_logprobs=from_logits.lp_t, ref_logprobs=from_logits.lp_r, lam=1.25,
+                          reduction="none", backend=backend)
+    torch.testing.assert_close(served.loss, from_logits.loss)
+    module = gk.GOPDLoss(lam=1.25, reduction="none", backend=backend)
+    torch.testing.assert_close(module(zs, y, zt, zr).loss, from_logits.loss)
+
+
+def test_inplace_backward_reuses_the_logits_storage():
+    zs, zt, zr, y = make_problem(5, 17)
+    expected = run(gk.gopd_loss, zs, y, zt, zr, lam=1.25, mode="full", backend="torch")[1]
+    leaf = zs.clone().requires_grad_(True)
+    work = leaf * 1.0  # a non-leaf the caller no longer needs
+    out = gk.gopd_loss(work, y, zt, zr, lam=1.25, mode="full", backend="torch", inplace_backward=True)
+    (g,) = torch.autograd.grad(out.loss, leaf)
+    torch.testing.assert_close(g, expected)
