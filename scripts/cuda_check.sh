@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Compile every csrc/cuda/*.cu with nvcc, compile-only, for sm_80 and sm_90, and print ptxas'
+# register / spill report per kernel. Fails (non-zero exit) if nvcc fails on any file or if any
+# kernel spills registers to local memory. Needs nvcc only: no GPU, no CUDA build of torch.
+#
+# Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), NVCC_FLAGS (extra flags).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+nvcc="${NVCC:-}"
+if [[ -z "$nvcc" ]]; then
+  if command -v nvcc >/dev/null 2>&1; then
+    nvcc="$(command -v nvcc)"
+  elif [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]]; then
+    nvcc="$CUDA_HOME/bin/nvcc"
+  else
+    echo "cuda-check: nvcc not found (put it on PATH or set NVCC / CUDA_HOME)" >&2
+    exit 2
+  fi
+fi
+
+shopt -s nullglob
+sources=("$root"/csrc/cuda/*.cu)
+if [[ ${#sources[@]} -eq 0 ]]; then
+  echo "cuda-check: no csrc/cuda/*.cu files found" >&2
+  exit 2
+fi
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+echo "cuda-check: $("$nvcc" --version | tail -n 1)"
+status=0
+spills=0
+for src in "${sources[@]}"; do
+  name="$(basename "$src" .cu)"
+  log="$tmp/$name.log"
+  echo "== $name.cu"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  if ! "$nvcc" -c "$src" -o "$tmp/$name.o" -I"$root/csrc" -O3 -std=c++17 -Xptxas -v \
+      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+      ${NVCC_FLAGS:-} >"$log" 2>&1; then
+    cat "$log"
+    echo "cuda-check: FAILED to compile $name.cu" >&2
+    status=1
+    continue
+  fi
+  # ptxas -v prints, per kernel and arch: "Compiling entry function '<mangled>' for 'sm_XX'",
+  # then "N bytes stack frame, N bytes spill stores, N bytes spill loads" and "Used N registers".
+  # Print one line per kernel: arch, registers, stack / spill bytes, demangled name.
+  awk '
+    /Compiling entry function/ {
+      match($0, /function .[^'"'"']*/); fn = substr($0, RSTART + 10, RLENGTH - 10)
+      match($0, /for .sm_[0-9]+/); arch = substr($0, RSTART + 5, RLENGTH - 5)
+    }
+    /bytes stack frame/ { frame = $0; sub(/^.*ptxas info *: */, "", frame) }
+    /Used [0-9]+ registers/ {
+      match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15)
+      printf "%s regs=%-3s %s | %s\n", arch, regs, frame, fn
+    }' "$log" | while IFS= read -r line; do
+        fn="${line##*| }"
+        demangled="$(echo "$fn" | c++filt 2>/dev/null || echo "$fn")"
+        echo "  ${line%%| *}| $demangled"
+      done
+  # Any other warnings nvcc printed (ptxas info lines excluded).
+  grep -v -e 'ptxas info' -e 'bytes stack frame' -e '^ *$' "$log" || true
+  n_spill="$(grep -Eo '[1-9][0-9]* bytes spill (stores|loads)' "$log" | wc -l || true)"
+  if [[ "$n_spill" -gt 0 ]]; then
+    echo "cuda-check: $name.cu has kernels that spill registers (see above)" >&2
+    spills=1
+  fi
+  echo "  compiled in $((SECONDS - start)) s"
+done
+
+if [[ $status -ne 0 ]]; then
+  exit 1
+fi
+if [[ $spills -ne 0 ]]; then
+  exit 1
+fi
+echo "cuda-check: OK (${#sources[@]} file(s), sm_80 + sm_90, zero spills)"
