@@ -1,0 +1,435 @@
+// C++ CPU row kernels of the G-OPD loss: torch.ops.gopd.rows_forward / rows_backward on CPU tensors.
+//
+// Contract (gopd_kernels/backends/__init__.py): for each valid row i, with z'_m = z_m / T_m and
+// log p_m = z'_m - lse_m,
+//   stats[:, i] = lse_s, lse_t, lse_r, log p_s(y), log p_t(y), log p_r(y),
+//                 E_S = sum_v p_s log p_s, E_T = sum_v p_s log p_t, E_R = sum_v p_s log p_r
+// and the backward writes
+//   out(v) = ( g_loss_i p(v) (c(v) - L_i) + g_lp_i ([v == y_i] - p(v)) ) / T_s,
+//   c = log p_s - lam log p_t - (1 - lam) log p_r,  L = E_S - lam E_T - (1 - lam) E_R.
+//
+// Algorithm: one pass over the vocabulary per row, in column blocks that stay in L1. Per block we
+// up-cast the (scaled) logits of the three models into fp32 buffers, take the block maxima, move the
+// running maxima M_m, rescale the running sums, and accumulate with the block's fixed maxima:
+//   S_m  = sum_v exp(z'_m(v) - M_m)                     (so lse_m = M_m + log S_m)
+//   A_mm = sum_v w(v) (z'_s(v) - M_s),  w = exp(z'_s - M_s)          (student self term)
+//   A_st = sum_v w(v) (z'_t(v) - M_t),  A_sr likewise                 (cross terms)
+// Keeping every logit shifted by its own running max keeps the accumulated terms small (no
+// catastrophic cancellation against lse when logits are ~1e4). At the end
+//   E_S = A_ss / S_s - log S_s,  E_T = A_st / S_s - log S_t,  E_R = A_sr / S_s - log S_r.
+// When M_s moves from a to b (f = exp(a - b)): S_s, A_st, A_sr scale by f and
+//   A_ss <- f (A_ss + S_s (a - b)); when M_t moves from a to b: A_st += S_s (a - b).
+// Columns with w = 0 (z_s = -inf) contribute nothing to the A's (select, never 0 * -inf).
+//
+// Rows are independent and each row's arithmetic order is fixed, so results do not depend on the
+// number of threads (at::parallel_for over rows, torch's OpenMP pool, honours torch.set_num_threads).
+// Accumulation is fp32 for fp16 / bf16 / fp32 input and fp64 for fp64 input.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace gopd {
+namespace cpu {
+namespace {
+
+constexpr int kNumStats = 9;
+enum Stat { LSE_S = 0, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R };
+// Columns per block: three fp32 buffers of this size stay well inside L1.
+constexpr int64_t kBlock = 1024;
+
+// exp(x) for x <= ~0 (every call site passes a logit minus a max or an lse), written with plain
+// arithmetic so `omp simd` loops vectorise it (libm's expf would stay scalar). Cephes-style: x =
+// n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (about 1 ulp), 2^n from the exponent bits.
+// Returns exactly 0 for x < -87.3 (incl. -inf), where the true value is a denormal or 0.
+#pragma omp declare simd
+static inline float fast_exp(float x) {
+  const float lo = -87.33654f, hi = 88.0f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  float n = static_cast<float>(static_cast<int32_t>(t));
+  n -= (n > t) ? 1.0f : 0.0f;  // floor for negative t
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? 0.0f : y * scale;
+}
+
+static inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// dst[j] = acc_t(src[j]) * inv_t for j < n (the up-cast happens here, never math in low precision).
+template <typename scalar_t, typename acc_t>
+static inline void load_scaled(const scalar_t* src, int64_t n, acc_t inv_t, acc_t* dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_t;
+}
+
+template <typename acc_t>
+static inline acc_t block_max(const acc_t* x, int64_t n) {
+  acc_t m = neg_inf<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+template <typename acc_t>
+static inline acc_t block_sumexp(const acc_t* x, int64_t n, acc_t mx) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(x[j] - mx);
+  return s;
+}
+
+// The running state of one row.
+template <typename acc_t>
+struct RowState {
+  acc_t m_s = neg_inf<acc_t>(), m_t = neg_inf<acc_t>(), m_r = neg_inf<acc_t>();
+  acc_t s_s = 0, s_t = 0, s_r = 0;
+  acc_t a_ss = 0, a_st = 0, a_sr = 0;
+};
+
+template <typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
+                 acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs, acc_t* bt, acc_t* br, acc_t* st) {
+  RowState<acc_t> r;
+  const bool has_t = zt != nullptr, has_r = zr != nullptr;
+  for (int64_t start = 0; start < v; start += kBlock) {
+    const int64_t n = std::min(kBlock, v - start);
+    load_scaled(zs + start, n, inv_ts, bs);
+    if (has_t) load_scaled(zt + start, n, inv_tt, bt);
+    if (has_r) load_scaled(zr + start, n, inv_tr, br);
+
+    // Teacher / reference: move the max, rescale, add the block. A move of M_t shifts every
+    // accumulated (z'_t - M_t) of A_st by (old - new), weighted by the student mass so far.
+    if (has_t) {
+      const acc_t mx = std::max(r.m_t, block_max(bt, n));
+      if (mx != neg_inf<acc_t>()) {
+        if (mx > r.m_t) {
+          if (r.m_t != neg_inf<acc_t>()) {
+            r.s_t *= fast_exp(r.m_t - mx);
+            r.a_st += r.s_s * (r.m_t - mx);
+          }
+          r.m_t = mx;
+        }
+        r.s_t += block_sumexp(bt, n, r.m_t);
+      }
+    }
+    if (has_r) {
+      const acc_t mx = std::max(r.m_r, block_max(br, n));
+      if (mx != neg_inf<acc_t>()) {
+        if (mx > r.m_r) {
+          if (r.m_r != neg_inf<acc_t>()) {
+            r.s_r *= fast_exp(r.m_r - mx);
+            r.a_sr += r.s_s * (r.m_r - mx);
+          }
+          r.m_r = mx;
+        }
+        r.s_r += block_sumexp(br, n, r.m_r);
+      }
+    }
+    // Student: its max sets the weights w of every expectation.
+    const acc_t mx = std::max(r.m_s, block_max(bs, n));
+    if (mx == neg_inf<acc_t>()) continue;  // no student mass so far: nothing to add
+    if (mx > r.m_s) {
+      if (r.m_s != neg_inf<acc_t>()) {
+        const acc_t f = fast_exp(r.m_s - mx);
+        r.a_ss = f * (r.a_ss + r.s_s * (r.m_s - mx));
+        r.s_s *= f;
+        r.a_st *= f;
+        r.a_sr *= f;
+      }
+      r.m_s = mx;
+    }
+    const acc_t ms = r.m_s, mt = r.m_t, mr = r.m_r;
+    acc_t s = 0, ass = 0, ast = 0, asr = 0;
+    if (has_t && has_r) {
+#pragma omp simd reduction(+ : s, ass, ast, asr)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        const bool on = w > 0;
+        s += w;
+        ass += on ? w * d : acc_t(0);
+        ast += on ? w * (bt[j] - mt) : acc_t(0);
+        asr += on ? w * (br[j] - mr) : acc_t(0);
+      }
+    } else if (has_t) {
+#pragma omp simd reduction(+ : s, ass, ast)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        const bool on = w > 0;
+        s += w;
+        ass += on ? w * d : acc_t(0);
+        ast += on ? w * (bt[j] - mt) : acc_t(0);
+      }
+    } else {
+#pragma omp simd reduction(+ : s, ass)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        s += w;
+        ass += w > 0 ? w * d : acc_t(0);
+      }
+    }
+    r.s_s += s;
+    r.a_ss += ass;
+    r.a_st += ast;
+    r.a_sr += asr;
+  }
+
+  const acc_t log_ss = std::log(r.s_s);
+  const acc_t lse_s = r.m_s + log_ss;
+  st[LSE_S] = lse_s;
+  st[LP_S] = static_cast<acc_t>(zs[y]) * inv_ts - lse_s;
+  st[E_S] = r.a_ss / r.s_s - log_ss;
+  if (has_t) {
+    const acc_t log_st = std::log(r.s_t);
+    const acc_t lse_t = r.m_t + log_st;
+    st[LSE_T] = lse_t;
+    st[LP_T] = static_cast<acc_t>(zt[y]) * inv_tt - lse_t;
+    st[E_T] = r.a_st / r.s_s - log_st;
+  }
+  if (has_r) {
+    const acc_t log_sr = std::log(r.s_r);
+    const acc_t lse_r = r.m_r + log_sr;
+    st[LSE_R] = lse_r;
+    st[LP_R] = static_cast<acc_t>(zr[y]) * inv_tr - lse_r;
+    st[E_R] = r.a_sr / r.s_s - log_sr;
+  }
+}
+
+// Coefficients of one backward row, with every "0 coefficient drops its term" rule applied.
+template <typename acc_t>
+struct BackwardRow {
+  acc_t lse_s, lse_t, lse_r;  // lse's of the kept terms
+  acc_t ct, cr;               // lam and (1 - lam) where the term is kept, else 0
+  bool use_t, use_r;
+  acc_t g_loss, g_lp, loss, inv_ts;
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
+                  int64_t y, const BackwardRow<acc_t>& b, acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs,
+                  acc_t* bt, acc_t* br) {
+  const bool with_loss = b.g_loss != 0;
+  const bool use_t = with_loss && b.use_t, use_r = with_loss && b.use_r;
+  // out = p * (gl * (c - L) - glp) / ts, c - L = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r) - L.
+  const acc_t gl = b.g_loss, glp = b.g_lp, lse_s = b.lse_s, lse_t = b.lse_t, lse_r = b.lse_r;
+  const acc_t ct = b.ct, cr = b.cr, loss = b.loss, its = b.inv_ts;
+  for (int64_t start = 0; start < v; start += kBlock) {
+    const int64_t n = std::min(kBlock, v - start);
+    // Read the whole block before writing it: out may alias zs.
+    load_scaled(zs + start, n, inv_ts, bs);
+    if (use_t) load_scaled(zt + start, n, inv_tt, bt);
+    if (use_r) load_scaled(zr + start, n, inv_tr, br);
+    if (!with_loss) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) bs[j] = -glp * fast_exp(bs[j] - lse_s) * its;
+    } else if (use_t && use_r) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t lp = bs[j] - lse_s;
+        const acc_t p = fast_exp(lp);
+        const acc_t c = lp - ct * (bt[j] - lse_t) - cr * (br[j] - lse_r);
+        bs[j] = (p > 0 ? p * (gl * (c - loss) - glp) : acc_t(0)) * its;
+      }
+    } else if (use_t || use_r) {
+      const acc_t* bo = use_t ? bt : br;
+      const acc_t co = use_t ? ct : cr, lse_o = use_t ? lse_t : lse_r;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t lp = bs[j] - lse_s;
+        const acc_t p = fast_exp(lp);
+        const acc_t c = lp - co * (bo[j] - lse_o);
+        bs[j] = (p > 0 ? p * (gl * (c - loss) - glp) : acc_t(0)) * its;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t lp = bs[j] - lse_s;
+        const acc_t p = fast_exp(lp);
+        bs[j] = (p > 0 ? p * (gl * (lp - loss) - glp) : acc_t(0)) * its;
+      }
+    }
+    if (y >= start && y < start + n) bs[y - start] += glp * its;
+    scalar_t* o = out + start;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(bs[j]);
+  }
+}
+
+void check_common(const at::Tensor& zs, const c10::optional<at::Tensor>& zt, const c10::optional<at::Tensor>& zr,
+                  const at::Tensor& targets) {
+  TORCH_CHECK(zs.device().is_cpu(), "gopd cpu backend: zs must be a CPU tensor");
+  TORCH_CHECK(zs.dim() == 2, "gopd cpu backend: zs must be [N, V], got ", zs.sizes());
+  TORCH_CHECK(zs.stride(1) == 1, "gopd cpu backend: zs must have stride(-1) == 1");
+  for (const auto* z : {&zt, &zr}) {
+    if (!z->has_value()) continue;
+    const at::Tensor& t = z->value();
+    TORCH_CHECK(t.device().is_cpu(), "gopd cpu backend: teacher / reference logits must be CPU tensors");
+    TORCH_CHECK(t.sizes() == zs.sizes(), "gopd cpu backend: teacher / reference logits must have the shape of zs ",
+                zs.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.stride(1) == 1, "gopd cpu backend: teacher / reference logits must have stride(-1) == 1");
+    TORCH_CHECK(t.scalar_type() == zs.scalar_type(), "gopd cpu backend: all logits must share one dtype");
+  }
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == at::kLong && targets.dim() == 1 &&
+                  targets.size(0) == zs.size(0),
+              "gopd cpu backend: targets must be a CPU int64 tensor of shape [N]");
+}
+
+void check_dtype(const at::Tensor& zs) {
+  const auto dt = zs.scalar_type();
+  if (dt != at::kFloat && dt != at::kDouble && dt != at::kBFloat16 && dt != at::kHalf) {
+    TORCH_CHECK_TYPE(false, "gopd cpu backend: unsupported dtype ", dt,
+                     " (expected float16, bfloat16, float32 or float64)");
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* opt_ptr(const c10::optional<at::Tensor>& z) {
+  return z.has_value() ? z->data_ptr<scalar_t>() : nullptr;
+}
+
+int64_t opt_stride(const c10::optional<at::Tensor>& z) { return z.has_value() ? z->stride(0) : 0; }
+
+int64_t grain_rows(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(v, 1)); }
+
+void check_target(int64_t y, int64_t v) {
+  TORCH_CHECK(y >= 0 && y < v, "gopd cpu backend: target ", y, " out of range [0, ", v, ")");
+}
+
+at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt,
+                            const c10::optional<at::Tensor>& zr, const at::Tensor& targets, double ts, double tt,
+                            double tr, int64_t ignore_index) {
+  check_common(zs, zt, zr, targets);
+  check_dtype(zs);
+  const int64_t n = zs.size(0), v = zs.size(1);
+  const auto stat_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = at::zeros({kNumStats, n}, zs.options().dtype(stat_dtype));
+  if (n == 0) return stats;
+  const at::Tensor tg = targets.contiguous();
+  const int64_t* y = tg.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    const scalar_t* ps = zs.data_ptr<scalar_t>();
+    const scalar_t* pt = opt_ptr<scalar_t>(zt);
+    const scalar_t* pr = opt_ptr<scalar_t>(zr);
+    const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr);
+    acc_t* out = stats.data_ptr<acc_t>();
+    const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
+                itr = acc_t(1) / static_cast<acc_t>(tr);
+    at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
+      acc_t row[kNumStats];
+      for (int64_t i = begin; i < end; ++i) {
+        if (y[i] == ignore_index) continue;  // masked: stats stay 0, no vocabulary pass
+        check_target(y[i], v);
+        std::fill(row, row + kNumStats, acc_t(0));
+        forward_row<scalar_t, acc_t>(ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, v, y[i],
+                                     its, itt, itr, bs, bt, br, row);
+        for (int k = 0; k < kNumStats; ++k) out[k * n + i] = row[k];
+      }
+    });
+  });
+  return stats;
+}
+
+void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt, const c10::optional<at::Tensor>& zr,
+                       const at::Tensor& targets, const at::Tensor& stats, const at::Tensor& g_lp,
+                       const at::Tensor& g_loss, double lam, double ts, double tt, double tr, int64_t ignore_index,
+                       at::Tensor out) {
+  check_common(zs, zt, zr, targets);
+  check_dtype(zs);
+  const int64_t n = zs.size(0), v = zs.size(1);
+  const auto stat_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
+                  out.stride(1) == 1,
+              "gopd cpu backend: out must be a CPU tensor with the shape and dtype of zs and stride(-1) == 1");
+  TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == n,
+              "gopd cpu backend: stats must be [9, N] on CPU");
+  TORCH_CHECK(g_lp.numel() == n && g_loss.numel() == n, "gopd cpu backend: g_lp and g_loss must have N elements");
+  if (n == 0) return;
+  const at::Tensor st_c = stats.to(stat_dtype).contiguous();
+  const at::Tensor glp_c = g_lp.to(stat_dtype).contiguous().reshape({n});
+  const at::Tensor gl_c = g_loss.to(stat_dtype).contiguous().reshape({n});
+  const at::Tensor tg = targets.contiguous();
+  const int64_t* y = tg.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    const scalar_t* ps = zs.data_ptr<scalar_t>();
+    const scalar_t* pt = opt_ptr<scalar_t>(zt);
+    const scalar_t* pr = opt_ptr<scalar_t>(zr);
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr), so = out.stride(0);
+    const acc_t* S = st_c.data_ptr<acc_t>();
+    const acc_t* GLP = glp_c.data_ptr<acc_t>();
+    const acc_t* GL = gl_c.data_ptr<acc_t>();
+    const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
+                itr = acc_t(1) / static_cast<acc_t>(tr);
+    const acc_t lam_c = static_cast<acc_t>(lam), one_m = static_cast<acc_t>(1.0 - lam);
+    // A term whose coefficient is 0 is dropped (so a -inf log never meets a 0 coefficient).
+    const bool use_t = pt != nullptr && lam != 0.0;
+    const bool use_r = pr != nullptr && lam != 1.0;
+    at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* o = po + i * so;
+        if (y[i] == ignore_index) {
+          std::fill(o, o + v, static_cast<scalar_t>(0));
+          continue;
+        }
+        check_target(y[i], v);
+        BackwardRow<acc_t> b;
+        b.lse_s = S[LSE_S * n + i];
+        b.lse_t = use_t ? S[LSE_T * n + i] : acc_t(0);
+        b.lse_r = use_r ? S[LSE_R * n + i] : acc_t(0);
+        b.ct = use_t ? lam_c : acc_t(0);
+        b.cr = use_r ? one_m : acc_t(0);
+        b.use_t = use_t;
+        b.use_r = use_r;
+        b.g_lp = GLP[i];
+        b.g_loss = GL[i];
+        b.inv_ts = its;
+        acc_t loss = S[E_S * n + i];
+        if (use_t) loss -= lam_c * S[E_T * n + i];
+        if (use_r) loss -= one_m * S[E_R * n + i];
+        b.loss = loss;
+        backward_row<scalar_t, acc_t>(ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, o, v, y[i],
+                                      b, its, itt, itr, bs, bt, br);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gopd, CPU, m) {
+  m.impl("rows_forward", &rows_forward_cpu);
+  m.impl("rows_backward", &rows_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace gopd
