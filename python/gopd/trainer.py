@@ -1,0 +1,318 @@
+"""The G-OPD training loop (DESIGN.md §1-2), nanoGPT-sized.
+
+One optimizer step:
+  1. sample `batch_size` prompts (chosen by a step-seeded RNG, so a resumed run sees the same batches);
+  2. the student samples one response per prompt at temperature T (the rollout engine also reports the
+     sampler's log-probs);
+  3. per micro-batch of one domain: the student's final hidden states (with grad), the domain's teacher's
+     and the reference's (no grad; the teacher may see a privileged prompt), then
+     gopd_kernels.fused_linear_gopd_loss on hidden states + LM-head weights with
+     num_items_in_batch = response tokens of the whole step, so the summed micro-batch losses are the
+     token mean over the global batch;
+  4. grad clipping, AdamW, LR schedule. A non-finite loss or gradient skips the step; `max_bad_steps`
+     in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+import gopd_kernels as gk
+
+from . import checkpoint
+from . import data as data_mod
+from .config import Config, ConfigError, to_dict
+from .eval import evaluate
+from .models import Codec, ModelError, check_same_vocab, freeze, frozen_copy, lm_head, load_model
+from .rollout import make_engine
+from .scoring import response_hidden, targets_of
+
+DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised after max_bad_steps non-finite steps in a row."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.run_dir = cfg.out_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+
+        self.train_set = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits,
+                                       ops=cfg.synthetic_ops, seed=cfg.seed)
+        self.eval_set = data_mod.load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits,
+                                      ops=cfg.synthetic_ops, seed=cfg.seed + 1)
+        if not self.train_set:
+            raise data_mod.DataError("the training set is empty")
+        if any(ex.answer is None for ex in self.eval_set):
+            raise data_mod.DataError("the eval set has examples without an 'answer'; the verifier needs them")
+
+        # --- models: the student, a frozen copy of its initial weights as the default reference and as
+        # the teacher when the teacher spec is the student's own (context distillation).
+        self.student, tok = load_model(cfg.student, cfg.device)
+        self.codec = Codec(tok, cfg.system_prompt)
+        self.student.train()
+        initial = None
+
+        def initial_copy():
+            nonlocal initial
+            if initial is None:
+                initial = frozen_copy(self.student)
+            return initial
+
+        loaded: Dict[str, torch.nn.Module] = {}
+
+        def frozen(spec, name):
+            if spec is None or repr(spec) == repr(cfg.student):
+                return initial_copy()
+            key = repr(spec)
+            if key not in loaded:
+                model, other_tok = load_model(spec, cfg.device)
+                check_same_vocab(name, tok, self.student, other_tok, model)
+                loaded[key] = freeze(model)
+            return loaded[key]
+
+        self.teachers = {dom: frozen(spec, f"teacher[{dom}]") for dom, spec in cfg.teachers.items()}
+        self.default_teacher = frozen(cfg.teacher, "teacher")
+        missing = {ex.domain for ex in self.train_set} - set(self.teachers)
+        if cfg.teachers and cfg.teacher is None and missing:
+            raise ConfigError(f"no teacher for domain(s) {sorted(missing)}: add them to 'teachers' or set 'teacher'")
+        # lam = 1: the reference cancels (DESIGN.md §1); it is only loaded when it matters or is asked for.
+        self.reference = None
+        if cfg.reference is not None:
+            self.reference = frozen(cfg.reference, "reference")
+        elif cfg.lam != 1.0:
+            self.reference = initial_copy()
+
+        self.engine = make_engine(cfg.rollout_engine)
+        self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        warm = max(0, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.step = 0
+        self.bad_steps = 0
+        if resume and os.path.exists(self.ckpt_path):
+            state = checkpoint.load(self.ckpt_path, model=self.student, optimizer=self.optimizer,
+                                    scheduler=self.scheduler)
+            self.step, self.bad_steps = state["step"], state["bad_steps"]
+            self._truncate_metrics(self.step)
+        elif os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+    # ------------------------------------------------------------------ helpers
+    def teacher_for(self, domain: str):
+        return self.teachers.get(domain, self.default_teacher)
+
+    def teacher_prompt(self, ex):
+        return self.codec.prompt_ids(data_mod.privileged(ex, self.cfg.teacher_context))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """A resumed run drops metrics logged after its checkpoint (they will be recomputed)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        with open(self.metrics_path, "w") as fh:
+            for row in rows:
+                if row.get("step", 0) <= step:
+                    fh.write(json.dumps(row) + "\n")
+
+    def log(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _autocast(self):
+        use = self.cfg.bf16 and (self.device.type == "cpu" or torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step + 1
+        t0 = time.perf_counter()
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + step)
+        prompts = [self.codec.prompt_ids(ex) for ex in batch]
+        self.engine.sync_weights(self.student)
+        roll = self.engine.generate(self.student, prompts, max_new_tokens=cfg.max_new_tokens,
+                                    eos_id=self.codec.eos_id, pad_id=self.codec.pad_id,
+                                    temperature=cfg.temperature, generator=gen)
+        t_roll = time.perf_counter() - t0
+        n_tokens = sum(len(r) for r in roll.responses)
+
+        # Micro-batches hold one domain each, so each fused call sees a single teacher head.
+        by_domain = defaultdict(list)
+        for i, ex in enumerate(batch):
+            by_domain[ex.domain].append(i)
+        groups = [(dom, by_domain[dom][k:k + cfg.micro_batch_size]) for dom in sorted(by_domain)
+                  for k in range(0, len(by_domain[dom]), cfg.micro_batch_size)]
+
+        self.optimizer.zero_grad(set_to_none=True)
+        w_s, b_s = lm_head(self.student)
+        sums = defaultdict(float)
+        loss_total, finite = 0.0, True
+        for dom, idx in groups:
+            resp = [roll.responses[i] for i in idx]
+            if sum(map(len, resp)) == 0:
+                continue
+            y = targets_of(resp, self.device)
+            teacher = self.teacher_for(dom)
+            w_t, b_t = lm_head(teacher)
+            with self._autocast():
+                h_s = response_hidden(self.student, [prompts[i] for i in idx], resp, self.codec.pad_id)
+                with torch.no_grad():
+                    h_t = response_hidden(teacher, [self.teacher_prompt(batch[i]) for i in idx], resp,
+                                          self.codec.pad_id)
+                    h_r = None
+                    if self.reference is not None:
+                        h_r = response_hidden(self.reference, [prompts[i] for i in idx], resp, self.codec.pad_id)
+            ref_kw = {}
+            if h_r is not None:
+                w_r, b_r = lm_head(self.reference)
+                ref_kw = dict(ref_hidden=h_r.to(w_r.dtype), ref_weight=w_r, ref_bias=b_r)
+            rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
+            out = gk.fused_linear_gopd_loss(
+                h_s.to(w_s.dtype), w_s, y, h_t.to(w_t.dtype), w_t, student_bias=b_s, teacher_bias=b_t, **ref_kw,
+                lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if cfg.mode == "sampled" else None,
+                clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
+                num_items_in_batch=n_tokens, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+            if not torch.isfinite(out.loss):
+                finite = False
+                break
+            out.loss.backward()
+            loss_total += float(out.loss.detach())
+            for name in DIAGNOSTICS:
+                value = getattr(out, name, None)
+                if value is not None:
+                    sums[name] += float(value.double().sum())
+
+        grad_norm = float("nan")
+        if finite and n_tokens > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+            finite = math.isfinite(grad_norm)
+        row = dict(step=step, loss=loss_total if finite else float("nan"), n_tokens=n_tokens,
+                   response_len=n_tokens / len(batch), grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        row.update({name: sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in sums})
+        if finite and n_tokens > 0:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1 if not finite else 0
+            row["skipped"] = True
+        elapsed = time.perf_counter() - t0
+        row.update(time_s=elapsed, rollout_s=t_roll, tokens_per_s=n_tokens / max(elapsed, 1e-9),
+                   peak_mem_mb=_peak_memory_mb(self.device))
+        self.step = step
+        return row
+
+    # ------------------------------------------------------------------ the run
+    def evaluate_student(self) -> float:
+        return evaluate(self.student, self.codec, self.engine, self.eval_set,
+                        max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
+                        desc="eval student")
+
+    def evaluate_teachers(self) -> dict:
+        out = {}
+        for dom in sorted({ex.domain for ex in self.eval_set}):
+            subset = [ex for ex in self.eval_set if ex.domain == dom]
+            out[dom] = evaluate(self.teacher_for(dom), self.codec, self.engine, subset,
+                                max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
+                                desc=f"eval teacher[{dom}]", prompt_fn=self.teacher_prompt)
+        return out
+
+    def save(self) -> None:
+        checkpoint.save(self.ckpt_path, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+                        step=self.step, bad_steps=self.bad_steps)
+
+    def train(self) -> List[dict]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        rows = []
+        if self.step == 0:
+            row = dict(step=0, accuracy=self.evaluate_student())
+            if cfg.eval_teachers:
+                row["teacher_accuracy"] = self.evaluate_teachers()
+            self.log(row)
+            rows.append(row)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="steps", disable=not cfg.progress)
+        while self.step < cfg.steps:
+            row = self.train_step()
+            if row.get("skipped") and self.bad_steps:
+                print(f"step {row['step']}: non-finite loss or gradient, step skipped "
+                      f"({self.bad_steps} in a row)")
+                if self.bad_steps >= cfg.max_bad_steps:
+                    self.log(row)
+                    raise TrainingStopped(f"{self.bad_steps} non-finite steps in a row (max_bad_steps="
+                                          f"{cfg.max_bad_steps}); stopping. The last checkpoint is intact.")
+            last = self.step == cfg.steps
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                row["accuracy"] = self.evaluate_student()
+            self.log(row)
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                self.save()
+        bar.close()
+        if cfg.save_final_model:
+            self.student.save_pretrained(os.path.join(self.run_dir, "final"))
+            tok = self.codec.tok
+            if hasattr(tok, "save_pretrained"):
+                tok.save_pretrained(os.path.join(self.run_dir, "final"))
+        plot_metrics(self.metrics_path, os.path.join(self.run_dir, "metrics.png"))
+        return rows
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def plot_metrics(metrics_path: str, png_path: str) -> Optional[str]:
+    """Curves of loss, reward, kl, advantage, entropy and accuracy; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with open(metrics_path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    names = ["loss", "reward", "kl", "advantage", "entropy", "accuracy"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, name in zip(axes.flat, names):
+        pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker=".")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return png_path
