@@ -172,12 +172,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         w_s, b_s = lm_head(self.student)
         sums = defaultdict(float)
+        # (student prompt ids, response ids) per domain in scoring order, kept for inspection and tests.
+        self._last_scored = defaultdict(list)
         loss_total, finite = 0.0, True
         for dom, idx in groups:
             resp = [roll.responses[i] for i in idx]
             if sum(map(len, resp)) == 0:
                 continue
             y = targets_of(resp, self.device)
+            self._last_scored[dom].extend((prompts[i], roll.responses[i]) for i in idx)
             teacher = self.teacher_for(dom)
             w_t, b_t = lm_head(teacher)
             with self._autocast():

@@ -1,0 +1,224 @@
+"""The thin trainer (python/gopd) on tiny random Llamas: end to end, resume, routing, reference, errors."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+from gopd import config as config_mod  # noqa: E402
+from gopd import trainer as trainer_mod  # noqa: E402
+from gopd.data import DataError, load_jsonl  # noqa: E402
+from gopd.eval import extract_answer, is_correct  # noqa: E402
+from gopd.models import ModelError  # noqa: E402
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+TIMING = {"time_s", "rollout_s", "tokens_per_s", "peak_mem_mb"}
+
+
+def smoke_cfg(tmp_path, *overrides):
+    return config_mod.load(SMOKE, (f"out_dir={tmp_path}", "eval_teachers=false", "n_eval=2",
+                                   "eval_max_new_tokens=4") + overrides)
+
+
+def rows_of(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def logprobs_by_logits(model, prompt, response):
+    """Plain-transformers scoring of one sequence: log softmax(logits)[y] of each response token."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(response)].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+class Recorder:
+    """Wraps fused_linear_gopd_loss, keeping each call's inputs and outputs."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = trainer_mod.gk.fused_linear_gopd_loss
+
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.calls.append((args, kwargs, out))
+            return out
+
+        monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", wrapped)
+
+
+def test_smoke_end_to_end(tmp_path):
+    cfg = smoke_cfg(tmp_path, "steps=2")
+    rows = trainer_mod.Trainer(cfg).train()
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert math.isfinite(r["loss"]) and r["n_tokens"] > 0 and not r.get("skipped")
+        for key in ("reward", "kl", "advantage", "entropy", "tokens_per_s", "peak_mem_mb", "grad_norm"):
+            assert math.isfinite(r[key]), key
+    assert rows_of(tmp_path / "metrics.jsonl") == rows
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.yaml").exists()
+    # The per-step loss is the token mean of -A (on-policy, IS weight 1 up to rounding): check the sign logic.
+    assert abs(rows[1]["loss"] + rows[1]["advantage"]) < 1e-4
+
+
+def test_training_changes_student_and_reference_stays(tmp_path):
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path, "steps=1"))
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
+    trainer.train_step()
+    after = trainer.student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(ref_before[k], v) for k, v in trainer.reference.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+    assert not any(p.requires_grad for p in trainer.default_teacher.parameters())
+
+
+def test_resume_reproduces_next_step(tmp_path):
+    full = smoke_cfg(tmp_path / "full", "steps=3", "save_every=0")
+    trainer_mod.Trainer(full).train()
+    part = smoke_cfg(tmp_path / "part", "steps=2", "save_every=1")
+    trainer_mod.Trainer(part).train()
+    resumed = smoke_cfg(tmp_path / "part", "steps=3", "save_every=1")
+    trainer_mod.Trainer(resumed, resume=True).train()
+
+    def strip(rows):  # the interrupted run also evaluated at its last step (2): compare training metrics
+        return [{k: v for k, v in r.items() if k not in TIMING | {"accuracy"}} for r in rows]
+
+    a, b = rows_of(tmp_path / "full" / "metrics.jsonl"), rows_of(tmp_path / "part" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    assert strip(a) == strip(b)  # bit-identical losses, rewards, gradient norms
+    assert a[-1]["accuracy"] == b[-1]["accuracy"]
+
+
+def test_multi_teacher_routing_by_domain(tmp_path, monkeypatch):
+    teachers = "teachers={add: {tiny: {hidden_size: 16}, seed: 11}, mul: {tiny: {hidden_size: 24}, seed: 12}}"
+    cfg = smoke_cfg(tmp_path, teachers, "synthetic_ops=[add, mul]", "steps=1", "micro_batch_size=8",
+                    "batch_size=6", "lam=1.0")
+    trainer = trainer_mod.Trainer(cfg)
+    rec = Recorder(monkeypatch)
+    trainer.train_step()
+    assert len(rec.calls) == 2  # one micro-batch per domain
+    heads = {dom: t.get_output_embeddings().weight for dom, t in trainer.teachers.items()}
+    seen = set()
+    for args, kwargs, out in rec.calls:
+        teacher_weight = args[4]
+        dom = next(d for d, w in heads.items() if w is teacher_weight)
+        seen.add(dom)
+        # Score the call's tokens with that domain's teacher by plain logits, and with the other teacher.
+        y = args[2].tolist()
+        other = trainer.teachers["mul" if dom == "add" else "add"]
+        own_lp, other_lp = [], []
+        # Rebuild the sequences: the recorder does not know the prompts, so rescore the step's batch.
+        for ex_prompt, resp in trainer._last_scored[dom]:
+            own_lp.append(logprobs_by_logits(trainer.teachers[dom], ex_prompt, resp))
+            other_lp.append(logprobs_by_logits(other, ex_prompt, resp))
+        own_lp, other_lp = torch.cat(own_lp), torch.cat(other_lp)
+        assert len(y) == own_lp.numel()
+        torch.testing.assert_close(out.lp_t.double(), own_lp, atol=1e-4, rtol=1e-4)
+        assert (out.lp_t.double() - other_lp).abs().max() > 1e-2
+    assert seen == {"add", "mul"}
+
+
+def test_reward_correction_uses_given_reference(tmp_path, monkeypatch):
+    ref_spec = "reference={tiny: {hidden_size: 32, num_hidden_layers: 2}, seed: 7}"
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path, ref_spec, "steps=1", "micro_batch_size=8"))
+    rec = Recorder(monkeypatch)
+    trainer.train_step()
+    (args, kwargs, out), = rec.calls
+    assert kwargs["ref_weight"] is trainer.reference.get_output_embeddings().weight
+    from gopd.models import tiny_llama
+    expected_ref = tiny_llama({"hidden_size": 32, "num_hidden_layers": 2}, seed=7)
+    expected = torch.cat([logprobs_by_logits(expected_ref, p, r) for p, r in trainer._last_scored["add"]])
+    torch.testing.assert_close(out.lp_r.double(), expected, atol=1e-4, rtol=1e-4)
+    # ... and not the student's initial weights (the default reference).
+    default = tiny_llama({"hidden_size": 32, "num_hidden_layers": 2}, seed=0)
+    wrong = torch.cat([logprobs_by_logits(default, p, r) for p, r in trainer._last_scored["add"]])
+    assert (out.lp_r.double() - wrong).abs().max() > 1e-2
+
+
+def test_nan_loss_skips_then_stops(tmp_path, monkeypatch):
+    cfg = smoke_cfg(tmp_path, "steps=5", "max_bad_steps=2", "save_every=1")
+    trainer = trainer_mod.Trainer(cfg)
+    trainer.train_step()
+    trainer.save()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    real = trainer_mod.gk.fused_linear_gopd_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", nan_loss)
+    with pytest.raises(trainer_mod.TrainingStopped, match="2 non-finite steps in a row"):
+        trainer.train()
+    rows = rows_of(tmp_path / "metrics.jsonl")
+    assert rows[-1]["skipped"] and math.isnan(rows[-1]["loss"])
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # Skipped steps leave the weights untouched (step 2 was checkpointed after its skip; step 3 stopped the run).
+    assert kept["step"] == 2 and all(torch.equal(saved[k], v) for k, v in kept["model"].items())
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(config_mod.ConfigError, match="did you mean 'lam'"):
+        config_mod.load(SMOKE, ("lamm=1.25",))
+    with pytest.raises(config_mod.ConfigError, match="did you mean 'micro_batch_size'"):
+        config_mod.from_dict({"micro_batchsize": 2})
+    with pytest.raises(config_mod.ConfigError, match="mode"):
+        config_mod.load(SMOKE, ("mode=topk",))
+
+
+def test_cli_reports_config_error(capsys):
+    from gopd.cli import main
+    assert main(["train", "--config", SMOKE, "--set", "learning_rate=1"]) == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", \n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        load_jsonl(str(path))
+    path.write_text('{"answer": "2"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:1: give exactly one of 'prompt'"):
+        load_jsonl(str(path))
+    path.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_jsonl(str(path))
+    path.write_text('{"messages": [{"role": "user", "content": "3+4?"}], "answer": 7, "domain": "add"}\n')
+    (ex,) = load_jsonl(str(path))
+    assert ex.answer == "7" and ex.domain == "add" and ex.user_text() == "3+4?"
+
+
+def test_eval_set_without_answers(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(DataError, match="without an 'answer'"):
+        trainer_mod.Trainer(smoke_cfg(tmp_path, f"eval_data={path}"))
+
+
+def test_vocab_mismatch_refused_and_padding_accepted(tmp_path):
+    with pytest.raises(ModelError, match="fewer than the student's"):
+        trainer_mod.Trainer(smoke_cfg(tmp_path, "teacher={tiny: {vocab_size: 50}, seed: 1}"))
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path, "teacher={tiny: {vocab_size: 128}, seed: 1}", "steps=1"))
+    row = trainer.train_step()  # padded teacher head: the common prefix is used
+    assert math.isfinite(row["loss"])
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelError, match="model not found"):
+        trainer_mod.Trainer(smoke_cfg(tmp_path, f"teacher={tmp_path}/nope.gguf"))
+
+
+def test_verifier():
+    assert extract_answer("so the answer is \\boxed{42}.") == "42"
+    assert extract_answer("23 + 48 = 71") == "71"
+    assert is_correct("The result is 1,234", "1234")
+    assert not is_correct("23 + 48 = 109", "71")
+    assert not is_correct("no number", "3")
