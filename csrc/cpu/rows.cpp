@@ -94,11 +94,31 @@ static inline acc_t block_max(const acc_t* x, int64_t n) {
   return m;
 }
 
+// Sums of per-column terms over a block, in kLanes independent partial sums per quantity (the
+// vector lanes) that are then added pairwise: the rounding error grows with n / kLanes + log kLanes
+// instead of n, which keeps fp32 sums over large vocabularies as accurate as torch's.
+constexpr int kLanes = 16;
+
+template <int K, typename acc_t, typename F>
+static inline void lane_sums(int64_t n, const F& f, acc_t* total) {
+  alignas(64) acc_t acc[K][kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) f(j + l, l, acc);
+  }
+  for (int l = 0; j + l < n; ++l) f(j + l, l, acc);
+  for (int k = 0; k < K; ++k) {
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) acc[k][l] += acc[k][l + w];
+    total[k] += acc[k][0];
+  }
+}
+
 template <typename acc_t>
 static inline acc_t block_sumexp(const acc_t* x, int64_t n, acc_t mx) {
   acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += fast_exp(x[j] - mx);
+  lane_sums<1>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) { acc[0][l] += fast_exp(x[j] - mx); }, &s);
   return s;
 }
 
@@ -163,41 +183,46 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
       r.m_s = mx;
     }
     const acc_t ms = r.m_s, mt = r.m_t, mr = r.m_r;
-    acc_t s = 0, ass = 0, ast = 0, asr = 0;
+    // sums[0..3] = S_s, A_ss, A_st, A_sr of this block (w = 0 columns add nothing to the A's).
+    acc_t sums[4] = {0, 0, 0, 0};
     if (has_t && has_r) {
-#pragma omp simd reduction(+ : s, ass, ast, asr)
-      for (int64_t j = 0; j < n; ++j) {
+      lane_sums<4>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         const bool on = w > 0;
-        s += w;
-        ass += on ? w * d : acc_t(0);
-        ast += on ? w * (bt[j] - mt) : acc_t(0);
-        asr += on ? w * (br[j] - mr) : acc_t(0);
-      }
-    } else if (has_t) {
-#pragma omp simd reduction(+ : s, ass, ast)
-      for (int64_t j = 0; j < n; ++j) {
+        acc[0][l] += w;
+        acc[1][l] += on ? w * d : acc_t(0);
+        acc[2][l] += on ? w * (bt[j] - mt) : acc_t(0);
+        acc[3][l] += on ? w * (br[j] - mr) : acc_t(0);
+      }, sums);
+    } else if (has_t || has_r) {
+      // One of teacher / reference: its cross term goes to sums[2] (teacher) or sums[3] (reference).
+      const acc_t* bo = has_t ? bt : br;
+      const acc_t mo = has_t ? mt : mr;
+      acc_t three[3] = {0, 0, 0};
+      lane_sums<3>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         const bool on = w > 0;
-        s += w;
-        ass += on ? w * d : acc_t(0);
-        ast += on ? w * (bt[j] - mt) : acc_t(0);
-      }
+        acc[0][l] += w;
+        acc[1][l] += on ? w * d : acc_t(0);
+        acc[2][l] += on ? w * (bo[j] - mo) : acc_t(0);
+      }, three);
+      sums[0] = three[0];
+      sums[1] = three[1];
+      sums[has_t ? 2 : 3] = three[2];
     } else {
-#pragma omp simd reduction(+ : s, ass)
-      for (int64_t j = 0; j < n; ++j) {
+      lane_sums<2>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
-        s += w;
-        ass += w > 0 ? w * d : acc_t(0);
-      }
+        acc[0][l] += w;
+        acc[1][l] += w > 0 ? w * d : acc_t(0);
+      }, sums);
     }
-    r.s_s += s;
-    r.a_ss += ass;
-    r.a_st += ast;
-    r.a_sr += asr;
+    r.s_s += sums[0];
+    r.a_ss += sums[1];
+    r.a_st += sums[2];
+    r.a_sr += sums[3];
   }
 
   const acc_t log_ss = std::log(r.s_s);
@@ -254,7 +279,8 @@ void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, sc
         const acc_t lp = bs[j] - lse_s;
         const acc_t p = fast_exp(lp);
         const acc_t c = lp - ct * (bt[j] - lse_t) - cr * (br[j] - lse_r);
-        bs[j] = (p > 0 ? p * (gl * (c - loss) - glp) : acc_t(0)) * its;
+        const acc_t g = p * (gl * (c - loss) - glp) * its;
+        bs[j] = p > 0 ? g : acc_t(0);
       }
     } else if (use_t || use_r) {
       const acc_t* bo = use_t ? bt : br;
@@ -264,14 +290,16 @@ void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, sc
         const acc_t lp = bs[j] - lse_s;
         const acc_t p = fast_exp(lp);
         const acc_t c = lp - co * (bo[j] - lse_o);
-        bs[j] = (p > 0 ? p * (gl * (c - loss) - glp) : acc_t(0)) * its;
+        const acc_t g = p * (gl * (c - loss) - glp) * its;
+        bs[j] = p > 0 ? g : acc_t(0);
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const acc_t lp = bs[j] - lse_s;
         const acc_t p = fast_exp(lp);
-        bs[j] = (p > 0 ? p * (gl * (lp - loss) - glp) : acc_t(0)) * its;
+        const acc_t g = p * (gl * (lp - loss) - glp) * its;
+        bs[j] = p > 0 ? g : acc_t(0);
       }
     }
     if (y >= start && y < start + n) bs[y - start] += glp * its;

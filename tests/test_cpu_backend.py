@@ -1,0 +1,250 @@
+"""The C++ CPU backend (csrc/cpu/rows.cpp) against the plain-torch backend and the reference.
+
+Row-kernel level: rows_forward / rows_backward of ``gopd_kernels.backends.cpu`` against
+``gopd_kernels.backends.torch`` (the contract's oracle) in float64 (tight), and in float32 / bfloat16 /
+float16 judged against plain torch's own error in that dtype vs a float64 oracle on the same rounded
+inputs. Then in-place backward, thread-count independence, input errors, and end to end through
+``gopd_kernels.gopd_loss(backend="cpu")`` / ``fused_linear_gopd_loss`` against ``gopd_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gopd_kernels.backends import cpu
+from gopd_kernels.backends import torch as tb
+
+from helpers import assert_close_as_torch, make_problem, max_err
+
+_ok, _why = cpu.available()
+if not _ok:
+    pytest.skip(f"cpu backend not built: {_why}", allow_module_level=True)
+
+IGN = -100
+
+
+def _models(zs, zt, zr, which):
+    """Drop teacher and/or reference as the case asks (zr None only with lam == 1 per the contract)."""
+    return zs, (None if which in ("no_t", "none") else zt), (None if which in ("no_r", "none") else zr)
+
+
+def _grads(n, dtype, seed, zero_frac=0.3):
+    g = torch.Generator().manual_seed(seed + 1)
+    g_lp = torch.randn(n, generator=g, dtype=torch.float64)
+    g_loss = torch.randn(n, generator=g, dtype=torch.float64)
+    g_loss[torch.rand(n, generator=g) < zero_frac] = 0.0  # a zero coefficient must drop its term
+    return g_lp.to(dtype), g_loss.to(dtype)
+
+
+def _slice_pad(z, v, pad):
+    """A [N, V] column slice of a [N, V + pad] tensor: stride(0) != V, stride(-1) == 1."""
+    if pad == 0 or z is None:
+        return z
+    wide = torch.full((z.shape[0], v + pad), 7.0, dtype=z.dtype)
+    wide[:, :v] = z
+    return wide[:, :v]
+
+
+def _both(zs, zt, zr, y, temps, lam, g_lp, g_loss):
+    ts, tt, tr = temps
+    a = cpu.rows_forward(zs, zt, zr, y, ts, tt, tr, IGN)
+    b = tb.rows_forward(zs, zt, zr, y, ts, tt, tr, IGN)
+    oa = cpu.rows_backward(zs, zt, zr, y, a, g_lp, g_loss, lam, ts, tt, tr, IGN, torch.empty_like(zs))
+    ob = tb.rows_backward(zs, zt, zr, y, b, g_lp, g_loss, lam, ts, tt, tr, IGN, torch.empty_like(zs))
+    return a, b, oa, ob
+
+
+@given(n=st.sampled_from([1, 7, 33]), v=st.sampled_from([1, 7, 129, 1025, 3001]),
+       lam=st.sampled_from([0.0, 0.5, 1.0, 1.25, 3.0]), scale=st.sampled_from([1.0, 30.0, 1e4]),
+       inf_cols=st.sampled_from([0, 3]), pad=st.sampled_from([0, 5]),
+       temps=st.sampled_from([(1.0, 1.0, 1.0), (0.7, 1.0, 1.5), (2.0, 0.5, 1.0)]),
+       which=st.sampled_from(["all", "no_t", "no_r", "none"]), seed=st.integers(0, 10_000))
+@settings(max_examples=40)
+def test_float64_matches_torch_backend(n, v, lam, scale, inf_cols, pad, temps, which, seed):
+    if which in ("no_r", "none"):
+        lam = 1.0  # the contract: zr is None only with lam == 1
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=scale, inf_cols=inf_cols)
+    zs, zt, zr = (_slice_pad(z, v, pad) for z in _models(zs, zt, zr, which))
+    g_lp, g_loss = _grads(n, torch.float64, seed)
+    a, b, oa, ob = _both(zs, zt, zr, y, temps, lam, g_lp, g_loss)
+    assert a.dtype == torch.float64 and a.shape == (9, n)
+    for k in range(9):
+        tol = 1e-10 * (1 + float(b[k].abs().max()))
+        assert max_err(a[k], b[k]) <= tol, f"stat row {k}: {max_err(a[k], b[k])}"
+    assert max_err(oa, ob) <= 1e-10 * (1 + float(ob.abs().max()))
+    masked = y == IGN
+    assert (a[:, masked] == 0).all() and (oa[masked] == 0).all()
+    if inf_cols and v > inf_cols:  # -inf columns: p_s = 0 there, so exactly zero gradient
+        assert (oa[:, v - inf_cols:] == 0).all()
+
+
+@given(n=st.sampled_from([1, 5]), v=st.sampled_from([3, 200, 2500]), lam=st.sampled_from([1.0, 1.25]),
+       big=st.sampled_from([1e4, -1e4]), seed=st.integers(0, 10_000))
+@settings(max_examples=15)
+def test_extreme_logits_and_running_max_moves(n, v, lam, big, seed):
+    """One huge logit placed late in the row forces the running max to move across blocks."""
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=3.0, mask_frac=0.0)
+    for i, z in enumerate((zs, zt, zr)):
+        z[:, v - 1 - i % v] = big
+        z[:, 0] = -big
+    g_lp, g_loss = _grads(n, torch.float64, seed, zero_frac=0.0)
+    a, b, oa, ob = _both(zs, zt, zr, y, (1.0, 0.9, 1.1), lam, g_lp, g_loss)
+    assert torch.isfinite(a).all() and torch.isfinite(oa).all()
+    for k in range(9):
+        assert max_err(a[k], b[k]) <= 1e-10 * (1 + float(b[k].abs().max())), k
+    assert max_err(oa, ob) <= 1e-10 * (1 + float(ob.abs().max()))
+
+
+def _plain_in_dtype(zs, zt, zr, y, temps, lam, g_lp, g_loss):
+    """Eager torch with every op in the input dtype: the per-dtype error baseline.
+
+    Returns stats [9, N] and d(sum g_lp lp_s + g_loss L)/d zs, both in zs.dtype."""
+    ts, tt, tr = temps
+    zs = zs.detach().clone().requires_grad_(True)
+    valid = y != IGN
+    ys = y.clamp(min=0)[:, None]
+    ls = torch.log_softmax(zs / ts, -1)
+    lt = torch.log_softmax(zt / tt, -1)
+    lr = torch.log_softmax(zr / tr, -1)
+    p = ls.exp()
+    e = [(p * l).sum(-1) for l in (ls, lt, lr)]
+    lse = [torch.logsumexp(z / t, -1) for z, t in ((zs, ts), (zt, tt), (zr, tr))]
+    lp = [l.gather(1, ys).squeeze(1) for l in (ls, lt, lr)]
+    loss = e[0] - lam * e[1] - (1 - lam) * e[2]
+    obj = torch.where(valid, g_lp.to(zs.dtype) * lp[0] + g_loss.to(zs.dtype) * loss, torch.zeros((), dtype=zs.dtype))
+    (grad,) = torch.autograd.grad(obj.sum(), zs)
+    stats = torch.stack([*lse, *lp, *e]).detach()
+    stats = torch.where(valid[None], stats, torch.zeros((), dtype=stats.dtype))
+    return stats, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@given(n=st.sampled_from([3, 17]), v=st.sampled_from([7, 129, 3001]), lam=st.sampled_from([0.5, 1.0, 1.25, 2.0]),
+       temps=st.sampled_from([(1.0, 1.0, 1.0), (0.7, 1.0, 1.5)]), seed=st.integers(0, 10_000))
+@settings(max_examples=10)
+def test_low_precision_error_is_torch_like(dtype, n, v, lam, temps, seed):
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=4.0)
+    low = [z.to(dtype) for z in (zs, zt, zr)]
+    hi = [z.double() for z in low]  # truth: float64 math on the same rounded inputs
+    g_lp, g_loss = _grads(n, torch.float64, seed, zero_frac=0.0)
+    sd = torch.float32
+    ours = cpu.rows_forward(*low, y, *temps, IGN)
+    truth = tb.rows_forward(*hi, y, *temps, IGN)
+    g_ours = cpu.rows_backward(*low, y, ours, g_lp.to(sd), g_loss.to(sd), lam, *temps, IGN, torch.empty_like(low[0]))
+    g_truth = tb.rows_backward(*hi, y, truth, g_lp, g_loss, lam, *temps, IGN, torch.empty_like(hi[0]))
+    base, g_base = _plain_in_dtype(*low, y, temps, lam, g_lp, g_loss)
+    assert ours.dtype == torch.float32 and g_ours.dtype == dtype
+    for k in range(9):
+        assert_close_as_torch(ours[k], base[k], truth[k], what=f"{dtype} stat {k}")
+    assert_close_as_torch(g_ours, g_base, g_truth, what=f"{dtype} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["all", "no_r"])
+def test_inplace_backward_equals_out_of_place(dtype, which):
+    lam = 1.25 if which == "all" else 1.0
+    zs, zt, zr, y = make_problem(9, 2100, seed=3, inf_cols=2)
+    zs, zt, zr = (None if z is None else z.to(dtype) for z in _models(zs, zt, zr, which))
+    sd = torch.float64 if dtype == torch.float64 else torch.float32
+    g_lp, g_loss = _grads(9, sd, 3)
+    stats = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, IGN)
+    expect = cpu.rows_backward(zs, zt, zr, y, stats, g_lp, g_loss, lam, 1.0, 1.0, 1.0, IGN, torch.empty_like(zs))
+    buf = zs.clone()
+    got = cpu.rows_backward(buf, zt, zr, y, stats, g_lp, g_loss, lam, 1.0, 1.0, 1.0, IGN, buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf, expect)
+
+
+def test_thread_count_independence():
+    zs, zt, zr, y = make_problem(37, 3001, seed=11, dtype=torch.float32, inf_cols=3)
+    g_lp, g_loss = _grads(37, torch.float32, 11)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = cpu.rows_forward(zs, zt, zr, y, 0.8, 1.0, 1.2, IGN)
+            out = cpu.rows_backward(zs, zt, zr, y, stats, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, torch.empty_like(zs))
+            results.append((stats, out))
+    finally:
+        torch.set_num_threads(before)
+    (s1, o1), (s2, o2) = results
+    # Each row's arithmetic order is fixed, so the results are bitwise equal (stronger than "to rounding").
+    assert torch.equal(s1, s2) and torch.equal(o1, o2)
+
+
+def test_empty_and_all_masked():
+    zs, zt, zr, y = make_problem(4, 50, seed=0, dtype=torch.float32)
+    y[:] = IGN
+    stats = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, IGN)
+    assert (stats == 0).all()
+    out = torch.full_like(zs, 5.0)
+    cpu.rows_backward(zs, zt, zr, y, stats, torch.ones(4), torch.ones(4), 1.5, 1.0, 1.0, 1.0, IGN, out)
+    assert (out == 0).all()
+    e = torch.empty(0, 50)
+    assert cpu.rows_forward(e, None, None, torch.empty(0, dtype=torch.long), 1.0, 1.0, 1.0, IGN).shape == (9, 0)
+
+
+def test_bad_inputs_raise():
+    zs, zt, zr, y = make_problem(3, 20, seed=0, dtype=torch.float32, mask_frac=0.0)
+    with pytest.raises(TypeError, match="dtype"):
+        cpu.rows_forward(zs.to(torch.int32), None, None, y, 1.0, 1.0, 1.0, IGN)
+    with pytest.raises(RuntimeError, match="shape"):
+        cpu.rows_forward(zs, zt[:, :10], None, y, 1.0, 1.0, 1.0, IGN)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.rows_forward(zs, zt, zr, torch.tensor([0, 20, 1]), 1.0, 1.0, 1.0, IGN)
+    with pytest.raises(RuntimeError, match="stride"):
+        cpu.rows_forward(zs.t().contiguous().t(), None, None, y, 1.0, 1.0, 1.0, IGN)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        cpu.rows_forward(zs.to("meta"), None, None, y, 1.0, 1.0, 1.0, IGN)
+
+
+# --- end to end through the public API -------------------------------------------------------------
+
+@given(n=st.sampled_from([1, 7, 33]), v=st.sampled_from([7, 129, 3001]), lam=st.sampled_from([0.0, 1.0, 1.25, 3.0]),
+       mode=st.sampled_from(["sampled", "full"]), reduction=st.sampled_from(["mean", "sum", "none"]),
+       inf_cols=st.sampled_from([0, 3]), seed=st.integers(0, 10_000))
+@settings(max_examples=15)
+def test_gopd_loss_cpu_matches_reference(n, v, lam, mode, reduction, inf_cols, seed):
+    import gopd_kernels as gk
+    from gopd_kernels import reference as R
+
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=5.0, inf_cols=inf_cols)
+    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=(0.9, 1.0, 1.1))
+    outs = []
+    for fn, extra in ((gk.gopd_loss, dict(backend="cpu")), (R.gopd_loss, {})):
+        x = zs.clone().requires_grad_(True)
+        out = fn(x, y, zt, zr, **kw, **extra)
+        up = torch.linspace(-1, 1, n, dtype=torch.float64) if reduction == "none" else torch.ones((), dtype=torch.float64)
+        (g,) = torch.autograd.grad((out.loss * up).sum(), x)
+        outs.append((out, g))
+    (ours, g), (ref, g_ref) = outs
+    assert max_err(ours.loss.detach(), ref.loss.detach()) <= 1e-9 * (1 + float(ref.loss.detach().abs().max()))
+    assert max_err(g, g_ref) <= 1e-9 * (1 + float(g_ref.abs().max()))
+
+
+def test_fused_linear_cpu_matches_reference_float64():
+    import gopd_kernels as gk
+    from gopd_kernels import reference as R
+
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 19, 24, 301
+    h = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = [torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3 for _ in range(3)]
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = IGN
+    hs, ws = h[0].clone().requires_grad_(True), w[0].clone().requires_grad_(True)
+    out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=1.25, mode="full", backend="cpu",
+                                    chunk_size=8)
+    dh, dw = torch.autograd.grad(out.loss, (hs, ws))
+    hs2, ws2 = h[0].clone().requires_grad_(True), w[0].clone().requires_grad_(True)
+    ref = R.gopd_loss(hs2 @ ws2.t(), y, h[1] @ w[1].t(), h[2] @ w[2].t(), lam=1.25, mode="full")
+    dh2, dw2 = torch.autograd.grad(ref.loss, (hs2, ws2))
+    assert max_err(out.loss.detach(), ref.loss.detach()) <= 1e-10
+    assert max_err(dh, dh2) <= 1e-10 * (1 + float(dh2.abs().max()))
+    assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
