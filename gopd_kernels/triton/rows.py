@@ -217,14 +217,18 @@ def _row_stride(z):
     return 0 if z is None else z.stride(0)
 
 
-def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):
-    """Per-row stats [NSTATS, N] (fp32, fp64 for fp64 input); see ``gopd_kernels.backends``."""
+def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index, *, block_v=None):
+    """Per-row stats [NSTATS, N] (fp32, fp64 for fp64 input); see ``gopd_kernels.backends``.
+
+    block_v (a power of two) overrides the tile width; tests use small tiles to exercise the
+    online rescaling across many tiles at small V.
+    """
     acc_tl, acc_torch = _acc_dtype(zs.dtype)
     n, v = zs.shape
     stats = torch.zeros(NSTATS, n, dtype=acc_torch, device=zs.device)
     if n == 0:
         return stats
-    block, warps = _block_and_warps(v, 4096)
+    block, warps = _block_and_warps(v, block_v or 4096)
     _rows_forward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), stats.stride(0),
@@ -234,7 +238,8 @@ def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):
     return stats
 
 
-def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
+def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out, *,
+                  block_v=None):
     """Writes d(sum_i g_loss_i L_i + g_lp_i lp_s_i) / d zs into ``out`` (may be zs) and returns it."""
     acc_tl, acc_torch = _acc_dtype(zs.dtype)
     n, v = zs.shape
@@ -243,7 +248,7 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
     stats = stats.to(acc_torch)
     g_lp = g_lp.to(acc_torch).contiguous()
     g_loss = g_loss.to(acc_torch).contiguous()
-    block, warps = _block_and_warps(v, 4096)
+    block, warps = _block_and_warps(v, block_v or 4096)
     _rows_backward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats, g_lp, g_loss, out,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), out.stride(0), stats.stride(0),
