@@ -23,7 +23,7 @@ $(BIN)/.bootstrapped: setup.py pyproject.toml CMakeLists.txt
 	fi
 	$(BIN)/pip install -q setuptools wheel pybind11 cmake ninja
 	$(BIN)/pip install -q --no-build-isolation -e ".[test,train,bench]"
-	@touch $@
+	@touch $@ $(BIN)/.built  # that install built the extension too
 
 $(BIN)/.built: $(BIN)/.bootstrapped $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
