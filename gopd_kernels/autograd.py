@@ -55,6 +55,10 @@ class LogitRows(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
+# torch.mm(..., out_dtype=float32): a bf16 / fp16 GEMM with fp32 output (CUDA, recent torch).
+_HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.aten.mm, "dtype")
+
+
 def linear_logits(hidden, weight, bias, vocab):
     """fp32 logits hidden @ weight[:vocab].T (+ bias) for one chunk; never rounded to bf16.
 
@@ -64,7 +68,7 @@ def linear_logits(hidden, weight, bias, vocab):
     weight = weight[:vocab]
     if hidden.dtype in (torch.float32, torch.float64):
         logits = hidden @ weight.t()
-    elif hidden.is_cuda:
+    elif hidden.is_cuda and _HAS_MM_OUT_DTYPE:
         logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     else:
         logits = hidden.float() @ weight.float().t()
