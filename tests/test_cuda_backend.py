@@ -115,6 +115,21 @@ def test_extreme_logits_bf16_and_fp32(dtype):
     _judge(low, truth, y, (1.0, 1.0, 1.0), 1.25, 5, f"{dtype} +-1e4")
 
 
+@pytest.mark.parametrize("v", [200, 5000])
+def test_online_rescaling_and_leading_inf_columns(v):
+    """Ascending student logits raise the running max in every chunk of every thread; the first
+    columns are -inf in all models (empty partial states must merge without NaN)."""
+    base = torch.linspace(-50, 50, v, dtype=torch.float64)
+    zs = base.repeat(4, 1) + torch.randn(4, v, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    zt = base.flip(0).repeat(4, 1) * 0.5
+    zr = (base * 0.2).repeat(4, 1)
+    for z in (zs, zt, zr):
+        z[:, :40] = float("-inf")
+    y = torch.tensor([v - 1, v // 2, IGNORE, 41], device=DEVICE)
+    low = [z.float().to(DEVICE) for z in (zs, zt, zr)]
+    _judge(low, [z.double() for z in low], y, (1.0, 0.9, 1.1), 1.25, 2, f"ascending v={v}")
+
+
 @pytest.mark.parametrize("v", [7, 3001])
 def test_in_place_backward_equals_out_of_place(v):
     low, _, y = _inputs(8, v, seed=3, scale=3.0, inf_cols=0, pad=0, offset=0, dtype=torch.float32, has_t=True,

@@ -1,16 +1,19 @@
 // G-OPD row kernels for CUDA: one vocabulary pass per row for the forward statistics, one pass
 // per row for the student-logit gradient. See rows.cuh for the contract.
 //
-// Forward, per row and per present model m (student s first), with a_m(v) = z_m(v) / T_m:
-//   M_m  running max of a_m
-//   S_m  = sum_v exp(a_m(v) - M_m)                      -> lse_m = M_m + log S_m
-//   W_m  = sum_v exp(a_s(v) - M_s) * (a_m(v) - M_m)      (only columns with p_s(v) > 0)
-//        -> E_m = sum_v p_s(v) log p_m(v) = W_m / S_s - log S_m.
-// Keeping W relative to the running maxima (instead of summing p_s * a_m and subtracting lse at
-// the end) avoids the cancellation of two ~1e4 numbers for large logits. When a maximum grows
-// from M to M', S_m scales by exp(M - M'), W_s becomes f (W_s + S_s (M_s - M_s')) with
-// f = exp(M_s - M_s'), and every W_m picks up the student factor f and the shift -S_s (M_m' - M_m).
-// The same rescale merges the partial states of two threads (warp shuffles, then shared memory).
+// Forward, per row, with a_k(v) = z_k(v) / T_k for the present models k (student s = 0 first):
+//   M_k  running max of a_k,  S_k = sum_v exp(a_k(v) - M_k)            -> lse_k = M_k + log S_k
+//   w(v) = exp(a_s(v) - M_s)  (the student's unnormalised weight)
+//   W_s  = sum_v w(v) (a_s(v) - M_s)                                    -> E_s = W_s / S_s + (M_s - lse_s)
+//   W_k  = sum_v w(v) (a_k(v) - R_k),  R_k = a_k at the student's running argmax
+//        -> E_k = sum_v p_s(v) log p_k(v) = W_k / S_s + (R_k - lse_k).
+// Keeping every W relative to the student's argmax column (instead of summing p_s * a_k and
+// subtracting lse at the end) avoids cancelling two ~1e4 numbers for large logits, and when p_s is
+// (numerically) one-hot, W_k is exactly 0, so E_k is exactly log p_k(argmax) as torch rounds it and
+// the backward's c(v) - L cancels exactly there. When the student's max grows from M to M' the sums
+// scale by f = exp(M - M'); W_s gains S_s (M - M') and W_k gains S_s (R_k - R_k') before scaling.
+// A model's own max only rescales its S_k. The same rescale merges the partial states of two threads
+// (warp shuffles, then shared memory).
 //
 // -inf columns: a column with a_s = -inf has p_s = 0 and contributes nothing to any W (never
 // 0 * -inf); a model whose column is -inf where p_s > 0 gets W = -inf (its E is -inf, as in torch).
@@ -29,12 +32,15 @@ constexpr int64_t kWarpRowMaxV = 2048;     // rows this short get a warp each (8
 constexpr int kBwdItersPerThread = 4;      // vector iterations per thread per backward tile
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The per-row math is host-callable too, so it can be exercised without a GPU.
+#define GOPD_HD __host__ __device__ __forceinline__
+
 // Stats rows (match gopd_kernels.backends): LSE_m = m, LP_m = 3 + m, E_m = 6 + m for m in {s, t, r}.
 constexpr int kLse = 0, kLp = 3, kE = 6;
 
-__device__ __forceinline__ float neg_inf() { return -INFINITY; }
+GOPD_HD float neg_inf() { return -INFINITY; }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
+GOPD_HD float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
@@ -80,62 +86,82 @@ __device__ __forceinline__ void store_vec(T* p, const float (&x)[VecWidth<T>::va
 
 // a - m with the convention (-inf) - (anything) = -inf, so an empty state (m = -inf) never
 // produces NaN from -inf - (-inf).
-__device__ __forceinline__ float shifted(float a, float m) { return a == -INFINITY ? -INFINITY : a - m; }
+GOPD_HD float shifted(float a, float m) { return a == -INFINITY ? -INFINITY : a - m; }
 
 // Online state of one row for NM models (index 0 = student). See the file comment.
 template <int NM>
 struct RowState {
-  float m[NM];
-  float s[NM];
-  float w[NM];
+  float m[NM];    // running max of a_k
+  float s[NM];    // sum exp(a_k - m[k])
+  float w[NM];    // w[0] = sum ws (a_s - m[0]);  w[k] = sum ws (a_k - ref[k]) for k >= 1
+  float ref[NM];  // ref[k] = a_k at the student's running argmax (ref[0] unused: it is m[0])
 
-  __device__ __forceinline__ void init() {
+  GOPD_HD void init() {
 #pragma unroll
     for (int k = 0; k < NM; ++k) {
       m[k] = neg_inf();
       s[k] = 0.f;
       w[k] = 0.f;
+      ref[k] = 0.f;
     }
   }
 
-  // Re-express the state relative to new maxima mn (mn[k] >= m[k]).
-  __device__ __forceinline__ void rescale(const float (&mn)[NM]) {
-    if (mn[0] != m[0]) {
-      const float f = (m[0] == -INFINITY) ? 0.f : expf(m[0] - mn[0]);
-      if (f == 0.f) {  // nothing (or only underflowing mass) so far: the state is empty
-        s[0] = 0.f;
+  // Move the student's maximum to mn0 (>= m[0]) and the references to refn. A -inf reference
+  // means the student's argmax column has p_k = 0, so E_k = -inf and w[k] (already -inf, or
+  // about to be) is not shifted; this keeps inf - inf out.
+  GOPD_HD void rescale_student(float mn0, const float (&refn)[NM]) {
+    const float f = (mn0 == m[0]) ? 1.f : ((m[0] == -INFINITY) ? 0.f : expf(m[0] - mn0));
+    if (f == 0.f) {  // nothing (or only underflowing mass) so far: the state is empty
+      s[0] = 0.f;
 #pragma unroll
-        for (int k = 0; k < NM; ++k) w[k] = 0.f;
-      } else {
-        w[0] = f * (w[0] + s[0] * (m[0] - mn[0]));
-        s[0] *= f;
+      for (int k = 0; k < NM; ++k) w[k] = 0.f;
+    } else {
+      if (mn0 != m[0]) w[0] = f * (w[0] + s[0] * (m[0] - mn0));
 #pragma unroll
-        for (int k = 1; k < NM; ++k) w[k] *= f;
+      for (int k = 1; k < NM; ++k) {
+        float wk = w[k];
+        if (s[0] > 0.f && refn[k] != ref[k] && ref[k] != -INFINITY && refn[k] != -INFINITY)
+          wk += s[0] * (ref[k] - refn[k]);
+        w[k] = f * wk;
       }
-      m[0] = mn[0];
+      s[0] *= f;
     }
+    m[0] = mn0;
 #pragma unroll
-    for (int k = 1; k < NM; ++k) {
-      if (mn[k] != m[k]) {
-        // s[0] == 0 means no column with p_s > 0 yet: w[k] is 0 and stays 0 (avoids 0 * inf).
-        if (s[0] > 0.f) w[k] -= s[0] * (mn[k] - m[k]);
-        s[k] *= (m[k] == -INFINITY) ? 0.f : expf(m[k] - mn[k]);
-        m[k] = mn[k];
-      }
+    for (int k = 1; k < NM; ++k) ref[k] = refn[k];
+  }
+
+  // Move model k's own maximum (its logsumexp only) to mnk >= m[k].
+  GOPD_HD void rescale_model(int k, float mnk) {
+    if (mnk != m[k]) {
+      s[k] *= (m[k] == -INFINITY) ? 0.f : expf(m[k] - mnk);
+      m[k] = mnk;
     }
   }
 
   // Add NV columns x[k][j] (already divided by the temperatures).
   template <int NV>
-  __device__ __forceinline__ void update(const float (&x)[NM][NV]) {
-    float mn[NM];
+  GOPD_HD void update(const float (&x)[NM][NV]) {
+    float mn0 = m[0];
+    float refn[NM];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) {
-      mn[k] = m[k];
+    for (int k = 0; k < NM; ++k) refn[k] = ref[k];
 #pragma unroll
-      for (int j = 0; j < NV; ++j) mn[k] = fmaxf(mn[k], x[k][j]);
+    for (int j = 0; j < NV; ++j) {
+      if (x[0][j] > mn0) {  // new student argmax: the references follow it
+        mn0 = x[0][j];
+#pragma unroll
+        for (int k = 1; k < NM; ++k) refn[k] = x[k][j];
+      }
     }
-    rescale(mn);
+    if (mn0 != m[0]) rescale_student(mn0, refn);
+#pragma unroll
+    for (int k = 1; k < NM; ++k) {
+      float mk = m[k];
+#pragma unroll
+      for (int j = 0; j < NV; ++j) mk = fmaxf(mk, x[k][j]);
+      rescale_model(k, mk);
+    }
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
       const float d0 = shifted(x[0][j], m[0]);
@@ -144,19 +170,30 @@ struct RowState {
       w[0] += ws > 0.f ? ws * d0 : 0.f;
 #pragma unroll
       for (int k = 1; k < NM; ++k) {
-        const float d = shifted(x[k][j], m[k]);
-        s[k] += expf(d);
+        const float xk = x[k][j];
+        s[k] += expf(shifted(xk, m[k]));
+        // ref[k] == -inf: w[k] is -inf (the argmax column), leave it so.
+        const float d = xk == -INFINITY ? -INFINITY : (ref[k] == -INFINITY ? 0.f : xk - ref[k]);
         w[k] += ws > 0.f ? ws * d : 0.f;
       }
     }
   }
 
-  __device__ __forceinline__ void merge(RowState& o) {
-    float mn[NM];
+  GOPD_HD void merge(RowState& o) {
+    // The side with the larger student max keeps its references (ties: this side).
+    const bool mine = m[0] >= o.m[0];
+    const float mn0 = mine ? m[0] : o.m[0];
+    float refn[NM];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) mn[k] = fmaxf(m[k], o.m[k]);
-    rescale(mn);
-    o.rescale(mn);
+    for (int k = 0; k < NM; ++k) refn[k] = mine ? ref[k] : o.ref[k];
+    rescale_student(mn0, refn);
+    o.rescale_student(mn0, refn);
+#pragma unroll
+    for (int k = 1; k < NM; ++k) {
+      const float mk = fmaxf(m[k], o.m[k]);
+      rescale_model(k, mk);
+      o.rescale_model(k, mk);
+    }
 #pragma unroll
     for (int k = 0; k < NM; ++k) {
       s[k] += o.s[k];
@@ -173,11 +210,41 @@ struct RowState {
         o.m[k] = __shfl_xor_sync(kFullMask, m[k], off);
         o.s[k] = __shfl_xor_sync(kFullMask, s[k], off);
         o.w[k] = __shfl_xor_sync(kFullMask, w[k], off);
+        o.ref[k] = k == 0 ? 0.f : __shfl_xor_sync(kFullMask, ref[k], off);
       }
       merge(o);
     }
   }
 };
+
+// Final statistics of one row from its reduced state; zy[k] = a_k(target). Absent models get 0.
+template <int NM>
+GOPD_HD void write_row_stats(const RowState<NM>& st, const float (&zy)[NM], const int (&ids)[NM], float* stats,
+                             int64_t n, int64_t row) {
+  unsigned present = 0;
+#pragma unroll
+  for (int k = 0; k < NM; ++k) {
+    const int id = ids[k];
+    present |= 1u << id;
+    const float log_sk = logf(st.s[k]);
+    const float lse = st.m[k] + log_sk;
+    stats[static_cast<int64_t>(kLse + id) * n + row] = lse;
+    stats[static_cast<int64_t>(kLp + id) * n + row] = zy[k] - lse;
+    // E_k = w_k / S_s + (R_k - lse_k) with R_s = M_s and lse_k as stored (rounded to fp32): the
+    // backward's log p_k(v) = a_k(v) - lse_k then carries the same rounding of lse_k, which cancels
+    // in c(v) - L as it does in torch; when p_s is one-hot, E_k is exactly log p_k(argmax).
+    const float r = k == 0 ? st.m[0] : st.ref[k];
+    stats[static_cast<int64_t>(kE + id) * n + row] = st.w[k] / st.s[0] + (r - lse);
+  }
+#pragma unroll
+  for (int id = 1; id < 3; ++id) {
+    if (!(present & (1u << id))) {
+      stats[static_cast<int64_t>(kLse + id) * n + row] = 0.f;
+      stats[static_cast<int64_t>(kLp + id) * n + row] = 0.f;
+      stats[static_cast<int64_t>(kE + id) * n + row] = 0.f;
+    }
+  }
+}
 
 // Pointers of the present models, student first; id[k] in {0: s, 1: t, 2: r} picks the stats rows.
 template <typename T, int NM>
@@ -237,13 +304,14 @@ __global__ void __launch_bounds__(kThreads)
 
   st.warp_reduce();
   if (!warp_per_row) {
-    __shared__ float smem[3 * NM][kWarpsPerBlock];
+    __shared__ float smem[4 * NM][kWarpsPerBlock];
     if (lane == 0) {
 #pragma unroll
       for (int k = 0; k < NM; ++k) {
         smem[k][warp] = st.m[k];
         smem[NM + k][warp] = st.s[k];
         smem[2 * NM + k][warp] = st.w[k];
+        smem[3 * NM + k][warp] = st.ref[k];
       }
     }
     __syncthreads();
@@ -254,6 +322,7 @@ __global__ void __launch_bounds__(kThreads)
         st.m[k] = smem[k][lane];
         st.s[k] = smem[NM + k][lane];
         st.w[k] = smem[2 * NM + k][lane];
+        st.ref[k] = smem[3 * NM + k][lane];
       }
     } else {
       st.init();
@@ -263,27 +332,10 @@ __global__ void __launch_bounds__(kThreads)
   if (lane != 0) return;
 
   const bool y_ok = y >= 0 && y < v;  // out-of-range targets are the caller's error: give NaN, not a stray read
-  const float log_s0 = logf(st.s[0]);
-  unsigned present = 0;
+  float zy[NM];
 #pragma unroll
-  for (int k = 0; k < NM; ++k) {
-    const int id = mod.id[k];
-    present |= 1u << id;
-    const float log_sk = logf(st.s[k]);
-    const float lse = st.m[k] + log_sk;
-    const float zy = y_ok ? to_float(zrow[k][y]) / mod.temp[k] : NAN;
-    stats[static_cast<int64_t>(kLse + id) * n + row] = lse;
-    stats[static_cast<int64_t>(kLp + id) * n + row] = zy - lse;
-    stats[static_cast<int64_t>(kE + id) * n + row] = st.w[k] / st.s[0] - (k == 0 ? log_s0 : log_sk);
-  }
-#pragma unroll
-  for (int id = 1; id < 3; ++id) {  // a model that is absent has zero stats
-    if (!(present & (1u << id))) {
-      stats[static_cast<int64_t>(kLse + id) * n + row] = 0.f;
-      stats[static_cast<int64_t>(kLp + id) * n + row] = 0.f;
-      stats[static_cast<int64_t>(kE + id) * n + row] = 0.f;
-    }
-  }
+  for (int k = 0; k < NM; ++k) zy[k] = y_ok ? to_float(zrow[k][y]) / mod.temp[k] : NAN;
+  write_row_stats<NM>(st, zy, mod.id, stats, n, row);
 }
 
 // Gradient of one column given the row constants. coef[k]: 1 for the student, lam for the
@@ -299,7 +351,26 @@ struct RowConst {
 };
 
 template <int NM>
-__device__ __forceinline__ float column_grad(const RowConst<NM>& rc, const float (&a)[NM], bool is_target) {
+GOPD_HD RowConst<NM> make_row_const(const int (&ids)[NM], const float* stats, const float* g_lp,
+                                    const float* g_loss, int64_t n, int64_t row, float lam, float ts) {
+  RowConst<NM> rc;
+  const float* e = stats + static_cast<int64_t>(kE) * n;
+  rc.loss = 0.f;
+#pragma unroll
+  for (int k = 0; k < NM; ++k) {
+    const int id = ids[k];
+    rc.lse[k] = stats[static_cast<int64_t>(kLse + id) * n + row];
+    rc.coef[k] = id == 0 ? 1.f : (id == 1 ? lam : 1.f - lam);
+    if (rc.coef[k] != 0.f) rc.loss += rc.coef[k] * (id == 0 ? 1.f : -1.f) * e[static_cast<int64_t>(id) * n + row];
+  }
+  rc.g_lp = g_lp[row];
+  rc.g_loss = g_loss[row];
+  rc.ts = ts;
+  return rc;
+}
+
+template <int NM>
+GOPD_HD float column_grad(const RowConst<NM>& rc, const float (&a)[NM], bool is_target) {
   const float logp_s = a[0] - rc.lse[0];
   const float p = expf(logp_s);
   float g = rc.g_lp * ((is_target ? 1.f : 0.f) - p);
@@ -334,19 +405,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  RowConst<NM> rc;
-  const float* e = stats + static_cast<int64_t>(kE) * n;
-  rc.loss = 0.f;
-#pragma unroll
-  for (int k = 0; k < NM; ++k) {
-    const int id = mod.id[k];
-    rc.lse[k] = stats[static_cast<int64_t>(kLse + id) * n + row];
-    rc.coef[k] = id == 0 ? 1.f : (id == 1 ? lam : 1.f - lam);
-    if (rc.coef[k] != 0.f) rc.loss += rc.coef[k] * (id == 0 ? 1.f : -1.f) * e[static_cast<int64_t>(id) * n + row];
-  }
-  rc.g_lp = g_lp[row];
-  rc.g_loss = g_loss[row];
-  rc.ts = mod.temp[0];
+  const RowConst<NM> rc = make_row_const<NM>(mod.id, stats, g_lp, g_loss, n, row, lam, mod.temp[0]);
 
   const T* zrow[NM];
 #pragma unroll
