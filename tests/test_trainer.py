@@ -222,3 +222,9 @@ def test_verifier():
     assert is_correct("The result is 1,234", "1234")
     assert not is_correct("23 + 48 = 109", "71")
     assert not is_correct("no number", "3")
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "multi_teacher", "reward_correction"])
+def test_example_configs_parse(name):
+    cfg = config_mod.load(os.path.join(os.path.dirname(SMOKE), f"{name}.yaml"))
+    assert cfg.steps >= 1

@@ -58,6 +58,7 @@ class Config:
     bf16: bool = False                # bf16 autocast where the device supports it
     # --- eval / bookkeeping
     eval_every: int = 0               # 0: only before and after training
+    eval_at_start: bool = True        # evaluate the student (and teachers) before the first step
     eval_max_new_tokens: int = 16
     eval_teachers: bool = True
     out_dir: str = "runs/default"

@@ -45,7 +45,9 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False):
+    def __init__(self, cfg: Config, *, resume: bool = False, student=None):
+        """student: an already loaded (model, tokenizer) to train instead of loading cfg.student (the
+        demo loads SmolLM2 once for both arms); cfg.student still names it for the reference logic."""
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -68,7 +70,7 @@ class Trainer:
 
         # --- models: the student, a frozen copy of its initial weights as the default reference and as
         # the teacher when the teacher spec is the student's own (context distillation).
-        self.student, tok = load_model(cfg.student, cfg.device)
+        self.student, tok = student if student is not None else load_model(cfg.student, cfg.device)
         self.codec = Codec(tok, cfg.system_prompt)
         self.student.train()
         initial = None
@@ -256,7 +258,7 @@ class Trainer:
 
         cfg = self.cfg
         rows = []
-        if self.step == 0:
+        if self.step == 0 and cfg.eval_at_start:
             row = dict(step=0, accuracy=self.evaluate_student())
             if cfg.eval_teachers:
                 row["teacher_accuracy"] = self.evaluate_teachers()
