@@ -1,0 +1,291 @@
+"""Forward+backward time and peak memory of the G-OPD loss: triton vs torch vs torch.compile vs Liger.
+
+Variants (full mode; lam = 1.25 with three heads, lam = 1 = reverse KL with two heads):
+  logits/triton        gopd_loss on materialised [N, V] logits, backend="triton" (logit-level kernel);
+                       its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
+                       device's copy bandwidth measured in the same run.
+  fused/triton-3h      fused_linear_gopd_loss, backend="triton", student + teacher + reference heads
+  fused/triton-2h      the same with student + teacher only (lam = 1), Liger's setting
+  eager/torch-3h       logits = (h @ W.T).float() per head, then gopd_kernels.reference.gopd_loss
+  compile/torch-3h     torch.compile of that eager function
+  liger/jsd-2h         Liger's LigerFusedLinearJSDLoss(beta=1, soft loss only), student + teacher heads
+  floor/gemm-3h, -2h   the GEMMs alone (forward logits of every head, dH and dW of the student) timed in
+                       the same run: the time no fused-linear loss can beat.
+
+Each row also records the loss value as a sanity check. Variants with the same heads agree up to
+the rounding of the logits: the fused-linear kernels compute fp32 logits from bf16 inputs, while
+eager / compile / Liger / logits-level round the logits to bf16 first (|dz| ~ 4e-3 |z|).
+
+Shapes: Qwen3-4B-like (V=151936, D=2560, N in {2048, 8192, 16384}) and SmolLM2-135M-like (V=49152,
+D=576), bf16. On a CUDA GPU times are medians of triton.testing.do_bench and memory is the peak
+allocated above the inputs. Without a GPU, ``--quick`` runs tiny shapes through Triton's interpreter
+with a plain timer (numbers meaningless, it only keeps the script from rotting) and memory is not
+measured. A variant that runs out of memory is recorded as such. Results go to
+benchmarks/results/loss_<device>.json.
+
+    python benchmarks/bench_loss.py            # GPU, full sweep
+    python benchmarks/bench_loss.py --quick    # tiny shapes, CPU interpreter or GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+import gopd_kernels as gk  # noqa: E402
+from gopd_kernels import reference as R  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+LAM = 1.25
+
+FULL_SHAPES = [("qwen3-4b", n, 151936, 2560) for n in (2048, 8192, 16384)] + \
+              [("smollm2-135m", n, 49152, 576) for n in (2048, 8192, 16384)]
+QUICK_SHAPES = [("tiny", 16, 300, 32), ("tiny", 24, 1000, 48)]
+
+
+def device_name():
+    return torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def bench(fn, reps):
+    """Median seconds of fn() (fn runs forward and backward)."""
+    if ON_GPU:
+        return triton.testing.do_bench(fn, warmup=5, rep=max(50, 20 * reps), return_mode="median") / 1e3
+    fn()  # warm-up (compiles)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn):
+    """(peak allocated memory above what was allocated before fn() (GPU only, else None), fn())."""
+    if not ON_GPU:
+        return None, fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base, result
+
+
+def copy_bandwidth(nbytes):
+    """Device copy bandwidth (bytes read + written per second) on a buffer of nbytes."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), reps=5)
+    return 2 * src.numel() * 2 / t
+
+
+def make_inputs(n, v, d, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
+
+    h = [rnd(n, d) for _ in range(3)]
+    w = [rnd(v, d, scale=d ** -0.5 * 4) for _ in range(3)]  # logits of std ~4
+    y = torch.randint(0, v, (n,), generator=g, device=DEVICE)
+    y[::17] = -100
+    return h, w, y
+
+
+def _backward(loss):
+    loss.backward()
+    return loss.detach()
+
+
+def eager_loss(hs, ws, ht, wt, hr, wr, y):
+    """What a user writes without fused kernels: fp32 logits for every head, then the loss."""
+    zs = (hs @ ws.T).float()
+    zt = (ht @ wt.T).float()
+    zr = None if hr is None else (hr @ wr.T).float()
+    return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode="full").loss
+
+
+def variants(h, w, y, n, v, d, which):
+    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that."""
+    hs = h[0].detach().requires_grad_(True)
+    ws = w[0].detach().requires_grad_(True)
+    ht, wt, hr, wr = h[1], w[1], h[2], w[2]
+    out = {}
+
+    def grads_reset():
+        hs.grad = None
+        ws.grad = None
+
+    if "triton" in which:
+        def fused3():
+            grads_reset()
+            return _backward(gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode="full", backend="triton").loss)
+
+        def fused2():
+            grads_reset()
+            return _backward(gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode="full", backend="triton").loss)
+
+        out["fused/triton-3h"] = (fused3, {})
+        out["fused/triton-2h"] = (fused2, {})
+
+        def logits_variant():
+            # Logit-level kernel on materialised bf16 logits, built only when this variant runs so
+            # the [N, V] tensors do not sit in memory while the other variants are measured.
+            with torch.no_grad():
+                zs0, zt, zr = [(a @ b.T) for a, b in zip(h, w)]
+            zs = zs0.requires_grad_(True)
+
+            def logits():
+                zs.grad = None
+                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode="full", backend="triton").loss)
+
+            return logits, {"bytes_moved": 4 * n * v * zs.element_size()}
+
+        out["logits/triton"] = logits_variant
+
+    if "eager" in which or "compile" in which:
+        def eager():
+            grads_reset()
+            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y))
+
+        if "eager" in which:
+            out["eager/torch-3h"] = (eager, {})
+        if "compile" in which:
+            compiled = torch.compile(eager_loss)
+
+            def comp():
+                grads_reset()
+                return _backward(compiled(hs, ws, ht, wt, hr, wr, y))
+
+            out["compile/torch-3h"] = (comp, {})
+
+    if "liger" in which:
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        except ImportError as exc:
+            out["liger/jsd-2h"] = (None, {"error": f"liger-kernel not importable: {exc}"})
+        else:
+            # beta = 1 is the reverse KL KL(p_s || p_t), i.e. our full mode at lam = 1 with two heads.
+            liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
+                                            compiled=ON_GPU)
+
+            def liger_fn():
+                grads_reset()
+                return _backward(liger(hs, ws, ht, wt, y))
+
+            out["liger/jsd-2h"] = (liger_fn, {})
+
+    if "floor" in which:
+        def gemms(heads):
+            def run():
+                g = None
+                for a, b in zip(h[:heads], w[:heads]):
+                    z = a @ b.T
+                    g = z if g is None else g
+                g @ w[0]          # dH
+                g.T @ h[0]        # dW
+            return run
+
+        flops_per_head = 2 * n * v * d
+        out["floor/gemm-3h"] = (gemms(3), {"flops": flops_per_head * 5})
+        out["floor/gemm-2h"] = (gemms(2), {"flops": flops_per_head * 4})
+    return out
+
+
+def run(shapes, which, reps, dtype):
+    rows = []
+    for model, n, v, d in shapes:
+        torch.manual_seed(0)
+        try:
+            h, w, y = make_inputs(n, v, d, dtype)
+        except torch.OutOfMemoryError:
+            rows.append(dict(model=model, n=n, v=v, d=d, error="OOM allocating inputs"))
+            continue
+        for name, spec in variants(h, w, y, n, v, d, which).items():
+            row = dict(model=model, variant=name, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
+            try:
+                fn, facts = spec() if callable(spec) else spec
+            except torch.OutOfMemoryError:
+                fn, facts = None, {"error": "OOM preparing inputs"}
+            if fn is None:
+                row.update(facts, seconds=None)
+                rows.append(row)
+                continue
+            try:
+                seconds = bench(fn, reps)
+                peak, loss = peak_extra_bytes(fn)
+            except torch.OutOfMemoryError:
+                row.update(seconds=None, error="OOM")
+                if ON_GPU:
+                    torch.cuda.empty_cache()
+            else:
+                row.update(seconds=seconds, peak_extra_mib=None if peak is None else round(peak / 2 ** 20, 1))
+                if loss is not None:  # same value across variants with the same heads: a sanity check
+                    row["loss"] = float(loss)
+                if "flops" in facts:
+                    row["tflops_per_s"] = facts["flops"] / seconds / 1e12
+                if "bytes_moved" in facts:
+                    row["effective_gb_per_s"] = facts["bytes_moved"] / seconds / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            fn = spec = facts = None  # free this variant's buffers before the next one
+            if ON_GPU:
+                torch.cuda.empty_cache()
+        del h, w, y
+        if ON_GPU:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (the only option without a GPU)")
+    p.add_argument("--variants", default="triton,eager,compile,liger,floor",
+                   help="comma list of: triton, eager, compile, liger, floor")
+    p.add_argument("--reps", type=int, default=3, help="timer repetitions without a GPU")
+    p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/loss_<device>.json)")
+    args = p.parse_args(argv)
+    if not ON_GPU and not args.quick:
+        p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
+    which = set(args.variants.split(","))
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    dtype = torch.bfloat16
+
+    result = dict(device=device_name(), gpu=ON_GPU, quick=args.quick, torch=torch.__version__,
+                  triton=triton.__version__, lam=LAM, mode="full", timer="triton.testing.do_bench median"
+                  if ON_GPU else "perf_counter median under TRITON_INTERPRET=1 (not a performance number)",
+                  rows=[])
+    if ON_GPU:
+        result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
+    result["rows"] = run(shapes, which, args.reps, dtype)
+
+    tag = "quick_" if args.quick else ""
+    tag += re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if ON_GPU else "cpu").lower()).strip("_")
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"loss_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
