@@ -257,8 +257,8 @@ struct BackwardRow {
 
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
-                  int64_t y, const BackwardRow<acc_t>& b, acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs,
-                  acc_t* bt, acc_t* br) {
+                  int64_t y, const BackwardRow<acc_t>& b, acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* __restrict bs,
+                  acc_t* __restrict bt, acc_t* __restrict br) {
   const bool with_loss = b.g_loss != 0;
   const bool use_t = with_loss && b.use_t, use_r = with_loss && b.use_r;
   // out = p * (gl * (c - L) - glp) / ts, c - L = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r) - L.

@@ -1,0 +1,244 @@
+"""CPU benchmark of the fused-linear G-OPD loss (forward + backward) at SmolLM2-135M head shapes.
+
+Variants (each (variant, mode, N) runs in its own subprocess so its peak RSS is its own):
+  gopd_cpu   gopd_kernels.fused_linear_gopd_loss(backend="cpu"): three heads (student, teacher,
+             reference), chunked, never holds [N, V] logits.
+  eager      plain torch: materialise the three [N, V] fp32 logits, gopd_kernels.reference.gopd_loss.
+  liger_jsd  Liger's chunked fused-linear JSD (liger_kernel.chunked_loss, beta=1 = reverse KL), two
+             heads only (student, teacher), full mode only; torch.compile on CPU.
+  gemm       the GEMM floor: the five matmuls every fused-linear method does at least
+             (three logit GEMMs, dH = G W, dW = G^T H), timed in the same run.
+
+Timing: one warm-up call, then the median of --repeats calls of forward + backward. Memory: peak RSS
+of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs were created ("extra").
+
+    python benchmarks/bench_cpu.py                 # N in {512, 2048, 8192}, V=49152, D=576, fp32
+    python benchmarks/bench_cpu.py --quick         # tiny shapes, a few seconds (CI smoke)
+
+Writes JSON to benchmarks/results/cpu_bench.json (cpu_bench_quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("gopd_cpu", "eager", "liger_jsd", "gemm")
+MODES = ("full", "sampled")
+LAM = 1.25
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inputs(n, d, v, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h = [torch.randn(n, d, generator=g) for _ in range(3)]
+    w = [torch.randn(v, d, generator=g) / d**0.5 for _ in range(3)]
+    y = torch.randint(0, v, (n,), generator=g)
+    return h, w, y
+
+
+def _step_fn(variant, mode, h, w, y):
+    """A zero-argument callable doing one forward + backward of `variant`."""
+    import torch
+
+    hs = h[0].clone().requires_grad_(True)
+    ws = w[0].clone().requires_grad_(True)
+
+    if variant == "gopd_cpu":
+        import gopd_kernels as gk
+
+        def step():
+            out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=LAM, mode=mode, backend="cpu")
+            out.loss.backward()
+            hs.grad = ws.grad = None
+        return step
+
+    if variant == "eager":
+        from gopd_kernels import reference as R
+
+        def step():
+            zs = hs @ ws.t()
+            with torch.no_grad():
+                zt, zr = h[1] @ w[1].t(), h[2] @ w[2].t()
+            R.gopd_loss(zs, y, zt, zr, lam=LAM, mode=mode).loss.backward()
+            hs.grad = ws.grad = None
+        return step
+
+    if variant == "liger_jsd":
+        if mode != "full":
+            return None  # Liger's JSD is a full-vocabulary divergence; it has no sampled mode
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0)
+
+        def step():
+            loss_fn(hs, ws, h[1], w[1], y).backward()
+            hs.grad = ws.grad = None
+        return step
+
+    if variant == "gemm":
+        n, v = h[0].shape[0], w[0].shape[0]
+        grad = torch.randn(n, v)
+
+        def step():
+            for i in range(3):
+                h[i] @ w[i].t()
+            grad @ w[0]
+            grad.t() @ h[0]
+        return step
+
+    raise ValueError(variant)
+
+
+def run_child(variant, mode, n, d, v, repeats, threads):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    h, w, y = _inputs(n, d, v)
+    base = _rss_mb()
+    step = _step_fn(variant, mode, h, w, y)
+    if step is None:
+        return None
+    t0 = time.perf_counter()
+    step()  # warm-up (and torch.compile for Liger)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    flops = 5 * 2 * n * d * v  # three logit GEMMs + dH + dW
+    return dict(variant=variant, mode=mode, n=n, d=d, v=v, heads=2 if variant == "liger_jsd" else 3,
+                median_s=statistics.median(times), times_s=times, warmup_s=warm, peak_rss_mb=peak,
+                base_rss_mb=base, extra_rss_mb=peak - base, threads=torch.get_num_threads(),
+                gemm_gflops=(flops / statistics.median(times) / 1e9) if variant == "gemm" else None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (V=1024, D=64, N in {64, 256}), 1 repeat")
+    p.add_argument("--n", type=int, nargs="+", default=None)
+    p.add_argument("--v", type=int, default=49152)
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", nargs=3, metavar=("VARIANT", "MODE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.quick:
+        args.v, args.d = 1024, 64
+        args.n = args.n or [64, 256]
+        args.repeats = 1 if args.repeats == 3 else args.repeats
+        if "liger_jsd" in args.variants and "--variants" not in (argv or sys.argv):
+            args.variants = [x for x in args.variants if x != "liger_jsd"]  # torch.compile takes minutes
+    args.n = args.n or [512, 2048, 8192]
+
+    if args.child:
+        variant, mode, n = args.child
+        res = run_child(variant, mode, int(n), args.d, args.v, args.repeats, args.threads)
+        print("RESULT " + json.dumps(res))
+        return 0
+
+    results = []
+    for n in args.n:
+        for mode in args.modes:
+            for variant in args.variants:
+                if variant == "liger_jsd" and mode != "full":
+                    continue
+                if variant == "gemm" and mode != args.modes[0]:
+                    continue  # mode-independent
+                cmd = [sys.executable, __file__, "--child", variant, mode, str(n), "--v", str(args.v), "--d",
+                       str(args.d), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    res = json.loads(line[-1][7:]) if line else dict(
+                        variant=variant, mode=mode, n=n, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+                except subprocess.TimeoutExpired:
+                    res = dict(variant=variant, mode=mode, n=n, error=f"timeout after {args.timeout}s")
+                if res is None:
+                    continue
+                results.append(res)
+                if "error" in res:
+                    print(f"N={n:6d} {mode:8s} {variant:10s} ERROR {res['error']}", flush=True)
+                else:
+                    print(f"N={n:6d} {mode:8s} {variant:10s} {res['median_s'] * 1e3:10.1f} ms   "
+                          f"peak RSS {res['peak_rss_mb']:8.0f} MiB (extra {res['extra_rss_mb']:7.0f})", flush=True)
+
+    summary = _summary(results)
+    for line in summary:
+        print(line)
+    import torch
+
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        "cpu_bench_quick.json" if args.quick else "cpu_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                processor=_cpu_name(), cpu_count=os.cpu_count(), v=args.v, d=args.d, lam=LAM,
+                repeats=args.repeats, dtype="float32", note="median of repeats after one warm-up; fwd+bwd")
+    out.write_text(json.dumps(dict(meta=meta, results=results, summary=summary), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _summary(results):
+    """Ratios the issue's goals are stated in, per (N, mode)."""
+    ok = [r for r in results if "error" not in r]
+    key = {(r["variant"], r["mode"], r["n"]): r for r in ok}
+    gemm = {r["n"]: r for r in ok if r["variant"] == "gemm"}
+    lines = []
+    for (variant, mode, n), r in sorted(key.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        if variant != "gopd_cpu":
+            continue
+        parts = [f"N={n} {mode}: gopd_cpu {r['median_s'] * 1e3:.1f} ms"]
+        e = key.get(("eager", mode, n))
+        if e:
+            parts.append(f"{r['median_s'] / e['median_s']:.2f}x eager time, "
+                         f"{r['extra_rss_mb'] / max(e['extra_rss_mb'], 1e-9):.1%} of eager's extra memory")
+        if n in gemm:
+            parts.append(f"{r['median_s'] / gemm[n]['median_s']:.2f}x the GEMM floor")
+        lg = key.get(("liger_jsd", mode, n))
+        if lg:
+            parts.append(f"{r['median_s'] / lg['median_s']:.2f}x Liger two-head JSD time")
+        lines.append("; ".join(parts))
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
