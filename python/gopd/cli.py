@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
             from .trainer import Trainer
 
             cfg.save_final_model = False
+            # A separate folder, so evaluating never touches a training run's metrics or checkpoint.
+            cfg.out_dir = os.path.join(cfg.out_dir, "eval")
             trainer = Trainer(cfg)
             result = dict(student=trainer.evaluate_student())
             if cfg.eval_teachers:
