@@ -228,3 +228,23 @@ def test_verifier():
 def test_example_configs_parse(name):
     cfg = config_mod.load(os.path.join(os.path.dirname(SMOKE), f"{name}.yaml"))
     assert cfg.steps >= 1
+
+
+def test_rollout_logprobs_match_hidden_state_scoring():
+    """The sampler's log-probs (left-padded KV-cache decoding) equal the fused op's log-probs on the
+    scorer's hidden states (right-padded full forward), for prompts of different lengths."""
+    import gopd_kernels as gk
+    from gopd.models import lm_head, tiny_llama
+    from gopd.rollout import HFRollout
+    from gopd.scoring import response_hidden, targets_of
+
+    model = tiny_llama({}, seed=3).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+    gen = torch.Generator().manual_seed(0)
+    roll = HFRollout().generate(model, prompts, max_new_tokens=6, eos_id=1, pad_id=0, generator=gen)
+    with torch.no_grad():
+        h = response_hidden(model, prompts, roll.responses, pad_id=0)
+        w, _ = lm_head(model)
+        lp = gk.fused_linear_logprobs(h, w, targets_of(roll.responses, "cpu"))
+    expected = torch.tensor([x for r in roll.logprobs for x in r])
+    torch.testing.assert_close(lp, expected, atol=1e-4, rtol=1e-4)
