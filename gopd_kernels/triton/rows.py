@@ -40,7 +40,7 @@ import triton.language as tl
 from ..backends import NSTATS
 
 # Finite stand-in for -inf as the initial running max (see module docstring).
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
