@@ -68,7 +68,7 @@ def device_name():
 def bench(fn, reps):
     """Median seconds of fn() (fn runs forward and backward)."""
     if ON_GPU:
-        return triton.testing.do_bench(fn, warmup=5, rep=max(50, 20 * reps), return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=5, rep=200, return_mode="median") / 1e3
     fn()  # warm-up (compiles)
     times = []
     for _ in range(reps):
@@ -112,8 +112,11 @@ def make_inputs(n, v, d, dtype, seed=0):
     return h, w, y
 
 
-def _backward(loss):
+def _backward(loss, *params):
+    """Backward, then drop the gradients so that the next call's peak memory counts them again."""
     loss.backward()
+    for p in params:
+        p.grad = None
     return loss.detach()
 
 
@@ -132,18 +135,14 @@ def variants(h, w, y, n, v, d, which):
     ht, wt, hr, wr = h[1], w[1], h[2], w[2]
     out = {}
 
-    def grads_reset():
-        hs.grad = None
-        ws.grad = None
-
     if "triton" in which:
         def fused3():
-            grads_reset()
-            return _backward(gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode="full", backend="triton").loss)
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode="full", backend="triton")
+            return _backward(out3.loss, hs, ws)
 
         def fused2():
-            grads_reset()
-            return _backward(gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode="full", backend="triton").loss)
+            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode="full", backend="triton")
+            return _backward(out2.loss, hs, ws)
 
         out["fused/triton-3h"] = (fused3, {})
         out["fused/triton-2h"] = (fused2, {})
@@ -156,8 +155,7 @@ def variants(h, w, y, n, v, d, which):
             zs = zs0.requires_grad_(True)
 
             def logits():
-                zs.grad = None
-                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode="full", backend="triton").loss)
+                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode="full", backend="triton").loss, zs)
 
             return logits, {"bytes_moved": 4 * n * v * zs.element_size()}
 
@@ -165,8 +163,7 @@ def variants(h, w, y, n, v, d, which):
 
     if "eager" in which or "compile" in which:
         def eager():
-            grads_reset()
-            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y))
+            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y), hs, ws)
 
         if "eager" in which:
             out["eager/torch-3h"] = (eager, {})
@@ -174,8 +171,7 @@ def variants(h, w, y, n, v, d, which):
             compiled = torch.compile(eager_loss)
 
             def comp():
-                grads_reset()
-                return _backward(compiled(hs, ws, ht, wt, hr, wr, y))
+                    return _backward(compiled(hs, ws, ht, wt, hr, wr, y), hs, ws)
 
             out["compile/torch-3h"] = (comp, {})
 
@@ -190,8 +186,7 @@ def variants(h, w, y, n, v, d, which):
                                             compiled=ON_GPU)
 
             def liger_fn():
-                grads_reset()
-                return _backward(liger(hs, ws, ht, wt, y))
+                    return _backward(liger(hs, ws, ht, wt, y), hs, ws)
 
             out["liger/jsd-2h"] = (liger_fn, {})
 
@@ -257,6 +252,30 @@ def run(shapes, which, reps, dtype):
     return rows
 
 
+def summarize(rows, copy_gb_per_s):
+    """Per shape, the ratios the performance goals are stated in (None where a variant is missing)."""
+    by_shape = {}
+    for r in rows:
+        if r.get("seconds"):
+            by_shape.setdefault((r["model"], r["n"], r["v"], r["d"]), {})[r["variant"]] = r
+
+    def ratio(a, b):
+        return a["seconds"] / b["seconds"] if a and b else None
+
+    out = []
+    for (model, n, v, d), got in by_shape.items():
+        logits = got.get("logits/triton")
+        out.append(dict(
+            model=model, n=n, v=v, d=d,
+            fused3h_over_gemm_floor=ratio(got.get("fused/triton-3h"), got.get("floor/gemm-3h")),
+            liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
+            eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
+            compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),
+            logits_bandwidth_fraction_of_copy=(logits["effective_gb_per_s"] / copy_gb_per_s
+                                               if logits and copy_gb_per_s else None)))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes (the only option without a GPU)")
@@ -278,6 +297,8 @@ def main(argv=None):
     if ON_GPU:
         result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
     result["rows"] = run(shapes, which, args.reps, dtype)
+    result["summary"] = summarize(result["rows"], result.get("copy_gb_per_s"))
+    print(json.dumps(result["summary"], indent=1))
 
     tag = "quick_" if args.quick else ""
     tag += re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if ON_GPU else "cpu").lower()).strip("_")
