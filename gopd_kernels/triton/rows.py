@@ -33,6 +33,8 @@ stats [9, N], g_lp / g_loss [N].
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -207,9 +209,11 @@ def _block_and_warps(v: int, cap: int):
     return block, warps
 
 
+@functools.lru_cache(maxsize=64)
 def _params(dtype, device, ts, tt, tr, lam):
     # Scalars travel in a tiny tensor of the accumulation dtype: float kernel arguments would be
-    # rounded to fp32, which is not exact enough for the fp64 path (e.g. lam = 0.3).
+    # rounded to fp32, which is not exact enough for the fp64 path (e.g. lam = 0.3). Cached (the
+    # kernels only read it) so repeated calls, e.g. per fused-linear chunk, skip the host-to-device copy.
     return torch.tensor([ts, tt, tr, lam], dtype=dtype, device=device)
 
 
@@ -232,7 +236,7 @@ def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index, *, block_v=None)
     _rows_forward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), stats.stride(0),
-        _params(acc_torch, zs.device, ts, tt, tr, 0.0), ignore_index,
+        _params(acc_torch, zs.device, float(ts), float(tt), float(tr), 0.0), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
     )
     return stats
@@ -252,7 +256,7 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
     _rows_backward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats, g_lp, g_loss, out,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), out.stride(0), stats.stride(0),
-        _params(acc_torch, zs.device, ts, tt, tr, lam), ignore_index,
+        _params(acc_torch, zs.device, float(ts), float(tt), float(tr), float(lam)), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
     )
     return out
