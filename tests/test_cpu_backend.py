@@ -248,3 +248,30 @@ def test_fused_linear_cpu_matches_reference_float64():
     assert max_err(out.loss.detach(), ref.loss.detach()) <= 1e-10
     assert max_err(dh, dh2) <= 1e-10 * (1 + float(dh2.abs().max()))
     assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
+
+
+def test_baseline_isa_path_matches_dispatched_path(tmp_path):
+    """The kernels are built twice (baseline x86-64 and AVX2+FMA, picked at run time); both must agree.
+
+    GOPD_CPU_BASELINE=1 forces the baseline path in a fresh process (the choice is made once per process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers import make_problem; "
+        "from gopd_kernels.backends import cpu; "
+        "zs, zt, zr, y = make_problem(13, 2100, seed=7, dtype=torch.float32, inf_cols=2); "
+        "st = cpu.rows_forward(zs, zt, zr, y, 0.9, 1.0, 1.1, -100); "
+        "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, 1.1, "
+        "-100, torch.empty_like(zs)); torch.save((st, g), sys.argv[1])"
+    )
+    here = str(__import__("pathlib").Path(__file__).parent)
+    results = []
+    for flag in ("0", "1"):
+        path = tmp_path / f"r{flag}.pt"
+        env = dict(__import__("os").environ, GOPD_CPU_BASELINE=flag)
+        subprocess.run([sys.executable, "-c", script, str(path), here], check=True, env=env, timeout=120)
+        results.append(torch.load(path))
+    (s0, g0), (s1, g1) = results
+    assert max_err(s0, s1) <= 1e-5 * (1 + float(s1.abs().max()))
+    assert max_err(g0, g1) <= 1e-6 * (1 + float(g1.abs().max()))

@@ -34,8 +34,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+
+// Runtime ISA dispatch without a second translation unit: the row kernels are force-inlined into
+// two thin wrappers, one compiled for the baseline x86-64 ISA and one with target("avx2,fma"), and
+// the AVX2 one is called only when the CPU has it (set GOPD_CPU_BASELINE=1 to force the baseline).
+// Keeping every kernel helper inline (and internal) means no AVX2 code can leak into the baseline path.
+#define GOPD_INLINE inline __attribute__((always_inline))
+#define GOPD_LAMBDA_INLINE __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GOPD_HAVE_AVX2_PATH 1
+#define GOPD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define GOPD_HAVE_AVX2_PATH 0
+#endif
 
 namespace gopd {
 namespace cpu {
@@ -50,8 +64,7 @@ constexpr int64_t kBlock = 1024;
 // arithmetic so `omp simd` loops vectorise it (libm's expf would stay scalar). Cephes-style: x =
 // n ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r (about 1 ulp), 2^n from the exponent bits.
 // Returns exactly 0 for x < -87.3 (incl. -inf), where the true value is a denormal or 0.
-#pragma omp declare simd
-static inline float fast_exp(float x) {
+GOPD_INLINE float fast_exp(float x) {
   const float lo = -87.33654f, hi = 88.0f;
   const float xc = std::min(std::max(x, lo), hi);
   const float t = xc * 1.44269504088896341f + 0.5f;
@@ -72,7 +85,7 @@ static inline float fast_exp(float x) {
   return x < lo ? 0.0f : y * scale;
 }
 
-static inline double fast_exp(double x) { return std::exp(x); }
+GOPD_INLINE double fast_exp(double x) { return std::exp(x); }
 
 template <typename acc_t>
 constexpr acc_t neg_inf() {
@@ -81,13 +94,13 @@ constexpr acc_t neg_inf() {
 
 // dst[j] = acc_t(src[j]) * inv_t for j < n (the up-cast happens here, never math in low precision).
 template <typename scalar_t, typename acc_t>
-static inline void load_scaled(const scalar_t* src, int64_t n, acc_t inv_t, acc_t* dst) {
+GOPD_INLINE void load_scaled(const scalar_t* src, int64_t n, acc_t inv_t, acc_t* dst) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_t;
 }
 
 template <typename acc_t>
-static inline acc_t block_max(const acc_t* x, int64_t n) {
+GOPD_INLINE acc_t block_max(const acc_t* x, int64_t n) {
   acc_t m = neg_inf<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
@@ -100,7 +113,7 @@ static inline acc_t block_max(const acc_t* x, int64_t n) {
 constexpr int kLanes = 16;
 
 template <int K, typename acc_t, typename F>
-static inline void lane_sums(int64_t n, const F& f, acc_t* total) {
+GOPD_INLINE void lane_sums(int64_t n, const F& f, acc_t* total) {
   alignas(64) acc_t acc[K][kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -116,9 +129,9 @@ static inline void lane_sums(int64_t n, const F& f, acc_t* total) {
 }
 
 template <typename acc_t>
-static inline acc_t block_sumexp(const acc_t* x, int64_t n, acc_t mx) {
+GOPD_INLINE acc_t block_sumexp(const acc_t* x, int64_t n, acc_t mx) {
   acc_t s = 0;
-  lane_sums<1>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) { acc[0][l] += fast_exp(x[j] - mx); }, &s);
+  lane_sums<1>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE { acc[0][l] += fast_exp(x[j] - mx); }, &s);
   return s;
 }
 
@@ -131,7 +144,7 @@ struct RowState {
 };
 
 template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
+GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
                  acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs, acc_t* bt, acc_t* br, acc_t* st) {
   RowState<acc_t> r;
   const bool has_t = zt != nullptr, has_r = zr != nullptr;
@@ -186,7 +199,7 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
     // sums[0..3] = S_s, A_ss, A_st, A_sr of this block (w = 0 columns add nothing to the A's).
     acc_t sums[4] = {0, 0, 0, 0};
     if (has_t && has_r) {
-      lane_sums<4>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
+      lane_sums<4>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         const bool on = w > 0;
@@ -200,7 +213,7 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
       const acc_t* bo = has_t ? bt : br;
       const acc_t mo = has_t ? mt : mr;
       acc_t three[3] = {0, 0, 0};
-      lane_sums<3>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
+      lane_sums<3>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         const bool on = w > 0;
@@ -212,7 +225,7 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
       sums[1] = three[1];
       sums[has_t ? 2 : 3] = three[2];
     } else {
-      lane_sums<2>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) {
+      lane_sums<2>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         acc[0][l] += w;
@@ -256,7 +269,7 @@ struct BackwardRow {
 };
 
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
+GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
                   int64_t y, const BackwardRow<acc_t>& b, acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* __restrict bs,
                   acc_t* __restrict bt, acc_t* __restrict br) {
   const bool with_loss = b.g_loss != 0;
@@ -307,6 +320,31 @@ void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, sc
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(bs[j]);
   }
+}
+
+#if GOPD_HAVE_AVX2_PATH
+template <typename scalar_t, typename acc_t, typename... Args>
+GOPD_TARGET_AVX2 void forward_row_avx2(Args... args) {
+  forward_row<scalar_t, acc_t>(args...);
+}
+template <typename scalar_t, typename acc_t, typename... Args>
+GOPD_TARGET_AVX2 void backward_row_avx2(Args... args) {
+  backward_row<scalar_t, acc_t>(args...);
+}
+#endif
+
+bool use_avx2() {
+#if GOPD_HAVE_AVX2_PATH
+  static const bool yes = [] {
+    const char* env = std::getenv("GOPD_CPU_BASELINE");
+    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
 }
 
 void check_common(const at::Tensor& zs, const c10::optional<at::Tensor>& zt, const c10::optional<at::Tensor>& zr,
@@ -369,6 +407,7 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
     acc_t* out = stats.data_ptr<acc_t>();
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
                 itr = acc_t(1) / static_cast<acc_t>(tr);
+    const bool avx2 = use_avx2();
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
       acc_t row[kNumStats];
@@ -376,8 +415,17 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
         if (y[i] == ignore_index) continue;  // masked: stats stay 0, no vocabulary pass
         check_target(y[i], v);
         std::fill(row, row + kNumStats, acc_t(0));
-        forward_row<scalar_t, acc_t>(ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, v, y[i],
-                                     its, itt, itr, bs, bt, br, row);
+        const scalar_t* zti = pt ? pt + i * st : nullptr;
+        const scalar_t* zri = pr ? pr + i * sr : nullptr;
+#if GOPD_HAVE_AVX2_PATH
+        if (avx2) {
+          forward_row_avx2<scalar_t, acc_t>(ps + i * ss, zti, zri, v, y[i], its, itt, itr, &bs[0], &bt[0], &br[0],
+                                            &row[0]);
+        } else
+#endif
+        {
+          forward_row<scalar_t, acc_t>(ps + i * ss, zti, zri, v, y[i], its, itt, itr, bs, bt, br, row);
+        }
         for (int k = 0; k < kNumStats; ++k) out[k * n + i] = row[k];
       }
     });
@@ -421,6 +469,7 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
     // A term whose coefficient is 0 is dropped (so a -inf log never meets a 0 coefficient).
     const bool use_t = pt != nullptr && lam != 0.0;
     const bool use_r = pr != nullptr && lam != 1.0;
+    const bool avx2 = use_avx2();
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
       for (int64_t i = begin; i < end; ++i) {
@@ -445,8 +494,17 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
         if (use_t) loss -= lam_c * S[E_T * n + i];
         if (use_r) loss -= one_m * S[E_R * n + i];
         b.loss = loss;
-        backward_row<scalar_t, acc_t>(ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, o, v, y[i],
-                                      b, its, itt, itr, bs, bt, br);
+        const scalar_t* zti = pt ? pt + i * st : nullptr;
+        const scalar_t* zri = pr ? pr + i * sr : nullptr;
+#if GOPD_HAVE_AVX2_PATH
+        if (avx2) {
+          backward_row_avx2<scalar_t, acc_t>(ps + i * ss, zti, zri, o, v, y[i], b, its, itt, itr, &bs[0], &bt[0],
+                                             &br[0]);
+        } else
+#endif
+        {
+          backward_row<scalar_t, acc_t>(ps + i * ss, zti, zri, o, v, y[i], b, its, itt, itr, bs, bt, br);
+        }
       }
     });
   });
