@@ -248,3 +248,19 @@ def test_rollout_logprobs_match_hidden_state_scoring():
         lp = gk.fused_linear_logprobs(h, w, targets_of(roll.responses, "cpu"))
     expected = torch.tensor([x for r in roll.logprobs for x in r])
     torch.testing.assert_close(lp, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_context_changes_teacher_scores(tmp_path, monkeypatch):
+    """teacher_context=solution: the teacher (a frozen copy of the student here) scores the student's
+    tokens under a prompt that contains the answer, so lp_t differs from the student's own lp_s."""
+    from gopd.data import Example, privileged
+    ex = Example(prompt="What is 2 + 3?", answer="5", domain="add")
+    assert "5" in privileged(ex, "solution").prompt and privileged(ex, "none") is ex
+    assert privileged(ex, "examples").prompt.endswith(ex.prompt)
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path, "teacher=null", "teacher_context=solution", "lam=1.0",
+                                            "steps=1"))
+    assert trainer.teacher_prompt(ex) != trainer.codec.prompt_ids(ex)
+    rec = Recorder(monkeypatch)
+    trainer.train_step()
+    out = rec.calls[0][2]
+    assert (out.lp_t - out.lp_s).abs().max() > 1e-4
