@@ -68,8 +68,8 @@ GOPD_INLINE float fast_exp(float x) {
   const float lo = -87.33654f, hi = 88.0f;
   const float xc = std::min(std::max(x, lo), hi);
   const float t = xc * 1.44269504088896341f + 0.5f;
-  float n = static_cast<float>(static_cast<int32_t>(t));
-  n -= (n > t) ? 1.0f : 0.0f;  // floor for negative t
+  // floor(t) without a branch: t + 128 > 0 on the clamped range, where truncation is floor.
+  const float n = static_cast<float>(static_cast<int32_t>(t + 128.0f)) - 128.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -82,7 +82,9 @@ GOPD_INLINE float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : y * scale;
+  // A multiply by 0 / 1 rather than a select keeps the loop branch-free for the vectoriser; NaN
+  // input still propagates (the clamp keeps it).
+  return y * scale * static_cast<float>(!(x < lo));
 }
 
 GOPD_INLINE double fast_exp(double x) { return std::exp(x); }
