@@ -83,25 +83,48 @@ def _chunks(n, chunk):
 
 
 class _Heads:
-    """(hidden, weight, bias) of the student, teacher and reference; teacher / ref may be None."""
+    """(hidden, weight, bias) of the student, teacher and reference; teacher / ref may be None.
+
+    On CPU each head's fp32 chunk logits go into one buffer reused across chunks: a fresh
+    [chunk, V] allocation per chunk would be page-faulted in (zeroed by the OS) every time.
+    """
 
     def __init__(self, hs, ws, bs, ht, wt, bt, hr, wr, br, vocab):
         self.s, self.t, self.r, self.vocab = (hs, ws, bs), (ht, wt, bt), (hr, wr, br), vocab
+        self._buffers = {}
+
+    def _one(self, key, head, rows):
+        h, w, b = head
+        if h is None:
+            return None
+        h = h[rows]
+        if h.is_cuda or h.dtype not in (torch.float32, torch.float64) or h.dtype != w.dtype:
+            return linear_logits(h, w, b, self.vocab)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < h.shape[0]:
+            buf = self._buffers[key] = torch.empty(h.shape[0], self.vocab, dtype=h.dtype, device=h.device)
+        out = buf[: h.shape[0]]
+        torch.mm(h, w[: self.vocab].t(), out=out)
+        if b is not None:
+            out += b[: self.vocab].to(out.dtype)
+        return out
 
     def logits(self, rows):
-        def one(head):
-            h, w, b = head
-            return None if h is None else linear_logits(h[rows], w, b, self.vocab)
-        return one(self.s), one(self.t), one(self.r)
+        return self._one("s", self.s, rows), self._one("t", self.t, rows), self._one("r", self.r, rows)
 
 
 def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
-    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz (all fp32 accumulators)."""
+    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz (all fp32 accumulators, updated in place)."""
+    v = dz.shape[1]
     dzc = dz.to(dw.dtype)
-    dh[rows] = (dzc @ ws[: dz.shape[1]].to(dw.dtype)).to(dh.dtype)
-    dw[: dz.shape[1]] += dzc.t() @ hs_chunk.to(dw.dtype)
+    w = ws[:v].to(dw.dtype)
+    if dh.dtype == dw.dtype:
+        torch.mm(dzc, w, out=dh[rows])
+    else:
+        dh[rows] = (dzc @ w).to(dh.dtype)
+    dw[:v].addmm_(dzc.t(), hs_chunk.to(dw.dtype))
     if db is not None:
-        db[: dz.shape[1]] += dzc.sum(0)
+        db[:v] += dzc.sum(0)
 
 
 def _grad_buffers(hs, ws, bs, need_h, need_w, need_b):
