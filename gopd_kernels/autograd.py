@@ -114,23 +114,27 @@ class _Heads:
 
 
 def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
-    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz (all fp32 accumulators, updated in place)."""
+    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz. Accumulators are fp32 (fp64 for fp64 input),
+    updated in place; one that is None (its input needs no gradient) is skipped."""
     v = dz.shape[1]
-    dzc = dz.to(dw.dtype)
-    w = ws[:v].to(dw.dtype)
-    if dh.dtype == dw.dtype:
-        torch.mm(dzc, w, out=dh[rows])
-    else:
-        dh[rows] = (dzc @ w).to(dh.dtype)
-    dw[:v].addmm_(dzc.t(), hs_chunk.to(dw.dtype))
+    acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    dzc = dz.to(acc)
+    if dh is not None:
+        w = ws[:v].to(acc)
+        if dh.dtype == acc:
+            torch.mm(dzc, w, out=dh[rows])
+        else:
+            dh[rows] = (dzc @ w).to(dh.dtype)
+    if dw is not None:
+        dw[:v].addmm_(dzc.t(), hs_chunk.to(acc))
     if db is not None:
         db[:v] += dzc.sum(0)
 
 
 def _grad_buffers(hs, ws, bs, need_h, need_w, need_b):
     acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
-    dh = torch.zeros_like(hs) if need_h else torch.empty_like(hs)
-    dw = torch.zeros(ws.shape, dtype=acc, device=ws.device)
+    dh = torch.zeros_like(hs) if need_h else None
+    dw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
     db = torch.zeros(bs.shape, dtype=acc, device=bs.device) if (bs is not None and need_b) else None
     return dh, dw, db
 
@@ -160,8 +164,8 @@ class FusedLinearRows(torch.autograd.Function):
             zs, zt, zr = heads.logits(rows)
             ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
             _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
-        return (dh if need_h else None, dw.to(ws.dtype) if need_w else None,
-                db.to(bs.dtype) if db is not None else None) + (None,) * 10
+        return (dh, None if dw is None else dw.to(ws.dtype),
+                None if db is None else db.to(bs.dtype)) + (None,) * 10
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -205,6 +209,9 @@ class FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, g_total, _g_stats):
         dh, dw, db = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g = g_total.to(dw.dtype)
-        return ((dh * g.to(dh.dtype)) if need_h else None, (dw * g).to(ctx.dtypes[0]) if need_w else None,
-                (db * g).to(ctx.dtypes[1]) if (db is not None and need_b) else None) + (None,) * 12
+
+        def scaled(grad, dtype, needed):
+            return (grad * g_total.to(grad.dtype)).to(dtype) if (needed and grad is not None) else None
+
+        return (scaled(dh, None if dh is None else dh.dtype, need_h), scaled(dw, ctx.dtypes[0], need_w),
+                scaled(db, ctx.dtypes[1], need_b)) + (None,) * 12

@@ -208,3 +208,21 @@ def test_inplace_backward_reuses_the_logits_storage():
     out = gk.gopd_loss(work, y, zt, zr, lam=1.25, mode="full", backend="torch", inplace_backward=True)
     (g,) = torch.autograd.grad(out.loss, leaf)
     torch.testing.assert_close(g, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("trainable", ["hidden", "weight"])
+def test_fused_linear_with_a_frozen_head_or_frozen_hidden(reduction, trainable):
+    """Only the inputs that need a gradient get one (a frozen LM head allocates no dW)."""
+    g = torch.Generator().manual_seed(15)
+    h, w = torch.randn(9, 8, generator=g, dtype=torch.float64), torch.randn(23, 8, generator=g, dtype=torch.float64)
+    ht, wt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(23, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 23, (9,), generator=g)
+    x = (h if trainable == "hidden" else w).clone().requires_grad_(True)
+    args = (x, w) if trainable == "hidden" else (h, x)
+    out = gk.fused_linear_gopd_loss(*args, y, ht, wt, mode="full", reduction=reduction, backend="torch",
+                                    chunk_size=4)
+    ref = R.gopd_loss(args[0] @ args[1].T, y, ht @ wt.T, mode="full", reduction=reduction)
+    (ga,) = torch.autograd.grad(out.loss.sum(), x)
+    (gb,) = torch.autograd.grad(ref.loss.sum(), x)
+    assert max_err(ga, gb) <= 1e-10
