@@ -24,7 +24,7 @@ def run(fn, zs, y, zt, zr, **kw):
     zs = zs.detach().clone().requires_grad_(True)
     out = fn(zs, y, zt, zr, **kw)
     upstream = torch.linspace(-1, 2, y.numel(), dtype=torch.float64).view(y.shape)
-    loss = (out.loss * upstream.to(out.loss.dtype)).sum() if kw.get("reduction") == "none" else out.loss
+    loss = (out.loss * upstream.to(out.loss)).sum() if kw.get("reduction") == "none" else out.loss
     (g,) = torch.autograd.grad(loss, zs)
     return out, g
 
@@ -88,8 +88,10 @@ def test_low_precision_error_is_torch_like(backend, dtype, n, v, lam, mode, seed
     ours, g = run(gk.gopd_loss, *low[:1], y, *low[1:], backend=backend, **kw)
     truth, g_truth = run(R.gopd_loss, *(z.double() for z in low[:1]), y, *(z.double() for z in low[1:]), **kw)
     # Plain torch in that dtype: log-softmax of the low-precision logits, computed in that dtype.
-    base, g_base = run(R.gopd_loss, *(z.to(dtype) if dtype == torch.float32 else z for z in low[:1]), y,
-                       *low[1:], **kw) if dtype == torch.float32 else _torch_in_dtype(low, y, kw)
+    if dtype == torch.float32:
+        base, g_base = run(R.gopd_loss, low[0], y, *low[1:], **kw)
+    else:
+        base, g_base = _torch_in_dtype(low, y, kw)
     assert_close_as_torch(ours.loss, base.loss, truth.loss, what=f"{backend} {dtype} loss")
     assert_close_as_torch(g, g_base, g_truth, what=f"{backend} {dtype} grad")
 
@@ -107,8 +109,8 @@ def _torch_in_dtype(low, y, kw):
         lp = lambda t: t.gather(1, ys).squeeze(1)  # noqa: E731
         adv = (lam * lp(lt) + (1 - lam) * lp(lr) - lp(ls)).detach()
         per = -adv * torch.exp(lp(ls) - lp(ls).detach())
-    per = torch.where(valid, per, torch.zeros((), dtype=per.dtype))
-    upstream = torch.linspace(-1, 2, y.numel(), dtype=torch.float64).to(per.dtype)
+    per = torch.where(valid, per, torch.zeros((), dtype=per.dtype, device=per.device))
+    upstream = torch.linspace(-1, 2, y.numel(), dtype=torch.float64).to(per)
     (g,) = torch.autograd.grad((per * upstream).sum(), zs)
 
     class Out:
