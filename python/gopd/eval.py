@@ -6,6 +6,7 @@ import re
 from typing import List, Optional
 
 from .data import DataError, Example
+from .progress import progress_bar
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -37,10 +38,8 @@ def evaluate(model, codec, engine, examples: List[Example], *, max_new_tokens: i
     prompt_fn = prompt_fn or codec.prompt_ids
     if any(ex.answer is None for ex in examples):
         raise DataError("the eval set has examples without an 'answer'; the verifier needs one per example")
-    from tqdm import tqdm
-
     correct = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(examples), batch_size), progress=progress, desc=desc):
         batch = examples[start:start + batch_size]
         out = engine.generate(model, [prompt_fn(ex) for ex in batch], max_new_tokens=max_new_tokens,
                               eos_id=codec.eos_id, pad_id=codec.pad_id, greedy=True)

@@ -34,6 +34,7 @@ from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
 from .models import Codec, ModelError, check_same_vocab, freeze, frozen_copy, lm_head, load_model
+from .progress import note, progress_bar
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
 
@@ -105,7 +106,7 @@ class Trainer:
         elif cfg.lam != 1.0:
             self.reference = initial_copy()
 
-        self.engine = make_engine(cfg.rollout_engine)
+        self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed)
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         warm = max(0, cfg.warmup_steps)
@@ -120,6 +121,11 @@ class Trainer:
             self._truncate_metrics(self.step)
         elif os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)
+        # An engine with its own copy of the weights (vllm) is refreshed lazily, before the next
+        # generation after the weights changed (start, resume, each optimizer step).
+        self._engine_stale = True
+        if cfg.bf16 and not bf16_autocast_supported(self.device):
+            note(f"bf16: autocast is not supported on {self.device}; training in float32")
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
 
@@ -146,8 +152,16 @@ class Trainer:
             fh.write(json.dumps(row) + "\n")
 
     def _autocast(self):
-        use = self.cfg.bf16 and (self.device.type == "cpu" or torch.cuda.is_bf16_supported())
+        """bf16 autocast of the models' forward passes (config bf16). Parameters, gradients and AdamW
+        state stay float32 (master weights); the fused loss runs outside this context on float32
+        hidden states, so its softmax / logsumexp math is float32 either way."""
+        use = self.cfg.bf16 and bf16_autocast_supported(self.device)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
+
+    def _sync_engine(self) -> None:
+        if self._engine_stale:
+            self.engine.sync_weights(self.student)
+            self._engine_stale = False
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -157,10 +171,10 @@ class Trainer:
         batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + step)
         prompts = [self.codec.prompt_ids(ex) for ex in batch]
-        self.engine.sync_weights(self.student)
+        self._sync_engine()
         roll = self.engine.generate(self.student, prompts, max_new_tokens=cfg.max_new_tokens,
                                     eos_id=self.codec.eos_id, pad_id=self.codec.pad_id,
-                                    temperature=cfg.temperature, generator=gen)
+                                    temperature=cfg.temperature, generator=gen, progress=cfg.progress)
         t_roll = time.perf_counter() - t0
         n_tokens = sum(len(r) for r in roll.responses)
 
@@ -177,7 +191,8 @@ class Trainer:
         # (student prompt ids, response ids) per domain in scoring order, kept for inspection and tests.
         self._last_scored = defaultdict(list)
         loss_total, finite = 0.0, True
-        for dom, idx in groups:
+        bar = progress_bar(groups, progress=cfg.progress, desc="scoring")
+        for dom, idx in bar:
             resp = [roll.responses[i] for i in idx]
             if sum(map(len, resp)) == 0:
                 continue
@@ -212,6 +227,7 @@ class Trainer:
                 value = getattr(out, name, None)
                 if value is not None:
                     sums[name] += float(value.double().sum())
+        bar.close()
 
         grad_norm = float("nan")
         if finite and n_tokens > 0:
@@ -224,6 +240,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.bad_steps = 0
+            self._engine_stale = True
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1 if not finite else 0
@@ -236,6 +253,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
+        self._sync_engine()
         return evaluate(self.student, self.codec, self.engine, self.eval_set,
                         max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
                         desc="eval student")
@@ -254,8 +272,6 @@ class Trainer:
                         step=self.step, bad_steps=self.bad_steps)
 
     def train(self) -> List[dict]:
-        from tqdm import tqdm
-
         cfg = self.cfg
         rows = []
         if self.step == 0 and cfg.eval_at_start:
@@ -264,12 +280,12 @@ class Trainer:
                 row["teacher_accuracy"] = self.evaluate_teachers()
             self.log(row)
             rows.append(row)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="steps", disable=not cfg.progress)
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc="steps", progress=cfg.progress, leave=True)
         while self.step < cfg.steps:
             row = self.train_step()
             if row.get("skipped") and self.bad_steps:
-                print(f"step {row['step']}: non-finite loss or gradient, step skipped "
-                      f"({self.bad_steps} in a row)")
+                note(f"step {row['step']}: non-finite loss or gradient, step skipped "
+                     f"({self.bad_steps} in a row)")
                 if self.bad_steps >= cfg.max_bad_steps:
                     self.log(row)
                     raise TrainingStopped(f"{self.bad_steps} non-finite steps in a row (max_bad_steps="
@@ -291,6 +307,16 @@ class Trainer:
                 tok.save_pretrained(os.path.join(self.run_dir, "final"))
         plot_metrics(self.metrics_path, os.path.join(self.run_dir, "metrics.png"))
         return rows
+
+
+def bf16_autocast_supported(device: torch.device) -> bool:
+    """CPU autocast supports bfloat16 everywhere (slow without AVX512-BF16 / AMX, but correct);
+    CUDA needs compute capability >= 8.0 (torch.cuda.is_bf16_supported)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return False
 
 
 def _peak_memory_mb(device) -> float:

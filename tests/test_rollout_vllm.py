@@ -1,0 +1,202 @@
+"""The vllm rollout engine's plumbing, against a stand-in ``vllm`` module (no real vLLM here).
+
+The stand-in implements only the surface the engine uses: ``LLM(model=DIR, **kwargs)`` loading the
+folder the engine wrote, ``LLM.generate`` on ``{"prompt_token_ids": ...}`` prompts with one
+``SamplingParams`` per prompt, ``RequestOutput.outputs[0].token_ids / .logprobs``, ``apply_model``
+and ``reset_prefix_cache``. Like vLLM's V1 sampler it returns raw-logit log-probs unless the engine
+asks for ``logprobs_mode="processed_logprobs"``. It samples with its own plain (no KV cache) loop, so
+these tests check the plumbing (ids in, ids + sampler log-probs out in the hf engine's format,
+weights pushed every step, errors), not vLLM itself.
+"""
+
+import math
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+import gopd_kernels as gk  # noqa: E402
+from gopd import config as config_mod  # noqa: E402
+from gopd import trainer as trainer_mod  # noqa: E402
+from gopd.models import lm_head, tiny_llama  # noqa: E402
+from gopd.rollout import VLLMEngine, make_engine  # noqa: E402
+from gopd.scoring import response_hidden, targets_of  # noqa: E402
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+
+
+class Logprob:
+    def __init__(self, logprob):
+        self.logprob = logprob
+
+
+class SamplingParams:
+    FIELDS = {"n", "temperature", "max_tokens", "logprobs", "seed", "stop_token_ids"}
+
+    def __init__(self, **kwargs):
+        unknown = set(kwargs) - self.FIELDS
+        assert not unknown, f"the stand-in does not know SamplingParams{sorted(unknown)}"
+        self.__dict__.update(dict(n=1, temperature=1.0, max_tokens=16, logprobs=None, seed=None,
+                                  stop_token_ids=[]), **kwargs)
+
+
+class WorkerModel:
+    """What apply_model hands its function: vLLM's model object, with load_weights((name, tensor) ...)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.loads = 0
+
+    def load_weights(self, weights):
+        weights = dict(weights)
+        own = dict(self.hf.named_parameters())
+        assert set(weights) == set(own), "load_weights got other parameter names than the model's"
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                assert tensor.device.type == "cpu"
+                own[name].copy_(tensor)
+        self.loads += 1
+
+
+class LLM:
+    instances = []
+
+    def __init__(self, model, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        assert os.path.isfile(os.path.join(model, "config.json")), "LLM(model=...) needs a model folder"
+        self.kwargs = kwargs
+        self.worker = WorkerModel(AutoModelForCausalLM.from_pretrained(model).eval())
+        self.requests = []           # (prompts, sampling params) per generate call
+        self.weights_at_generate = []
+        self.prefix_resets = 0
+        LLM.instances.append(self)
+
+    def apply_model(self, func):
+        return [func(self.worker)]
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+        return True
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.requests.append((prompts, sampling_params))
+        self.weights_at_generate.append({k: v.clone() for k, v in self.worker.hf.named_parameters()})
+        processed = self.kwargs.get("logprobs_mode") == "processed_logprobs"
+        outs = []
+        for prompt, sp in zip(prompts, sampling_params):
+            gen = torch.Generator().manual_seed(sp.seed if sp.seed is not None else 0)
+            ids, steps = list(prompt["prompt_token_ids"]), []
+            for _ in range(sp.max_tokens):
+                logits = self.worker.hf(input_ids=torch.tensor([ids])).logits[0, -1].double()
+                raw = logits.log_softmax(-1)
+                if sp.temperature == 0:
+                    tok, logp = int(raw.argmax()), raw
+                else:
+                    scaled = (logits / sp.temperature).log_softmax(-1)
+                    tok = int(torch.multinomial(scaled.exp(), 1, generator=gen))
+                    logp = scaled if processed else raw
+                ids.append(tok)
+                steps.append({tok: Logprob(float(logp[tok]))})
+                if tok in sp.stop_token_ids:
+                    break
+            n = len(steps)
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=tuple(ids[-n:]),
+                                                                               logprobs=steps)]))
+        return outs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    LLM.instances = []
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_missing_vllm_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ImportError, match=r"pip install \.\[vllm\]"):
+        make_engine("vllm")
+    cfg = config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm"))
+    with pytest.raises(ImportError, match="rollout_engine: vllm"):
+        trainer_mod.Trainer(cfg)
+
+
+def test_rollouts_are_ids_and_sampler_logprobs(fake_vllm):
+    """Prompt ids go in as token prompts; ids and log-probs of logits / T come out, equal to what the
+    fused op scores on the same model (the hf engine's contract); greedy maps to temperature 0."""
+    model = tiny_llama({}, seed=3).eval()
+    engine = VLLMEngine(seed=0)
+    engine.sync_weights(model)
+    (llm,) = LLM.instances
+    assert llm.kwargs["skip_tokenizer_init"] and llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+    roll = engine.generate(model, prompts, max_new_tokens=6, eos_id=1, pad_id=0, temperature=0.7,
+                           generator=torch.Generator().manual_seed(0))
+    sent, params = llm.requests[-1]
+    assert sent == [{"prompt_token_ids": p} for p in prompts]
+    assert [(p.n, p.logprobs, p.max_tokens, p.temperature, p.stop_token_ids) for p in params] == \
+        [(1, 0, 6, 0.7, [1])] * 3
+    assert len({p.seed for p in params}) == 3  # one seed per request
+    assert all(isinstance(t, int) for r in roll.responses for t in r)
+    assert [len(r) for r in roll.responses] == [len(lp) for lp in roll.logprobs]
+    assert all(len(r) == 6 or r[-1] == 1 for r in roll.responses)
+    with torch.no_grad():
+        h = response_hidden(model, prompts, roll.responses, pad_id=0)
+        lp = gk.fused_linear_logprobs(h, lm_head(model)[0], targets_of(roll.responses, "cpu"), 0.7)
+    torch.testing.assert_close(lp.double(), torch.tensor([x for r in roll.logprobs for x in r],
+                                                         dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    engine.generate(model, prompts, max_new_tokens=3, eos_id=1, pad_id=0, greedy=True)
+    assert {p.temperature for p in llm.requests[-1][1]} == {0.0}
+
+
+def test_other_models_use_the_hf_engine(fake_vllm):
+    student, teacher = tiny_llama({}, seed=3), tiny_llama({}, seed=4)
+    engine = VLLMEngine()
+    engine.sync_weights(student)
+    roll = engine.generate(teacher, [[5, 6]], max_new_tokens=3, eos_id=1, pad_id=0, greedy=True)
+    assert LLM.instances[0].requests == [] and len(roll.responses[0]) >= 1
+    with pytest.raises(ValueError, match="serves one model"):
+        engine.sync_weights(teacher)
+
+
+def test_trainer_pushes_weights_every_step(tmp_path, fake_vllm, monkeypatch):
+    cfg = config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm", "eval_teachers=false",
+                                  "n_eval=2", "eval_max_new_tokens=4", "micro_batch_size=4"))
+    trainer = trainer_mod.Trainer(cfg)
+    calls = []
+    real = trainer_mod.gk.fused_linear_gopd_loss
+    monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss",
+                        lambda *a, **k: calls.append((k, real(*a, **k))) or calls[-1][1])
+    snapshots = []
+    for _ in range(3):
+        snapshots.append({k: v.detach().clone() for k, v in trainer.student.named_parameters()})
+        row = trainer.train_step()
+        assert math.isfinite(row["loss"]) and not row.get("skipped")
+    (llm,) = LLM.instances
+    # Each step's rollouts were sampled with the student's weights of that moment ...
+    assert len(llm.weights_at_generate) == 3
+    for before, used in zip(snapshots, llm.weights_at_generate):
+        assert all(torch.equal(before[k], used[k]) for k in before)
+    assert any(not torch.equal(snapshots[0][k], snapshots[2][k]) for k in snapshots[0])
+    # ... pushed once per step after the first (the first started the engine from save_pretrained).
+    assert llm.worker.loads == 2 and llm.prefix_resets == 2 and trainer.engine.n_syncs == 2
+    # The sampler's log-probs reached the loss as rollout_logprobs and equal the student's own scores
+    # (on-policy, so the truncated IS weight is 1).
+    for kwargs, out in calls:
+        torch.testing.assert_close(kwargs["rollout_logprobs"].double(), out.lp_s.double(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.is_weight.double(), torch.ones_like(out.is_weight.double()),
+                                   atol=1e-4, rtol=0)
+    # Evaluation after a step sees the new weights too.
+    trainer.evaluate_student()
+    assert llm.worker.loads == 3
+    final = llm.weights_at_generate[-1]
+    assert all(torch.equal(v.detach(), final[k]) for k, v in trainer.student.named_parameters())
