@@ -1,5 +1,7 @@
 """The thin trainer (python/gopd) on tiny random Llamas: end to end, resume, routing, reference, errors."""
 
+import copy
+import itertools
 import json
 import math
 import os
@@ -15,6 +17,7 @@ from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.data import DataError, load_jsonl  # noqa: E402
 from gopd.eval import extract_answer, is_correct  # noqa: E402
 from gopd.models import ModelError  # noqa: E402
+from gopd.rollout import HFRollout  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 TIMING = {"time_s", "rollout_s", "tokens_per_s", "peak_mem_mb"}
@@ -264,3 +267,105 @@ def test_teacher_context_changes_teacher_scores(tmp_path, monkeypatch):
     trainer.train_step()
     out = rec.calls[0][2]
     assert (out.lp_t - out.lp_s).abs().max() > 1e-4
+
+
+class ShiftedRollout(HFRollout):
+    """hf rollouts whose reported log-probs are shifted per token, as if another engine (vLLM in bf16,
+    say) had sampled: the truncated IS weight w = min(exp(lp_s - lp_rollout), is_cap) is then off 1."""
+
+    shifts = (-1.5, 0.0, 0.6, -0.4, -3.0)
+
+    def generate(self, *args, **kwargs):
+        roll = super().generate(*args, **kwargs)
+        if not kwargs.get("greedy"):
+            it = itertools.cycle(self.shifts)
+            roll.logprobs = [[lp + next(it) for lp in r] for r in roll.logprobs]
+            self.last = roll
+        return roll
+
+
+def off_policy_step(tmp_path, *overrides):
+    """One step with lr = 0 and no grad clipping: returns (trainer, row, {param name: grad})."""
+    cfg = smoke_cfg(tmp_path, "lr=0", "grad_clip=1.0e9", "steps=1", *overrides)
+    trainer = trainer_mod.Trainer(cfg)
+    trainer.engine = ShiftedRollout()
+    row = trainer.train_step()
+    assert math.isfinite(row["loss"]) and not row.get("skipped")
+    return trainer, row, {k: p.grad.clone() for k, p in trainer.student.named_parameters()}
+
+
+def test_off_policy_step_matches_reference_by_hand(tmp_path):
+    """The step's loss and every parameter gradient equal gopd_kernels.reference.gopd_loss on logits
+    materialised by plain transformers forwards of the same tokens, with the engine's (shifted) log-probs
+    as rollout_logprobs: the trainer passes the right tensors, lam, clip, dual clip and is_cap."""
+    from gopd_kernels.reference import gopd_loss
+
+    trainer, row, grads = off_policy_step(tmp_path / "a", "is_cap=2.0", "clip_eps=0.1", "dual_clip=2.0")
+    cfg, scored = trainer.cfg, trainer._last_scored["add"]  # one domain: scoring order = batch order
+    assert [r for _, r in scored] == trainer.engine.last.responses
+    student = copy.deepcopy(trainer.student)  # lr = 0: still the weights the step differentiated
+    student.zero_grad(set_to_none=True)
+
+    def logits(model, p, r):
+        return model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1: len(p) - 1 + len(r)]
+
+    with torch.no_grad():
+        zt = torch.cat([logits(trainer.default_teacher, p, r) for p, r in scored])
+        zr = torch.cat([logits(trainer.reference, p, r) for p, r in scored])
+    zs = torch.cat([logits(student, p, r) for p, r in scored])
+    y = torch.tensor([t for _, r in scored for t in r])
+    rollout_lp = torch.tensor([x for lp in trainer.engine.last.logprobs for x in lp])
+    out = gopd_loss(zs, y, zt, zr, lam=cfg.lam, rollout_logprobs=rollout_lp, clip_eps=cfg.clip_eps,
+                    dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, num_items_in_batch=row["n_tokens"])
+    # The shifts really put IS weights off 1 and some at the cap.
+    assert (out.is_weight - 1).abs().max() > 0.3 and bool((out.is_weight == cfg.is_cap).any())
+    out.loss.backward()
+    assert abs(row["loss"] - float(out.loss.detach())) < 1e-5
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rollout_logprobs_weight_on_policy_clip_is_inert(tmp_path):
+    """One update per batch is strictly on-policy (lp_old = lp_s detached, DESIGN.md §1): ratio = 1, so
+    clip_eps / dual_clip leave the gradient unchanged, while the rollout log-probs act through the
+    truncated IS weight: changing is_cap changes the gradient."""
+    _, _, base = off_policy_step(tmp_path / "a", "is_cap=2.0", "clip_eps=0.1", "dual_clip=2.0")
+    _, _, clip = off_policy_step(tmp_path / "b", "is_cap=2.0", "clip_eps=0.3", "dual_clip=5.0")
+    _, _, cap = off_policy_step(tmp_path / "c", "is_cap=10.0", "clip_eps=0.1", "dual_clip=2.0")
+    for name in base:
+        torch.testing.assert_close(base[name], clip[name], atol=1e-7, rtol=1e-6, msg=name)
+    assert max(float((base[k] - cap[k]).abs().max()) for k in base) > 1e-4
+
+
+def test_bf16_autocast_step(tmp_path, monkeypatch):
+    """bf16 = true on CPU: the models' forwards run under bf16 autocast (and it changes their hidden
+    states), the fused loss gets float32 inputs outside autocast, the loss is finite, and weights,
+    gradients and AdamW state stay float32."""
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path, "bf16=true", "steps=1"))
+    hidden_calls, loss_calls = [], []
+    real_hidden, real_loss = trainer_mod.response_hidden, trainer_mod.gk.fused_linear_gopd_loss
+
+    def hidden(model, prompts, responses, pad_id):
+        h = real_hidden(model, prompts, responses, pad_id)
+        hidden_calls.append((torch.is_autocast_enabled("cpu"), model, prompts, responses, h.detach()))
+        return h
+
+    def loss(*args, **kwargs):
+        loss_calls.append((torch.is_autocast_enabled("cpu"), args[0].dtype, args[1].dtype, args[3].dtype))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "response_hidden", hidden)
+    monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", loss)
+    row = trainer.train_step()
+    assert math.isfinite(row["loss"]) and not row.get("skipped")
+    assert len(hidden_calls) == 3 * len(loss_calls) and all(c[0] for c in hidden_calls)
+    assert set(loss_calls) == {(False, torch.float32, torch.float32, torch.float32)}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainer.student.parameters())
+    assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for k, v in s.items()
+               if k != "step")
+    # Autocast took effect: the (unchanged, frozen) reference's hidden states differ from a float32 forward.
+    _, model, prompts, responses, h_bf16 = next(c for c in hidden_calls if c[1] is trainer.reference)
+    with torch.no_grad():
+        h_fp32 = real_hidden(model, prompts, responses, trainer.codec.pad_id)
+    diff = float((h_bf16.float() - h_fp32).abs().max())
+    assert 1e-4 < diff < 0.2 * float(h_fp32.abs().max())
