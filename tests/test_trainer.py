@@ -369,3 +369,18 @@ def test_bf16_autocast_step(tmp_path, monkeypatch):
         h_fp32 = real_hidden(model, prompts, responses, trainer.codec.pad_id)
     diff = float((h_bf16.float() - h_fp32).abs().max())
     assert 1e-4 < diff < 0.2 * float(h_fp32.abs().max())
+
+
+def test_progress_bars_quiet_without_tty_or_when_off():
+    import io
+
+    from gopd.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, progress, shown in ((Terminal(), True, True), (io.StringIO(), True, False),
+                                    (Terminal(), False, False)):
+        assert list(progress_bar(range(3), progress=progress, desc="scoring", file=stream)) == [0, 1, 2]
+        assert ("scoring" in stream.getvalue()) == shown
