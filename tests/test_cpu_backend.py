@@ -250,28 +250,49 @@ def test_fused_linear_cpu_matches_reference_float64():
     assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
 
 
-def test_baseline_isa_path_matches_dispatched_path(tmp_path):
-    """The kernels are built twice (baseline x86-64 and AVX2+FMA, picked at run time); both must agree.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_isa_paths_agree(tmp_path, dtype):
+    """The kernels are built for the baseline x86-64 ISA, AVX2 and AVX-512 and picked at run time; every
+    path this CPU can run must give the same result to rounding.
 
-    GOPD_CPU_BASELINE=1 forces the baseline path in a fresh process (the choice is made once per process)."""
+    GOPD_CPU_ISA caps the ISA in a fresh process (the choice is made once per process); a cap above what
+    the CPU has runs the best the CPU has, so on an AVX2-only CPU the avx512 run repeats avx2."""
     import subprocess
     import sys
 
     script = (
         "import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers import make_problem; "
-        "from gopd_kernels.backends import cpu; "
-        "zs, zt, zr, y = make_problem(13, 2100, seed=7, dtype=torch.float32, inf_cols=2); "
+        "from gopd_kernels.backends import cpu; dt = getattr(torch, sys.argv[3]); "
+        "zs, zt, zr, y = make_problem(13, 2101, seed=7, dtype=dt, inf_cols=2); "
         "st = cpu.rows_forward(zs, zt, zr, y, 0.9, 1.0, 1.1, -100); "
         "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, 1.1, "
-        "-100, torch.empty_like(zs)); torch.save((st, g), sys.argv[1])"
+        "-100, torch.empty_like(zs)); torch.save((st, g.float()), sys.argv[1])"
     )
     here = str(__import__("pathlib").Path(__file__).parent)
-    results = []
-    for flag in ("0", "1"):
-        path = tmp_path / f"r{flag}.pt"
-        env = dict(__import__("os").environ, GOPD_CPU_BASELINE=flag)
-        subprocess.run([sys.executable, "-c", script, str(path), here], check=True, env=env, timeout=120)
-        results.append(torch.load(path))
-    (s0, g0), (s1, g1) = results
-    assert max_err(s0, s1) <= 1e-5 * (1 + float(s1.abs().max()))
-    assert max_err(g0, g1) <= 1e-6 * (1 + float(g1.abs().max()))
+    results = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(path), here, dtype], check=True, env=env, timeout=120)
+        results[isa] = torch.load(path)
+    s0, g0 = results["baseline"]
+    # One ulp of the gradient's dtype, relative to the row's largest entry (summation order and the
+    # exp polynomial's rounding differ between paths; the math does not).
+    ulp = {"float32": 1e-6, "bfloat16": 8e-3, "float16": 1e-3}[dtype]
+    for isa in ("avx2", "avx512"):
+        s1, g1 = results[isa]
+        assert torch.isfinite(s1).all(), isa
+        assert max_err(s0, s1) <= 1e-5 * (1 + float(s1.abs().max())), isa
+        assert max_err(g0, g1) <= ulp * (1 + float(g1.abs().max())), isa
+
+
+def test_bad_isa_cap_is_a_clear_error():
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, GOPD_CPU_ISA="sse9")
+    proc = subprocess.run([sys.executable, "-c", "import torch; from gopd_kernels.backends import cpu; "
+                           "cpu.rows_forward(torch.zeros(2, 8), None, None, torch.zeros(2, dtype=torch.long), "
+                           "1.0, 1.0, 1.0, -100)"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "GOPD_CPU_ISA" in proc.stderr and "avx512" in proc.stderr

@@ -37,16 +37,21 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
 
-// Runtime ISA dispatch without a second translation unit: the row kernels are force-inlined into
-// two thin wrappers, one compiled for the baseline x86-64 ISA and one with target("avx2,fma"), and
-// the AVX2 one is called only when the CPU has it (set GOPD_CPU_BASELINE=1 to force the baseline).
-// Keeping every kernel helper inline (and internal) means no AVX2 code can leak into the baseline path.
+// Kernels and instruction sets. The generic kernels below (one online pass, any dtype incl. fp64)
+// are force-inlined into two thin wrappers, one compiled for the baseline x86-64 ISA and one with
+// target("avx2,fma"); keeping every helper inline (and internal) means no AVX2 code can leak into the
+// baseline path. On an AVX2 or AVX-512 CPU, fp32 / bf16 / fp16 rows go to the vectorised two-pass
+// kernels of rows_simd.h instead (one copy per ISA, each in its own target region). The ISA is chosen
+// once per process; GOPD_CPU_ISA=baseline|avx2|avx512 caps it.
 #define GOPD_INLINE inline __attribute__((always_inline))
 #define GOPD_LAMBDA_INLINE __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__)
 #define GOPD_HAVE_AVX2_PATH 1
 #define GOPD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#include <immintrin.h>
 #else
 #define GOPD_HAVE_AVX2_PATH 0
 #endif
@@ -335,19 +340,105 @@ GOPD_TARGET_AVX2 void backward_row_avx2(Args... args) {
 }
 #endif
 
-bool use_avx2() {
 #if GOPD_HAVE_AVX2_PATH
-  static const bool yes = [] {
-    const char* env = std::getenv("GOPD_CPU_BASELINE");
-    if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
+// The vectorised fp32 / bf16 / fp16 kernels (rows_simd.h), one copy per ISA.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "cpu/simd_avx2.h"
+#include "cpu/rows_simd.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#include "cpu/simd_avx512.h"
+#include "cpu/rows_simd.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+// Instruction sets the kernels are built for, best last. Chosen once per process from the CPU's
+// features, capped by the environment variable GOPD_CPU_ISA=baseline|avx2|avx512 (for tests and
+// for comparing paths).
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+#if GOPD_HAVE_AVX2_PATH
+  __builtin_cpu_init();
+  Isa best = Isa::kBaseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+  const char* env = std::getenv("GOPD_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best;
+  const std::string want(env);
+  Isa cap;
+  if (want == "baseline") cap = Isa::kBaseline;
+  else if (want == "avx2") cap = Isa::kAvx2;
+  else if (want == "avx512") cap = Isa::kAvx512;
+  else TORCH_CHECK(false, "GOPD_CPU_ISA: expected baseline, avx2 or avx512, got '", want, "'");
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+#if GOPD_HAVE_AVX2_PATH
+// Vectorised row forward for fp32 accumulation (fp32 / bf16 / fp16 input); false if this dtype / ISA
+// has no vectorised kernel (the caller then runs the generic one).
+template <typename scalar_t, typename acc_t>
+bool simd_forward(Isa isa, const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
+                  acc_t its, acc_t itt, acc_t itr, acc_t* st) {
+  if constexpr (std::is_same<acc_t, float>::value && !std::is_same<scalar_t, double>::value) {
+    if (isa == Isa::kAvx512) return avx512::forward_row<scalar_t>(zs, zt, zr, v, y, its, itt, itr, st), true;
+    if (isa == Isa::kAvx2) return avx2::forward_row<scalar_t>(zs, zt, zr, v, y, its, itt, itr, st), true;
+  }
+  return false;
+}
+
+template <typename Coef, typename acc_t>
+Coef simd_coef(const BackwardRow<acc_t>& b, acc_t itt, acc_t itr) {
+  Coef k;
+  k.lse_s = b.lse_s;
+  k.lse_t = b.lse_t;
+  k.lse_r = b.lse_r;
+  k.ct = b.ct;
+  k.cr = b.cr;
+  k.its = b.inv_ts;
+  k.itt = itt;
+  k.itr = itr;
+  k.a = b.g_loss * b.inv_ts;
+  k.b = -(b.g_loss * b.loss + b.g_lp) * b.inv_ts;
+  return k;
+}
+
+template <typename scalar_t, typename acc_t>
+bool simd_backward(Isa isa, const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
+                   int64_t y, const BackwardRow<acc_t>& b, acc_t itt, acc_t itr) {
+  if constexpr (std::is_same<acc_t, float>::value && !std::is_same<scalar_t, double>::value) {
+    const bool with_loss = b.g_loss != 0;
+    const bool ut = with_loss && b.use_t, ur = with_loss && b.use_r;
+    if (isa == Isa::kAvx512) {
+      avx512::backward_row<scalar_t>(zs, zt, zr, out, v, y, simd_coef<avx512::BackwardCoef>(b, itt, itr), ut, ur,
+                                     b.g_lp * b.inv_ts);
+      return true;
+    }
+    if (isa == Isa::kAvx2) {
+      avx2::backward_row<scalar_t>(zs, zt, zr, out, v, y, simd_coef<avx2::BackwardCoef>(b, itt, itr), ut, ur,
+                                   b.g_lp * b.inv_ts);
+      return true;
+    }
+  }
+  return false;
+}
+#endif
 
 void check_common(const at::Tensor& zs, const c10::optional<at::Tensor>& zt, const c10::optional<at::Tensor>& zr,
                   const at::Tensor& targets) {
@@ -409,7 +500,8 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
     acc_t* out = stats.data_ptr<acc_t>();
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
                 itr = acc_t(1) / static_cast<acc_t>(tr);
-    const bool avx2 = use_avx2();
+    const Isa isa = cpu_isa();
+    const bool avx2 = isa != Isa::kBaseline;  // the generic kernels' AVX2 build (fp64)
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
       acc_t row[kNumStats];
@@ -420,7 +512,9 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
         const scalar_t* zti = pt ? pt + i * st : nullptr;
         const scalar_t* zri = pr ? pr + i * sr : nullptr;
 #if GOPD_HAVE_AVX2_PATH
-        if (avx2) {
+        if (simd_forward<scalar_t, acc_t>(isa, ps + i * ss, zti, zri, v, y[i], its, itt, itr, &row[0])) {
+          // fp32 / bf16 / fp16 on an AVX2 / AVX-512 CPU: rows_simd.h
+        } else if (avx2) {
           forward_row_avx2<scalar_t, acc_t>(ps + i * ss, zti, zri, v, y[i], its, itt, itr, &bs[0], &bt[0], &br[0],
                                             &row[0]);
         } else
@@ -471,7 +565,8 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
     // A term whose coefficient is 0 is dropped (so a -inf log never meets a 0 coefficient).
     const bool use_t = pt != nullptr && lam != 0.0;
     const bool use_r = pr != nullptr && lam != 1.0;
-    const bool avx2 = use_avx2();
+    const Isa isa = cpu_isa();
+    const bool avx2 = isa != Isa::kBaseline;  // the generic kernels' AVX2 build (fp64)
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
       for (int64_t i = begin; i < end; ++i) {
@@ -499,7 +594,9 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
         const scalar_t* zti = pt ? pt + i * st : nullptr;
         const scalar_t* zri = pr ? pr + i * sr : nullptr;
 #if GOPD_HAVE_AVX2_PATH
-        if (avx2) {
+        if (simd_backward<scalar_t, acc_t>(isa, ps + i * ss, zti, zri, o, v, y[i], b, itt, itr)) {
+          // fp32 / bf16 / fp16 on an AVX2 / AVX-512 CPU: rows_simd.h
+        } else if (avx2) {
           backward_row_avx2<scalar_t, acc_t>(ps + i * ss, zti, zri, o, v, y[i], b, its, itt, itr, &bs[0], &bt[0],
                                              &br[0]);
         } else

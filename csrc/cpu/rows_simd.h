@@ -1,0 +1,190 @@
+// Vectorised row kernels for fp32 / bf16 / fp16 logits (fp32 math), written once against the
+// vector operations `Ops` (simd_avx2.h: 8 lanes, simd_avx512.h: 16 lanes). rows.cpp includes this
+// file once per ISA, inside that ISA's namespace and `#pragma GCC target` region, and calls a copy
+// only when the CPU has its features. No include guard on purpose.
+//
+// Forward, per row (the stats of the contract; layout of rows.cpp's Stat enum):
+//   pass 1  M_m = max_v z_m(v) for the three models (the row's one read from memory);
+//   pass 2  with the maxima fixed (the row is now in cache), a vector of columns at a time,
+//             w = exp(z'_s - M'_s),  S_m += exp(z'_m - M'_m),
+//             A_ss += w (z'_s - M'_s),  A_st += w (z'_t - M'_t),  A_sr += w (z'_r - M'_r)
+//           with z'_m - M'_m = fma(z_m, 1/T_m, -M'_m), M'_m = M_m / T_m (one rounding; ~0 at the max).
+//   then    lse_m = M'_m + log S_m,  E_S = A_ss / S_s - log S_s,  E_m = A_sm / S_s - log S_m.
+// Fixing the maxima first keeps the online rescaling of the generic kernel out of the inner loop,
+// which is three exps, a compare and a few adds / FMAs per vector of columns.
+// Sums are fp32 vectors over blocks of kBlockCols columns, added to fp64 row totals: the fp32
+// rounding error grows with kBlockCols / kWidth, not with V. A column with w = 0 (z_s = -inf) adds
+// nothing to the A's (masked, never 0 * -inf). The ragged tail (V mod kWidth columns) is padded
+// with -inf, which adds nothing to any sum or max.
+//
+// Backward, per row: out(v) = p(v) (a c(v) + b), zero where p(v) = 0, with p = exp(z'_s - lse_s),
+//   c = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r), a = g_loss / T_s,
+//   b = -(g_loss L + g_lp) / T_s; the target column gets + g_lp / T_s.
+
+using Vec = Ops::Vec;
+constexpr int W = Ops::kWidth;
+constexpr int64_t kBlockCols = 1024;
+
+template <typename scalar_t>
+GOPD_INLINE Vec load_tail(const scalar_t* p, int64_t n) {
+  alignas(64) float buf[W];
+  for (int j = 0; j < W; ++j) buf[j] = j < n ? static_cast<float>(p[j]) : -std::numeric_limits<float>::infinity();
+  return Ops::load(static_cast<const float*>(buf));
+}
+
+template <typename scalar_t>
+GOPD_INLINE void store_tail(scalar_t* o, Vec g, int64_t n) {
+  alignas(64) float buf[W];
+  Ops::store(static_cast<float*>(buf), g);
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(buf[j]);
+}
+
+// Sum of the lanes, pairwise, in fp64.
+GOPD_INLINE double hsum(Vec v) {
+  alignas(64) float b[W];
+  Ops::store(static_cast<float*>(b), v);
+  double d[W];
+  for (int j = 0; j < W; ++j) d[j] = b[j];
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) d[j] += d[j + w];
+  return d[0];
+}
+
+template <typename scalar_t>
+GOPD_INLINE float row_max(const scalar_t* z, int64_t v) {
+  Vec m0 = Ops::set1(-std::numeric_limits<float>::infinity()), m1 = m0;
+  int64_t j = 0;
+  for (; j + 2 * W <= v; j += 2 * W) {
+    m0 = Ops::max(m0, Ops::load(z + j));
+    m1 = Ops::max(m1, Ops::load(z + j + W));
+  }
+  for (; j + W <= v; j += W) m0 = Ops::max(m0, Ops::load(z + j));
+  if (j < v) m0 = Ops::max(m0, load_tail(z + j, v - j));
+  return Ops::hmax(Ops::max(m0, m1));
+}
+
+// M' = max / T; an all -inf row uses 0 (its sums are then 0, as in the generic kernel) so that no
+// -inf - -inf NaN appears inside the loop.
+GOPD_INLINE float shift_of(float mx, float inv_t) {
+  return mx == -std::numeric_limits<float>::infinity() ? 0.0f : mx * inv_t;
+}
+
+// acc[0..2] = S_s, S_t, S_r; acc[3..5] = A_ss, A_st, A_sr.
+template <bool HT, bool HR, bool TAIL, typename scalar_t>
+GOPD_INLINE void accumulate(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t j, int64_t n, Vec its,
+                            Vec itt, Vec itr, Vec ms, Vec mt, Vec mr, Vec* acc) {
+  const Vec ds = Ops::fmsub(TAIL ? load_tail(zs + j, n) : Ops::load(zs + j), its, ms);
+  const Vec w = Ops::exp(ds);
+  acc[0] = Ops::add(acc[0], w);
+  acc[3] = Ops::add(acc[3], Ops::where_pos(w, Ops::mul(w, ds)));
+  if (HT) {
+    const Vec dt = Ops::fmsub(TAIL ? load_tail(zt + j, n) : Ops::load(zt + j), itt, mt);
+    acc[1] = Ops::add(acc[1], Ops::exp(dt));
+    acc[4] = Ops::add(acc[4], Ops::where_pos(w, Ops::mul(w, dt)));
+  }
+  if (HR) {
+    const Vec dr = Ops::fmsub(TAIL ? load_tail(zr + j, n) : Ops::load(zr + j), itr, mr);
+    acc[2] = Ops::add(acc[2], Ops::exp(dr));
+    acc[5] = Ops::add(acc[5], Ops::where_pos(w, Ops::mul(w, dr)));
+  }
+}
+
+template <bool HT, bool HR, typename scalar_t>
+void row_sums(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, float its, float itt, float itr,
+              float ms, float mt, float mr, double* s) {
+  const Vec vits = Ops::set1(its), vitt = Ops::set1(itt), vitr = Ops::set1(itr);
+  const Vec vms = Ops::set1(ms), vmt = Ops::set1(mt), vmr = Ops::set1(mr);
+  for (int64_t start = 0; start < v; start += kBlockCols) {
+    const int64_t end = std::min(v, start + kBlockCols);
+    Vec acc[6];
+    for (auto& a : acc) a = Ops::zero();
+    int64_t j = start;
+    for (; j + W <= end; j += W)
+      accumulate<HT, HR, false>(zs, zt, zr, j, W, vits, vitt, vitr, vms, vmt, vmr, acc);
+    if (j < end) accumulate<HT, HR, true>(zs, zt, zr, j, end - j, vits, vitt, vitr, vms, vmt, vmr, acc);
+    for (int k = 0; k < 6; ++k) s[k] += hsum(acc[k]);
+  }
+}
+
+// The nine stats of one valid row (zt / zr may be nullptr: their stats are left untouched).
+template <typename scalar_t>
+void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y, float its,
+                 float itt, float itr, float* st) {
+  const bool ht = zt != nullptr, hr = zr != nullptr;
+  const float ms = shift_of(row_max(zs, v), its);
+  const float mt = ht ? shift_of(row_max(zt, v), itt) : 0.0f;
+  const float mr = hr ? shift_of(row_max(zr, v), itr) : 0.0f;
+  double s[6] = {0, 0, 0, 0, 0, 0};
+  if (ht && hr) row_sums<true, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
+  else if (ht) row_sums<true, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
+  else if (hr) row_sums<false, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
+  else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
+  const double log_ss = std::log(s[0]);
+  st[0] = static_cast<float>(ms + log_ss);
+  st[3] = static_cast<float>(std::fma(static_cast<float>(zs[y]), its, -ms) - log_ss);
+  st[6] = static_cast<float>(s[3] / s[0] - log_ss);
+  if (ht) {
+    const double log_st = std::log(s[1]);
+    st[1] = static_cast<float>(mt + log_st);
+    st[4] = static_cast<float>(std::fma(static_cast<float>(zt[y]), itt, -mt) - log_st);
+    st[7] = static_cast<float>(s[4] / s[0] - log_st);
+  }
+  if (hr) {
+    const double log_sr = std::log(s[2]);
+    st[2] = static_cast<float>(mr + log_sr);
+    st[5] = static_cast<float>(std::fma(static_cast<float>(zr[y]), itr, -mr) - log_sr);
+    st[8] = static_cast<float>(s[5] / s[0] - log_sr);
+  }
+}
+
+// Coefficients of one backward row (see the header comment).
+struct BackwardCoef {
+  float lse_s, lse_t, lse_r, ct, cr, a, b, its, itt, itr;
+};
+
+template <bool UT, bool UR, typename scalar_t>
+void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
+                       int64_t y, const BackwardCoef& k, float g_lp_scaled) {
+  const Vec its = Ops::set1(k.its), itt = Ops::set1(k.itt), itr = Ops::set1(k.itr);
+  const Vec ls = Ops::set1(k.lse_s), lt = Ops::set1(k.lse_t), lr = Ops::set1(k.lse_r);
+  const Vec ct = Ops::set1(k.ct), cr = Ops::set1(k.cr), a = Ops::set1(k.a), b = Ops::set1(k.b);
+  auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
+    const Vec lp = Ops::fmsub(xs, its, ls);
+    const Vec p = Ops::exp(lp);
+    Vec c = lp;
+    if (UT) c = Ops::fnmadd(ct, Ops::fmsub(xt, itt, lt), c);
+    if (UR) c = Ops::fnmadd(cr, Ops::fmsub(xr, itr, lr), c);
+    return Ops::where_pos(p, Ops::mul(p, Ops::fmadd(a, c, b)));
+  };
+  auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
+  // The target column is computed first in fp32 and written last: out may alias zs, and adding
+  // g_lp / T_s after a round to bf16 would round twice.
+  const float g_y = Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_scaled;
+  const Vec zero = Ops::zero();
+  int64_t j = 0;
+  // Every vector is loaded before the store of the same columns: out may alias zs.
+  for (; j + W <= v; j += W) {
+    const Vec xs = Ops::load(zs + j);
+    const Vec xt = UT ? Ops::load(zt + j) : zero;
+    const Vec xr = UR ? Ops::load(zr + j) : zero;
+    Ops::store(out + j, grad(xs, xt, xr));
+  }
+  if (j < v) {
+    const int64_t n = v - j;
+    const Vec xs = load_tail(zs + j, n);
+    const Vec xt = UT ? load_tail(zt + j, n) : zero;
+    const Vec xr = UR ? load_tail(zr + j, n) : zero;
+    store_tail(out + j, grad(xs, xt, xr), n);
+  }
+  out[y] = static_cast<scalar_t>(g_y);
+}
+
+// use_t / use_r: whether the teacher / reference term is kept (its coefficient and g_loss are non-zero).
+template <typename scalar_t>
+void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v, int64_t y,
+                  const BackwardCoef& k, bool use_t, bool use_r, float g_lp_scaled) {
+  if (use_t && use_r) backward_row_impl<true, true>(zs, zt, zr, out, v, y, k, g_lp_scaled);
+  else if (use_t) backward_row_impl<true, false>(zs, zt, zr, out, v, y, k, g_lp_scaled);
+  else if (use_r) backward_row_impl<false, true>(zs, zt, zr, out, v, y, k, g_lp_scaled);
+  else backward_row_impl<false, false>(zs, zt, zr, out, v, y, k, g_lp_scaled);
+}

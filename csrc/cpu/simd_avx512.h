@@ -1,0 +1,63 @@
+// The vector operations rows_simd.h is written against, for AVX-512 F/BW/VL/DQ (16 fp32 lanes).
+// Included by rows.cpp inside `namespace avx512` and a matching `#pragma GCC target` region; no
+// include guard on purpose (each ISA namespace gets its own copy).
+struct Ops {
+  using Vec = __m512;
+  static constexpr int kWidth = 16;
+
+  GOPD_INLINE static Vec set1(float x) { return _mm512_set1_ps(x); }
+  GOPD_INLINE static Vec zero() { return _mm512_setzero_ps(); }
+  GOPD_INLINE static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  GOPD_INLINE static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  GOPD_INLINE static Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  GOPD_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+  GOPD_INLINE static Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }    // a b - c
+  GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
+  GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ), x); }
+
+  // e^x as in simd_avx2.h (same constants, same rounding of n), 16 lanes.
+  GOPD_INLINE static Vec exp(Vec x) {
+    const Vec lo = set1(-87.33654f);
+    const Vec xc = _mm512_min_ps(_mm512_max_ps(x, lo), set1(88.0f));
+    const Vec n = _mm512_roundscale_ps(mul(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    Vec r = fnmadd(n, set1(0.693359375f), xc);
+    r = fnmadd(n, set1(-2.12194440e-4f), r);
+    Vec p = set1(1.9875691500e-4f);
+    p = fmadd(p, r, set1(1.3981999507e-3f));
+    p = fmadd(p, r, set1(8.3334519073e-3f));
+    p = fmadd(p, r, set1(4.1665795894e-2f));
+    p = fmadd(p, r, set1(1.6666665459e-1f));
+    p = fmadd(p, r, set1(5.0000001201e-1f));
+    const Vec y = add(fmadd(mul(p, r), r, r), set1(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const Vec e = mul(y, _mm512_castsi512_ps(bits));
+    // x < lo -> 0; a NaN lane (turned into lo by the clamp) gets x back.
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(keep, e), nan, x);
+  }
+
+  GOPD_INLINE static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  GOPD_INLINE static Vec load(const c10::BFloat16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  GOPD_INLINE static Vec load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+  GOPD_INLINE static void store(float* o, Vec g) { _mm512_storeu_ps(o, g); }
+  GOPD_INLINE static void store(c10::Half* o, Vec g) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT));
+  }
+  GOPD_INLINE static void store(c10::BFloat16* o, Vec g) {
+    // Round to nearest even on the upper 16 bits; NaN becomes the canonical quiet NaN.
+    const __m512i b = _mm512_castps_si512(g);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(g, g, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(r));
+  }
+
+  GOPD_INLINE static float first(Vec v) { return _mm512_cvtss_f32(v); }
+  GOPD_INLINE static float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
+};
