@@ -8,7 +8,10 @@ One optimizer step:
      and the reference's (no grad; the teacher may see a privileged prompt), then
      gopd_kernels.fused_linear_gopd_loss on hidden states + LM-head weights with
      num_items_in_batch = response tokens of the whole step, so the summed micro-batch losses are the
-     token mean over the global batch;
+     token mean over the global batch. The sampler's log-probs go in as rollout_logprobs (truncated IS
+     weight min(exp(lp_s - lp_rollout), is_cap) against an engine / trainer mismatch); one update per
+     batch is strictly on-policy (lp_old = lp_s, ratio 1), so clip_eps / dual_clip only matter to the
+     API's multi-update callers. Forwards run under bf16 autocast when `bf16` is set;
   4. grad clipping, AdamW, LR schedule. A non-finite loss or gradient skips the step; `max_bad_steps`
      in a row stop the run.
 """
