@@ -35,8 +35,8 @@ demo: $(BIN)/.built
 test: $(BIN)/.built
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-cuda-check:
-	bash scripts/cuda_check.sh
+cuda-check: $(BIN)/.bootstrapped
+	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh
 
 bench: $(BIN)/.built
 	$(BIN)/python benchmarks/bench_cpu.py

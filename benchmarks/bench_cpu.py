@@ -15,7 +15,10 @@ of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs were
     python benchmarks/bench_cpu.py                 # N in {512, 2048, 8192}, V=49152, D=576, fp32
     python benchmarks/bench_cpu.py --quick         # tiny shapes, a few seconds (CI smoke)
 
-Writes JSON to benchmarks/results/cpu_bench.json (cpu_bench_quick.json with --quick).
+Writes JSON to benchmarks/results/cpu_bench.json (cpu_bench_quick.json with --quick) and, with
+matplotlib installed, a plot of time and extra memory against N next to it (cpu_bench.png).
+Eager torch is skipped (and the JSON says why) at an N whose [N, V] tensors would not fit in the
+machine's available memory.
 """
 
 from __future__ import annotations
@@ -172,6 +175,13 @@ def main(argv=None):
                     continue
                 if variant == "gemm" and mode != args.modes[0]:
                     continue  # mode-independent
+                if variant == "eager" and not _fits_eager(n, args.v):
+                    res = dict(variant=variant, mode=mode, n=n, error=(
+                        f"skipped: eager needs about {_eager_bytes(n, args.v) / 2**30:.1f} GiB, "
+                        f"{_mem_available() / 2**30:.1f} GiB available"))
+                    results.append(res)
+                    print(f"N={n:6d} {mode:8s} {variant:10s} {res['error']}", flush=True)
+                    continue
                 cmd = [sys.executable, __file__, "--child", variant, mode, str(n), "--v", str(args.v), "--d",
                        str(args.d), "--repeats", str(args.repeats), "--threads", str(args.threads)]
                 try:
@@ -203,7 +213,73 @@ def main(argv=None):
                 repeats=args.repeats, dtype="float32", note="median of repeats after one warm-up; fwd+bwd")
     out.write_text(json.dumps(dict(meta=meta, results=results, summary=summary), indent=1))
     print(f"wrote {out}")
+    png = _plot(results, out.with_suffix(".png"), meta)
+    if png:
+        print(f"wrote {png}")
     return 0
+
+
+# Eager torch holds about 14 fp32 [N, V] tensors at its peak (three logits, their log-softmax, the
+# loss's intermediates and gradients: 13.2 measured at N=2048, V=49152); it is skipped where that
+# would not fit in 80% of the memory available when the benchmark starts.
+_EAGER_NV_COPIES = 14
+
+
+def _eager_bytes(n, v):
+    return _EAGER_NV_COPIES * 4 * n * v
+
+
+def _mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _fits_eager(n, v):
+    return _eager_bytes(n, v) <= 0.8 * _mem_available()
+
+
+def _plot(results, path, meta):
+    """Time and extra memory against N, one line per (variant, mode); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return None
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in VARIANTS:
+        for mode in MODES:
+            rows = sorted((r for r in ok if r["variant"] == variant and r["mode"] == mode), key=lambda r: r["n"])
+            if not rows:
+                continue
+            label = variant if variant == "gemm" else f"{variant} ({mode})"
+            style = "--" if variant == "gemm" else ("-" if mode == "full" else ":")
+            ns = [r["n"] for r in rows]
+            ax_t.plot(ns, [r["median_s"] for r in rows], style, marker="o", label=label)
+            if variant != "gemm":
+                ax_m.plot(ns, [r["extra_rss_mb"] for r in rows], style, marker="o", label=label)
+    for ax, title in ((ax_t, "forward + backward time (s)"), (ax_m, "extra peak RSS (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens N")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(f"G-OPD fused-linear loss on CPU: V={meta['v']}, D={meta['d']}, fp32, three heads "
+                 f"({meta['processor']}, {meta['cpu_count']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _cpu_name():
@@ -237,6 +313,12 @@ def _summary(results):
         if lg:
             parts.append(f"{r['median_s'] / lg['median_s']:.2f}x Liger two-head JSD time")
         lines.append("; ".join(parts))
+    for mode in MODES:
+        rows = sorted((r for r in ok if r["variant"] == "gopd_cpu" and r["mode"] == mode), key=lambda r: r["n"])
+        if len(rows) >= 2 and rows[-1]["n"] > rows[0]["n"]:
+            slope = (rows[-1]["extra_rss_mb"] - rows[0]["extra_rss_mb"]) / (rows[-1]["n"] - rows[0]["n"])
+            lines.append(f"gopd_cpu {mode}: extra memory slope {slope * 1024:.2f} MiB per 1024 tokens "
+                         f"(N={rows[0]['n']}..{rows[-1]['n']})")
     return lines
 
 

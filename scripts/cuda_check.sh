@@ -3,7 +3,14 @@
 # register / spill report per kernel. Fails (non-zero exit) if nvcc fails on any file or if any
 # kernel spills registers to local memory. Needs nvcc only: no GPU, no CUDA build of torch.
 #
-# Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), NVCC_FLAGS (extra flags).
+# Then, when a Python with torch is given (GOPD_PYTHON), the host bindings (csrc/cuda/*.cpp) are
+# compiled syntax-only against that torch's headers and the CUDA headers nvcc uses, so a binding that
+# no longer matches torch's C++ API fails here and not first on a GPU machine. (A CPU wheel of torch
+# ships c10/cuda headers but not the one CMake generates, c10/cuda/impl/cuda_cmake_macros.h; a
+# one-line stand-in is written for this check.)
+#
+# Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), NVCC_FLAGS (extra flags),
+# GOPD_PYTHON (a python that imports torch; unset: the bindings check is skipped with a message).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -73,10 +80,36 @@ for src in "${sources[@]}"; do
   echo "  compiled in $((SECONDS - start)) s"
 done
 
+bindings=("$root"/csrc/cuda/*.cpp)
+py="${GOPD_PYTHON:-}"
+if [[ ${#bindings[@]} -eq 0 ]]; then
+  :
+elif [[ -z "$py" ]] || ! "$py" -c "import torch" >/dev/null 2>&1; then
+  echo "cuda-check: GOPD_PYTHON with torch not given: skipping the syntax check of the host bindings"
+else
+  cuda_inc="$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -n 1)"
+  mapfile -t torch_flags < <("$py" -c "
+import torch, torch.utils.cpp_extension as c
+for p in c.include_paths(): print('-I' + p)
+print('-D_GLIBCXX_USE_CXX11_ABI=%d' % int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+  shim="$tmp/shim"
+  mkdir -p "$shim/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$shim/c10/cuda/impl/cuda_cmake_macros.h"
+  for src in "${bindings[@]}"; do
+    echo "== $(basename "$src") (host, syntax only, torch $("$py" -c 'import torch; print(torch.__version__)'))"
+    # The shim goes last: a real generated header (CUDA torch) wins.
+    if ! "${CXX:-c++}" -std=c++17 -fsyntax-only -Wall -Wno-c++20-extensions "${torch_flags[@]}" \
+        -I"$cuda_inc" -I"$root/csrc" -I"$root/csrc/cuda" -idirafter "$shim" "$src"; then
+      echo "cuda-check: FAILED to compile $(basename "$src")" >&2
+      status=1
+    fi
+  done
+fi
+
 if [[ $status -ne 0 ]]; then
   exit 1
 fi
 if [[ $spills -ne 0 ]]; then
   exit 1
 fi
-echo "cuda-check: OK (${#sources[@]} file(s), sm_80 + sm_90, zero spills)"
+echo "cuda-check: OK (${#sources[@]} kernel file(s), sm_80 + sm_90, zero spills; ${#bindings[@]} host binding file(s))"
