@@ -57,6 +57,8 @@ class LogitRows(torch.autograd.Function):
 
 # torch.mm(..., out_dtype=float32): a bf16 / fp16 GEMM with fp32 output (CUDA, recent torch).
 _HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.aten.mm, "dtype")
+# torch.addmm(..., out_dtype=float32, out=...): accumulate a bf16 / fp16 GEMM into an fp32 buffer (CUDA).
+_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 def linear_logits(hidden, weight, bias, vocab):
@@ -135,6 +137,19 @@ def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
     """dh[rows] = dz @ W; dW += dz^T h; db += sum dz. Accumulators are fp32 (fp64 for fp64 input),
     updated in place; one that is None (its input needs no gradient) is skipped."""
     v = dz.shape[1]
+    if _tensor_core_grads(dz, hs_chunk, ws):
+        # bf16 / fp16 head on CUDA: the logit gradient (fp32 from the row kernel) is rounded to the
+        # input dtype once, as plain torch's gradient would be, so dH and dW run on tensor cores; cuBLAS
+        # accumulates in fp32 and dW's cross-chunk sum stays fp32 (out_dtype). Up-casting W instead
+        # would copy all of W to fp32 on every chunk and run the GEMMs an order of magnitude slower.
+        dz_lp = dz.to(hs_chunk.dtype)
+        if dh is not None:
+            torch.mm(dz_lp, ws[:v], out=dh[rows])
+        if dw is not None:
+            torch.addmm(dw[:v], dz_lp.t(), hs_chunk, out_dtype=torch.float32, out=dw[:v])
+        if db is not None:
+            db[:v] += dz.sum(0, dtype=torch.float32)
+        return
     acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
     dzc = dz.to(acc)
     if dh is not None:
@@ -147,6 +162,11 @@ def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
         dw[:v].addmm_(dzc.t(), hs_chunk.to(acc))
     if db is not None:
         db[:v] += dzc.sum(0)
+
+
+def _tensor_core_grads(dz, hs_chunk, ws):
+    return (dz.is_cuda and _HAS_ADDMM_OUT_DTYPE and hs_chunk.dtype in (torch.bfloat16, torch.float16)
+            and ws.dtype == hs_chunk.dtype)
 
 
 def _grad_buffers(hs, ws, bs, need_h, need_w, need_b):
