@@ -36,7 +36,7 @@ class Config:
     # --- loss
     lam: float = 1.0
     mode: str = "sampled"             # sampled | full
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2             # PPO clip of exp(lp_s - lp_old); acts from the 2nd update on a batch
     dual_clip: float = 3.0
     is_cap: float = 5.0
     backend: str = "auto"
@@ -49,6 +49,7 @@ class Config:
     steps: int = 10
     batch_size: int = 8               # prompts (= rollouts) per optimizer step
     micro_batch_size: int = 8         # sequences per forward/backward
+    updates_per_batch: int = 1        # optimizer steps on each rollout batch (PPO epochs; >1: off-policy)
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
@@ -116,7 +117,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mode must be 'sampled' or 'full', got {cfg.mode!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):
         raise ConfigError(f"teacher_context must be none | solution | examples, got {cfg.teacher_context!r}")
-    for name in ("steps", "batch_size", "micro_batch_size", "max_new_tokens", "eval_max_new_tokens"):
+    for name in ("steps", "batch_size", "micro_batch_size", "updates_per_batch", "max_new_tokens",
+                 "eval_max_new_tokens"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
     if cfg.temperature <= 0:
