@@ -18,6 +18,7 @@ from gopd.data import DataError, load_jsonl  # noqa: E402
 from gopd.eval import extract_answer, is_correct  # noqa: E402
 from gopd.models import ModelError  # noqa: E402
 from gopd.rollout import HFRollout  # noqa: E402
+from gopd.scoring import base_model  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 TIMING = {"time_s", "rollout_s", "tokens_per_s", "peak_mem_mb"}
@@ -335,6 +336,39 @@ def test_rollout_logprobs_weight_on_policy_clip_is_inert(tmp_path):
     for name in base:
         torch.testing.assert_close(base[name], clip[name], atol=1e-7, rtol=1e-6, msg=name)
     assert max(float((base[k] - cap[k]).abs().max()) for k in base) > 1e-4
+
+
+def test_updates_per_batch_passes_first_pass_logprobs_as_old_and_clip_acts(tmp_path, monkeypatch):
+    """updates_per_batch = 2: the first pass over a batch is on-policy (old_logprobs None); the second
+    passes the first pass's lp_s of the same micro-batch as old_logprobs, after an optimizer step, so the
+    ratio moves off 1; the frozen models score each batch once; clip_eps then changes the update."""
+    rec = Recorder(monkeypatch)
+    trainer = trainer_mod.Trainer(smoke_cfg(tmp_path / "a", "steps=1", "updates_per_batch=2", "lr=0.05"))
+    teacher_calls = []
+    base_model(trainer.default_teacher).register_forward_hook(lambda *a: teacher_calls.append(1))
+    row = trainer.train_step()
+    assert row["updates"] == 2 and math.isfinite(row["loss_last"])
+    n_groups = len(rec.calls) // 2
+    assert n_groups >= 2 and len(rec.calls) == 2 * n_groups and len(teacher_calls) == n_groups
+    first, second = rec.calls[:n_groups], rec.calls[n_groups:]
+    for (_, kw1, out1), (_, kw2, out2) in zip(first, second):
+        assert kw1["old_logprobs"] is None
+        torch.testing.assert_close(kw2["old_logprobs"], out1.lp_s.detach(), atol=0, rtol=0)
+    ratio = torch.cat([(out2.lp_s - kw2["old_logprobs"]).exp() for _, kw2, out2 in second])
+    assert float((ratio - 1).abs().max()) > 0.2  # outside the clip range: clipping has work to do
+
+    def final_weights(sub, *over):
+        t = trainer_mod.Trainer(smoke_cfg(tmp_path / sub, "steps=1", "updates_per_batch=2", "lr=0.05", *over))
+        t.train_step()
+        return {k: v.detach().clone() for k, v in t.student.named_parameters()}
+
+    tight, loose = final_weights("b", "clip_eps=0.05"), final_weights("c", "clip_eps=0.95", "dual_clip=1000.0")
+    assert max(float((tight[k] - loose[k]).abs().max()) for k in tight) > 1e-6
+
+
+def test_updates_per_batch_must_be_positive(tmp_path):
+    with pytest.raises(config_mod.ConfigError, match="updates_per_batch"):
+        smoke_cfg(tmp_path, "updates_per_batch=0")
 
 
 def test_bf16_autocast_step(tmp_path, monkeypatch):

@@ -10,8 +10,9 @@ One optimizer step:
      num_items_in_batch = response tokens of the whole step, so the summed micro-batch losses are the
      token mean over the global batch. The sampler's log-probs go in as rollout_logprobs (truncated IS
      weight min(exp(lp_s - lp_rollout), is_cap) against an engine / trainer mismatch); one update per
-     batch is strictly on-policy (lp_old = lp_s, ratio 1), so clip_eps / dual_clip only matter to the
-     API's multi-update callers. Forwards run under bf16 autocast when `bf16` is set;
+     batch is strictly on-policy (lp_old = lp_s, ratio 1); with `updates_per_batch` > 1 the later updates
+     on the same batch use the first pass's log-probs as lp_old, so clip_eps / dual_clip act. Forwards
+     run under bf16 autocast when `bf16` is set;
   4. grad clipping, AdamW, LR schedule. A non-finite loss or gradient skips the step; `max_bad_steps`
      in a row stop the run.
 """
@@ -188,39 +189,95 @@ class Trainer:
         groups = [(dom, by_domain[dom][k:k + cfg.micro_batch_size]) for dom in sorted(by_domain)
                   for k in range(0, len(by_domain[dom]), cfg.micro_batch_size)]
 
-        self.optimizer.zero_grad(set_to_none=True)
-        w_s, b_s = lm_head(self.student)
-        sums = defaultdict(float)
         # (student prompt ids, response ids) per domain in scoring order, kept for inspection and tests.
         self._last_scored = defaultdict(list)
+        for dom, idx in groups:
+            if any(roll.responses[i] for i in idx):
+                self._last_scored[dom].extend((prompts[i], roll.responses[i]) for i in idx)
+        # updates_per_batch optimizer steps on this batch (PPO epochs). The first is on-policy
+        # (lp_old = lp_s, ratio 1); later ones pass the first pass's log-probs as lp_old, so clip_eps /
+        # dual_clip bound how far one batch moves the policy. Teacher / reference states are computed
+        # once per batch: those models are frozen.
+        frozen_states, old_lp, applied = {}, None, 0
+        for update in range(cfg.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_total, finite, sums, lp_now = self._score_and_backward(groups, batch, prompts, roll, n_tokens,
+                                                                        frozen_states, old_lp)
+            grad_norm = float("nan")
+            if finite and n_tokens > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+                finite = math.isfinite(grad_norm)
+            if update == 0:
+                old_lp = lp_now
+                row = dict(step=step, loss=loss_total if finite else float("nan"), n_tokens=n_tokens,
+                           response_len=n_tokens / len(batch), grad_norm=grad_norm,
+                           lr=self.scheduler.get_last_lr()[0])
+                row.update({name: sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in sums})
+            else:
+                row.update(loss_last=loss_total if finite else float("nan"), grad_norm_last=grad_norm)
+            if not (finite and n_tokens > 0):
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            self.optimizer.step()
+            self.scheduler.step()
+            self._engine_stale = True
+            applied += 1
+        # A non-finite update ends the batch's updates and counts towards max_bad_steps.
+        self.bad_steps = self.bad_steps + 1 if not finite else (0 if applied else self.bad_steps)
+        if cfg.updates_per_batch > 1:
+            row["updates"] = applied
+        if not applied:
+            row["skipped"] = True
+        elapsed = time.perf_counter() - t0
+        row.update(time_s=elapsed, rollout_s=t_roll, tokens_per_s=n_tokens / max(elapsed, 1e-9),
+                   peak_mem_mb=_peak_memory_mb(self.device))
+        self.step = step
+        return row
+
+    def _score_and_backward(self, groups, batch, prompts, roll, n_tokens, frozen_states, old_lp):
+        """One pass over the micro-batches: fused loss, backward (gradients accumulate in the student).
+
+        frozen_states caches each group's teacher / reference hidden states across the updates of a
+        batch; old_lp (one [n] tensor per group, or None on the first update) is PPO's lp_old.
+        Returns (summed loss, finite, diagnostic sums, the student's lp_s per group, detached)."""
+        cfg = self.cfg
+        w_s, b_s = lm_head(self.student)
+        sums, lp_now = defaultdict(float), []
         loss_total, finite = 0.0, True
-        bar = progress_bar(groups, progress=cfg.progress, desc="scoring")
-        for dom, idx in bar:
+        bar = progress_bar(list(enumerate(groups)), progress=cfg.progress, desc="scoring")
+        for g, (dom, idx) in bar:
             resp = [roll.responses[i] for i in idx]
             if sum(map(len, resp)) == 0:
+                lp_now.append(None)
                 continue
             y = targets_of(resp, self.device)
-            self._last_scored[dom].extend((prompts[i], roll.responses[i]) for i in idx)
             teacher = self.teacher_for(dom)
-            w_t, b_t = lm_head(teacher)
             with self._autocast():
                 h_s = response_hidden(self.student, [prompts[i] for i in idx], resp, self.codec.pad_id)
-                with torch.no_grad():
-                    h_t = response_hidden(teacher, [self.teacher_prompt(batch[i]) for i in idx], resp,
-                                          self.codec.pad_id)
-                    h_r = None
-                    if self.reference is not None:
-                        h_r = response_hidden(self.reference, [prompts[i] for i in idx], resp, self.codec.pad_id)
+                if g not in frozen_states:
+                    with torch.no_grad():
+                        h_t = response_hidden(teacher, [self.teacher_prompt(batch[i]) for i in idx], resp,
+                                              self.codec.pad_id)
+                        h_r = None
+                        if self.reference is not None:
+                            h_r = response_hidden(self.reference, [prompts[i] for i in idx], resp,
+                                                  self.codec.pad_id)
+                    frozen_states[g] = (h_t, h_r)
+            h_t, h_r = frozen_states[g]
+            w_t, b_t = lm_head(teacher)
             ref_kw = {}
             if h_r is not None:
                 w_r, b_r = lm_head(self.reference)
                 ref_kw = dict(ref_hidden=h_r.to(w_r.dtype), ref_weight=w_r, ref_bias=b_r)
+            sampled = cfg.mode == "sampled"
             rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
             out = gk.fused_linear_gopd_loss(
                 h_s.to(w_s.dtype), w_s, y, h_t.to(w_t.dtype), w_t, student_bias=b_s, teacher_bias=b_t, **ref_kw,
-                lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if cfg.mode == "sampled" else None,
+                lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
+                old_logprobs=old_lp[g] if (sampled and old_lp is not None) else None,
                 clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
                 num_items_in_batch=n_tokens, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+            lp_now.append(out.lp_s.detach())
             if not torch.isfinite(out.loss):
                 finite = False
                 break
@@ -231,28 +288,7 @@ class Trainer:
                 if value is not None:
                     sums[name] += float(value.double().sum())
         bar.close()
-
-        grad_norm = float("nan")
-        if finite and n_tokens > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
-            finite = math.isfinite(grad_norm)
-        row = dict(step=step, loss=loss_total if finite else float("nan"), n_tokens=n_tokens,
-                   response_len=n_tokens / len(batch), grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
-        row.update({name: sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in sums})
-        if finite and n_tokens > 0:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_steps = 0
-            self._engine_stale = True
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1 if not finite else 0
-            row["skipped"] = True
-        elapsed = time.perf_counter() - t0
-        row.update(time_s=elapsed, rollout_s=t_roll, tokens_per_s=n_tokens / max(elapsed, 1e-9),
-                   peak_mem_mb=_peak_memory_mb(self.device))
-        self.step = step
-        return row
+        return loss_total, finite, sums, lp_now
 
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
