@@ -115,24 +115,6 @@ class _Heads:
         return self._one("s", self.s, rows), self._one("t", self.t, rows), self._one("r", self.r, rows)
 
 
-# Bytes of logits (all heads) a CPU cache block of FusedLinearLoss may span: about a core's share of a
-# server L3, so a block's rows are still cached when the row backward re-reads them.
-_CPU_CACHE_BLOCK_BYTES = 8 << 20
-
-
-def _cache_block_rows(zs, others, chunk):
-    """Rows per forward / objective / backward block of a chunk: all of it on GPU (one launch each),
-    about _CPU_CACHE_BLOCK_BYTES of logits on CPU."""
-    if zs.is_cuda:
-        return chunk
-    row_bytes = sum(z.shape[1] * z.element_size() for z in (zs, *others) if z is not None)
-    return max(1, min(chunk, _CPU_CACHE_BLOCK_BYTES // max(1, row_bytes)))
-
-
-def _rows_of(z, rows):
-    return None if z is None else z[rows]
-
-
 def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
     """dh[rows] = dz @ W; dW += dz^T h; db += sum dz. Accumulators are fp32 (fp64 for fp64 input),
     updated in place; one that is None (its input needs no gradient) is skipped."""
@@ -224,28 +206,19 @@ class FusedLinearLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
         total = torch.zeros((), dtype=dtype, device=hs.device)
-        needs_grad = need_h or need_w or need_b
         for rows in _chunks(n, chunk):
             zs, zt, zr = heads.logits(rows)
-            # Row forward, objective and row backward run on cache-sized blocks of the chunk, so the
-            # backward re-reads rows the forward just brought into cache instead of main memory.
-            block = _cache_block_rows(zs, (zt, zr), chunk)
-            for sub in _chunks(zs.shape[0], block):
-                glob = slice(rows.start + sub.start, rows.start + sub.stop)
-                zs_b, zt_b, zr_b = zs[sub], _rows_of(zt, sub), _rows_of(zr, sub)
-                stats_c = cfg.forward(zs_b, zt_b, zr_b, targets[glob])
-                stats[:, glob] = stats_c
-                with torch.enable_grad():
-                    lp_s = stats_c[LP_S].clone().requires_grad_(True)
-                    full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
-                    loss_c = objective(lp_s, full, stats_c, glob).sum() * scale
-                    g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
-                                                       materialize_grads=True)
-                total += loss_c.detach()
-                if needs_grad:
-                    cfg.backward(zs_b, zt_b, zr_b, targets[glob], stats_c, g_lp.contiguous(), g_loss.contiguous(),
-                                 out=zs_b)
-            if needs_grad:
+            stats_c = cfg.forward(zs, zt, zr, targets[rows])
+            stats[:, rows] = stats_c
+            with torch.enable_grad():
+                lp_s = stats_c[LP_S].clone().requires_grad_(True)
+                full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
+                loss_c = objective(lp_s, full, stats_c, rows).sum() * scale
+                g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
+                                                   materialize_grads=True)
+            total += loss_c.detach()
+            if need_h or need_w or need_b:
+                cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
                 _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)

@@ -250,39 +250,6 @@ def test_fused_linear_cpu_matches_reference_float64():
     assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
 
 
-@pytest.mark.parametrize("mode", ["full", "sampled"])
-def test_fused_linear_cache_blocks_inside_a_chunk(monkeypatch, mode):
-    """On CPU the scalar-loss path runs row forward, objective and row backward on cache-sized blocks
-    of each chunk; blocks that do not divide the chunk (and chunks that do not divide N) must give the
-    reference's loss and gradients, with per-token inputs (rollout log-probs) indexed per block."""
-    import gopd_kernels as gk
-    from gopd_kernels import autograd as A
-    from gopd_kernels import reference as R
-
-    g = torch.Generator().manual_seed(11)
-    n, d, v = 23, 16, 257
-    h = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(3)]
-    w = [torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3 for _ in range(3)]
-    y = torch.randint(0, v, (n,), generator=g)
-    y[::5] = IGN
-    rollout = torch.randn(n, generator=g, dtype=torch.float64) - 6.0
-    row_bytes = 3 * v * 8
-    monkeypatch.setattr(A, "_CPU_CACHE_BLOCK_BYTES", 3 * row_bytes)  # 3-row blocks in 10-row chunks
-    assert A._cache_block_rows(torch.zeros(10, v, dtype=torch.float64), (torch.zeros(10, v, dtype=torch.float64),) * 2,
-                               10) == 3
-    hs, ws = h[0].clone().requires_grad_(True), w[0].clone().requires_grad_(True)
-    out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=1.5, mode=mode, backend="cpu",
-                                    rollout_logprobs=rollout, chunk_size=10)
-    dh, dw = torch.autograd.grad(out.loss, (hs, ws))
-    hs2, ws2 = h[0].clone().requires_grad_(True), w[0].clone().requires_grad_(True)
-    ref = R.gopd_loss(hs2 @ ws2.t(), y, h[1] @ w[1].t(), h[2] @ w[2].t(), lam=1.5, mode=mode,
-                      rollout_logprobs=rollout)
-    dh2, dw2 = torch.autograd.grad(ref.loss, (hs2, ws2))
-    assert max_err(out.loss.detach(), ref.loss.detach()) <= 1e-10 * (1 + float(ref.loss.detach().abs()))
-    assert max_err(dh, dh2) <= 1e-10 * (1 + float(dh2.abs().max()))
-    assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_isa_paths_agree(tmp_path, dtype):
     """The kernels are built for the baseline x86-64 ISA, AVX2 and AVX-512 and picked at run time; every
