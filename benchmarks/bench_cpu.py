@@ -59,7 +59,7 @@ def _inputs(n, d, v, seed=0):
     return h, w, y
 
 
-def _step_fn(variant, mode, h, w, y):
+def _step_fn(variant, mode, h, w, y, chunk_size=None):
     """A zero-argument callable doing one forward + backward of `variant`."""
     import torch
 
@@ -70,7 +70,8 @@ def _step_fn(variant, mode, h, w, y):
         import gopd_kernels as gk
 
         def step():
-            out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=LAM, mode=mode, backend="cpu")
+            out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=LAM, mode=mode, backend="cpu",
+                                            chunk_size=chunk_size)
             out.loss.backward()
             hs.grad = ws.grad = None
         return step
@@ -116,14 +117,23 @@ def _step_fn(variant, mode, h, w, y):
     raise ValueError(variant)
 
 
-def run_child(variant, mode, n, d, v, repeats, threads):
+def _chunk_of(variant, n, v, chunk_size):
+    if variant != "gopd_cpu":
+        return None
+    import torch
+    from gopd_kernels.api import default_chunk_size
+
+    return chunk_size or default_chunk_size(n, v, 3, torch.device("cpu"))
+
+
+def run_child(variant, mode, n, d, v, repeats, threads, chunk_size=None):
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     h, w, y = _inputs(n, d, v)
     base = _rss_mb()
-    step = _step_fn(variant, mode, h, w, y)
+    step = _step_fn(variant, mode, h, w, y, chunk_size)
     if step is None:
         return None
     t0 = time.perf_counter()
@@ -139,7 +149,8 @@ def run_child(variant, mode, n, d, v, repeats, threads):
     return dict(variant=variant, mode=mode, n=n, d=d, v=v, heads=2 if variant == "liger_jsd" else 3,
                 median_s=statistics.median(times), times_s=times, warmup_s=warm, peak_rss_mb=peak,
                 base_rss_mb=base, extra_rss_mb=peak - base, threads=torch.get_num_threads(),
-                gemm_gflops=(flops / statistics.median(times) / 1e9) if variant == "gemm" else None)
+                gemm_gflops=(flops / statistics.median(times) / 1e9) if variant == "gemm" else None,
+                chunk_size=_chunk_of(variant, n, v, chunk_size))
 
 
 def main(argv=None):
@@ -153,6 +164,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
+    p.add_argument("--chunk-size", type=int, default=None, help="gopd_cpu tokens per chunk (default: the library's)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", nargs=3, metavar=("VARIANT", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -167,7 +179,7 @@ def main(argv=None):
 
     if args.child:
         variant, mode, n = args.child
-        res = run_child(variant, mode, int(n), args.d, args.v, args.repeats, args.threads)
+        res = run_child(variant, mode, int(n), args.d, args.v, args.repeats, args.threads, args.chunk_size)
         print("RESULT " + json.dumps(res))
         return 0
 
@@ -188,6 +200,8 @@ def main(argv=None):
                     continue
                 cmd = [sys.executable, __file__, "--child", variant, mode, str(n), "--v", str(args.v), "--d",
                        str(args.d), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                if args.chunk_size:
+                    cmd += ["--chunk-size", str(args.chunk_size)]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
