@@ -8,7 +8,11 @@
 //   pass 2  with the maxima fixed (the row is now in cache), a vector of columns at a time,
 //             w = exp(z'_s - M'_s),  S_m += exp(z'_m - M'_m),
 //             A_ss += w (z'_s - M'_s),  A_st += w (z'_t - M'_t),  A_sr += w (z'_r - M'_r)
-//           with z'_m - M'_m = fma(z_m, 1/T_m, -M'_m), M'_m = M_m / T_m (one rounding; ~0 at the max).
+//           with z'_m = z_m * (1/T_m) rounded to fp32 once and M'_m = M_m * (1/T_m) (rounding is
+//           monotonic, so M'_m is the max of the z'_m and the max column has z'_m - M'_m = 0 exactly).
+//           Every later use (the target's log-prob, the backward) recomputes the same rounded z'_m, so
+//           stats and gradients agree with each other as plain fp32 torch's do (an FMA here would
+//           make the backward's z' differ from the one lse was built from, by up to an ulp of z').
 //   then    lse_m = M'_m + log S_m,  E_S = A_ss / S_s - log S_s,  E_m = A_sm / S_s - log S_m.
 // Fixing the maxima first keeps the online rescaling of the generic kernel out of the inner loop,
 // which is three exps, a compare and a few adds / FMAs per vector of columns.
@@ -73,17 +77,17 @@ GOPD_INLINE float shift_of(float mx, float inv_t) {
 template <bool HT, bool HR, bool TAIL, typename scalar_t>
 GOPD_INLINE void accumulate(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t j, int64_t n, Vec its,
                             Vec itt, Vec itr, Vec ms, Vec mt, Vec mr, Vec* acc) {
-  const Vec ds = Ops::fmsub(TAIL ? load_tail(zs + j, n) : Ops::load(zs + j), its, ms);
+  const Vec ds = Ops::sub(Ops::mul(TAIL ? load_tail(zs + j, n) : Ops::load(zs + j), its), ms);
   const Vec w = Ops::exp(ds);
   acc[0] = Ops::add(acc[0], w);
   acc[3] = Ops::add(acc[3], Ops::where_pos(w, Ops::mul(w, ds)));
   if (HT) {
-    const Vec dt = Ops::fmsub(TAIL ? load_tail(zt + j, n) : Ops::load(zt + j), itt, mt);
+    const Vec dt = Ops::sub(Ops::mul(TAIL ? load_tail(zt + j, n) : Ops::load(zt + j), itt), mt);
     acc[1] = Ops::add(acc[1], Ops::exp(dt));
     acc[4] = Ops::add(acc[4], Ops::where_pos(w, Ops::mul(w, dt)));
   }
   if (HR) {
-    const Vec dr = Ops::fmsub(TAIL ? load_tail(zr + j, n) : Ops::load(zr + j), itr, mr);
+    const Vec dr = Ops::sub(Ops::mul(TAIL ? load_tail(zr + j, n) : Ops::load(zr + j), itr), mr);
     acc[2] = Ops::add(acc[2], Ops::exp(dr));
     acc[5] = Ops::add(acc[5], Ops::where_pos(w, Ops::mul(w, dr)));
   }
@@ -121,18 +125,18 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
   else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
   const double log_ss = std::log(s[0]);
   st[0] = static_cast<float>(ms + log_ss);
-  st[3] = static_cast<float>(std::fma(static_cast<float>(zs[y]), its, -ms) - log_ss);
+  st[3] = static_cast<float>((static_cast<float>(zs[y]) * its - ms) - log_ss);
   st[6] = static_cast<float>(s[3] / s[0] - log_ss);
   if (ht) {
     const double log_st = std::log(s[1]);
     st[1] = static_cast<float>(mt + log_st);
-    st[4] = static_cast<float>(std::fma(static_cast<float>(zt[y]), itt, -mt) - log_st);
+    st[4] = static_cast<float>((static_cast<float>(zt[y]) * itt - mt) - log_st);
     st[7] = static_cast<float>(s[4] / s[0] - log_st);
   }
   if (hr) {
     const double log_sr = std::log(s[2]);
     st[2] = static_cast<float>(mr + log_sr);
-    st[5] = static_cast<float>(std::fma(static_cast<float>(zr[y]), itr, -mr) - log_sr);
+    st[5] = static_cast<float>((static_cast<float>(zr[y]) * itr - mr) - log_sr);
     st[8] = static_cast<float>(s[5] / s[0] - log_sr);
   }
 }
@@ -149,11 +153,11 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   const Vec ls = Ops::set1(k.lse_s), lt = Ops::set1(k.lse_t), lr = Ops::set1(k.lse_r);
   const Vec ct = Ops::set1(k.ct), cr = Ops::set1(k.cr), a = Ops::set1(k.a), b = Ops::set1(k.b);
   auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
-    const Vec lp = Ops::fmsub(xs, its, ls);
+    const Vec lp = Ops::sub(Ops::mul(xs, its), ls);
     const Vec p = Ops::exp(lp);
     Vec c = lp;
-    if (UT) c = Ops::fnmadd(ct, Ops::fmsub(xt, itt, lt), c);
-    if (UR) c = Ops::fnmadd(cr, Ops::fmsub(xr, itr, lr), c);
+    if (UT) c = Ops::fnmadd(ct, Ops::sub(Ops::mul(xt, itt), lt), c);
+    if (UR) c = Ops::fnmadd(cr, Ops::sub(Ops::mul(xr, itr), lr), c);
     return Ops::where_pos(p, Ops::mul(p, Ops::fmadd(a, c, b)));
   };
   auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
