@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end in their tiny CPU mode, so they cannot rot between GPU runs.
+
+Each script runs in a subprocess (as a user would run it) with --quick and --out in a temporary
+directory; the JSON must hold a timing for every variant asked for, and the variants that compute the
+same loss must agree on it.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_loss_quick(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "loss.json"
+    _run("bench_loss.py", "--quick", "--variants", "triton,eager,floor", "--reps", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    for name in ("fused/triton-3h", "logits/triton", "eager/torch-3h", "floor/gemm-3h"):
+        assert name in rows and rows[name]["seconds"] > 0, name
+    # The logit-level triton op and eager torch compute the same loss on the same bf16 logits.
+    assert math.isclose(rows["logits/triton"]["loss"], rows["eager/torch-3h"]["loss"], rel_tol=1e-4)
+    assert data["quick"] is True and "not a performance number" in data["timer"]
+
+
+def test_bench_cpu_quick(tmp_path):
+    out = tmp_path / "cpu.json"
+    stdout = _run("bench_cpu.py", "--quick", "--variants", "gopd_cpu", "eager", "gemm", "--n", "64",
+                  "--out", str(out))
+    data = json.loads(out.read_text())
+    got = {(r["variant"], r["mode"]) for r in data["results"] if "error" not in r}
+    assert {("gopd_cpu", "full"), ("gopd_cpu", "sampled"), ("eager", "full"), ("gemm", "full")} <= got
+    assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 0 for r in data["results"] if "error" not in r)
+    assert any("x the GEMM floor" in line for line in data["summary"]), stdout
