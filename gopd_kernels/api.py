@@ -137,13 +137,23 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
     lp_s, full, stats = LogitRows.apply(rows(student_logits), rows(teacher_logits), rows(ref_logits), y, cfg,
                                         bool(inplace_backward))
     valid = y != ignore_index
-    dt = stats.dtype
+    dt = stats.dtype  # the objective runs in the statistics' precision (fp64 from the CPU backend)
     per_token, diagnostics = token_objective(
         lp_s, full, stats, valid, mode=mode, lam=float(lam), has_ref_logits=ref_logits is not None,
         teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
         old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt), clip_eps=clip_eps,
         clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
-    return _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
+    out = _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
+    return _in_dtype(out, _public_dtype(student_logits))
+
+
+def _public_dtype(x):
+    """Results are fp64 for fp64 inputs and fp32 otherwise, whatever precision a backend computed in."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _in_dtype(out: GOPDOutput, dtype) -> GOPDOutput:
+    return GOPDOutput(**{k: (None if v is None else v.to(dtype)) for k, v in vars(out).items()})
 
 
 def _check_head(prefix, hidden, weight, bias, lead):
@@ -248,12 +258,12 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
         with torch.no_grad():
             _, diagnostics = token_objective(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, valid,
                                              **options, **extras)
-        return GOPDOutput(loss=loss.to(dt), **{k: (None if v is None else v.reshape(lead))
+        return GOPDOutput(loss=loss.to(dt), **{k: (None if v is None else v.reshape(lead).to(dt))
                                               for k, v in diagnostics.items()})
 
     lp_s, full, stats = FusedLinearRows.apply(*heads, y, cfg, vocab, chunk)
     per_token, diagnostics = token_objective(lp_s, full, stats, valid, **options, **extras)
-    return _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
+    return _in_dtype(_finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch), dt)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None, ignore_index=-100,
@@ -279,4 +289,4 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
     cfg = RowConfig(module, 1.0, (float(temperature),) * 3, ignore_index)
     lp, _full, _stats = FusedLinearRows.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None,
                                               None, None, None, None, y, cfg, vocab, chunk)
-    return lp.reshape(lead)
+    return lp.reshape(lead).to(_public_dtype(hidden))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import LP_S
+from .backends import LP_S, NSTATS
 from .objective import full_loss_from_stats
 
 
@@ -77,6 +77,18 @@ def linear_logits(hidden, weight, bias, vocab):
     if bias is not None:
         logits = logits + bias[:vocab].to(logits.dtype)
     return logits
+
+
+def _stats_buffer(stats, chunk_stats, n, like=None):
+    """The [NSTATS, N] statistics of all chunks, in the dtype the backend returns (fp64 from the CPU
+    backend, so the backward's recomputed log-probs keep their precision); made on the first chunk,
+    or from `like` (fp32 / fp64 by input) when there was none."""
+    if stats is not None:
+        return stats
+    if chunk_stats is not None:
+        return torch.zeros(NSTATS, n, dtype=chunk_stats.dtype, device=chunk_stats.device)
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.zeros(NSTATS, n, dtype=dtype, device=like.device)
 
 
 def _chunks(n, chunk):
@@ -164,10 +176,12 @@ class FusedLinearRows(torch.autograd.Function):
     def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
-        dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
-        stats = torch.zeros(9, n, dtype=dtype, device=hs.device)
+        stats = None
         for rows in _chunks(n, chunk):
-            stats[:, rows] = cfg.forward(*heads.logits(rows), targets[rows])
+            stats_c = cfg.forward(*heads.logits(rows), targets[rows])
+            stats = _stats_buffer(stats, stats_c, n)
+            stats[:, rows] = stats_c
+        stats = _stats_buffer(stats, None, n, hs)
         ctx.cfg, ctx.vocab, ctx.chunk = cfg, vocab, chunk
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats)
         ctx.mark_non_differentiable(stats)
@@ -202,13 +216,14 @@ class FusedLinearLoss(torch.autograd.Function):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
         dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
-        stats = torch.zeros(9, n, dtype=dtype, device=hs.device)
+        stats = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
         total = torch.zeros((), dtype=dtype, device=hs.device)
         for rows in _chunks(n, chunk):
             zs, zt, zr = heads.logits(rows)
             stats_c = cfg.forward(zs, zt, zr, targets[rows])
+            stats = _stats_buffer(stats, stats_c, n)
             stats[:, rows] = stats_c
             with torch.enable_grad():
                 lp_s = stats_c[LP_S].clone().requires_grad_(True)
@@ -220,6 +235,7 @@ class FusedLinearLoss(torch.autograd.Function):
             if need_h or need_w or need_b:
                 cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
                 _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
+        stats = _stats_buffer(stats, None, n, hs)
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
         ctx.mark_non_differentiable(stats)

@@ -152,7 +152,7 @@ struct RowState {
 
 template <typename scalar_t, typename acc_t>
 GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
-                 acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs, acc_t* bt, acc_t* br, acc_t* st) {
+                 acc_t inv_ts, acc_t inv_tt, acc_t inv_tr, acc_t* bs, acc_t* bt, acc_t* br, double* st) {
   RowState<acc_t> r;
   const bool has_t = zt != nullptr, has_r = zr != nullptr;
   for (int64_t start = 0; start < v; start += kBlock) {
@@ -245,31 +245,32 @@ GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scala
     r.a_sr += sums[3];
   }
 
-  const acc_t log_ss = std::log(r.s_s);
-  const acc_t lse_s = r.m_s + log_ss;
+  // Stats are fp64 whatever acc_t: lse_m = M_m + log S_m formed in fp32 would lose the low bits of
+  // every log-probability the backward recomputes from it (an ulp of |z / T|, ~1e-3 at 1e4).
+  const double log_ss = std::log(static_cast<double>(r.s_s));
+  const double lse_s = static_cast<double>(r.m_s) + log_ss;
   st[LSE_S] = lse_s;
-  st[LP_S] = static_cast<acc_t>(zs[y]) * inv_ts - lse_s;
-  st[E_S] = r.a_ss / r.s_s - log_ss;
+  st[LP_S] = static_cast<double>(static_cast<acc_t>(zs[y]) * inv_ts - r.m_s) - log_ss;
+  st[E_S] = static_cast<double>(r.a_ss) / r.s_s - log_ss;
   if (has_t) {
-    const acc_t log_st = std::log(r.s_t);
-    const acc_t lse_t = r.m_t + log_st;
-    st[LSE_T] = lse_t;
-    st[LP_T] = static_cast<acc_t>(zt[y]) * inv_tt - lse_t;
-    st[E_T] = r.a_st / r.s_s - log_st;
+    const double log_st = std::log(static_cast<double>(r.s_t));
+    st[LSE_T] = static_cast<double>(r.m_t) + log_st;
+    st[LP_T] = static_cast<double>(static_cast<acc_t>(zt[y]) * inv_tt - r.m_t) - log_st;
+    st[E_T] = static_cast<double>(r.a_st) / r.s_s - log_st;
   }
   if (has_r) {
-    const acc_t log_sr = std::log(r.s_r);
-    const acc_t lse_r = r.m_r + log_sr;
-    st[LSE_R] = lse_r;
-    st[LP_R] = static_cast<acc_t>(zr[y]) * inv_tr - lse_r;
-    st[E_R] = r.a_sr / r.s_s - log_sr;
+    const double log_sr = std::log(static_cast<double>(r.s_r));
+    st[LSE_R] = static_cast<double>(r.m_r) + log_sr;
+    st[LP_R] = static_cast<double>(static_cast<acc_t>(zr[y]) * inv_tr - r.m_r) - log_sr;
+    st[E_R] = static_cast<double>(r.a_sr) / r.s_s - log_sr;
   }
 }
 
 // Coefficients of one backward row, with every "0 coefficient drops its term" rule applied.
 template <typename acc_t>
 struct BackwardRow {
-  acc_t lse_s, lse_t, lse_r;  // lse's of the kept terms
+  acc_t lse_s, lse_t, lse_r;  // lse's of the kept terms, rounded to acc_t ...
+  acc_t lo_s, lo_t, lo_r;     // ... and what that rounding lost (lse = hi + lo; 0 for fp64)
   acc_t ct, cr;               // lam and (1 - lam) where the term is kept, else 0
   bool use_t, use_r;
   acc_t g_loss, g_lp, loss, inv_ts;
@@ -283,6 +284,7 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
   const bool use_t = with_loss && b.use_t, use_r = with_loss && b.use_r;
   // out = p * (gl * (c - L) - glp) / ts, c - L = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r) - L.
   const acc_t gl = b.g_loss, glp = b.g_lp, lse_s = b.lse_s, lse_t = b.lse_t, lse_r = b.lse_r;
+  const acc_t lo_s = b.lo_s, lo_t = b.lo_t, lo_r = b.lo_r;
   const acc_t ct = b.ct, cr = b.cr, loss = b.loss, its = b.inv_ts;
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t n = std::min(kBlock, v - start);
@@ -292,31 +294,31 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
     if (use_r) load_scaled(zr + start, n, inv_tr, br);
     if (!with_loss) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) bs[j] = -glp * fast_exp(bs[j] - lse_s) * its;
+      for (int64_t j = 0; j < n; ++j) bs[j] = -glp * fast_exp((bs[j] - lse_s) - lo_s) * its;
     } else if (use_t && use_r) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t lp = bs[j] - lse_s;
+        const acc_t lp = (bs[j] - lse_s) - lo_s;
         const acc_t p = fast_exp(lp);
-        const acc_t c = lp - ct * (bt[j] - lse_t) - cr * (br[j] - lse_r);
+        const acc_t c = lp - ct * ((bt[j] - lse_t) - lo_t) - cr * ((br[j] - lse_r) - lo_r);
         const acc_t g = p * (gl * (c - loss) - glp) * its;
         bs[j] = p > 0 ? g : acc_t(0);
       }
     } else if (use_t || use_r) {
       const acc_t* bo = use_t ? bt : br;
-      const acc_t co = use_t ? ct : cr, lse_o = use_t ? lse_t : lse_r;
+      const acc_t co = use_t ? ct : cr, lse_o = use_t ? lse_t : lse_r, lo_o = use_t ? lo_t : lo_r;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t lp = bs[j] - lse_s;
+        const acc_t lp = (bs[j] - lse_s) - lo_s;
         const acc_t p = fast_exp(lp);
-        const acc_t c = lp - co * (bo[j] - lse_o);
+        const acc_t c = lp - co * ((bo[j] - lse_o) - lo_o);
         const acc_t g = p * (gl * (c - loss) - glp) * its;
         bs[j] = p > 0 ? g : acc_t(0);
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const acc_t lp = bs[j] - lse_s;
+        const acc_t lp = (bs[j] - lse_s) - lo_s;
         const acc_t p = fast_exp(lp);
         const acc_t g = p * (gl * (lp - loss) - glp) * its;
         bs[j] = p > 0 ? g : acc_t(0);
@@ -395,7 +397,7 @@ Isa cpu_isa() {
 // has no vectorised kernel (the caller then runs the generic one).
 template <typename scalar_t, typename acc_t>
 bool simd_forward(Isa isa, const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y,
-                  acc_t its, acc_t itt, acc_t itr, acc_t* st) {
+                  acc_t its, acc_t itt, acc_t itr, double* st) {
   if constexpr (std::is_same<acc_t, float>::value && !std::is_same<scalar_t, double>::value) {
     if (isa == Isa::kAvx512) return avx512::forward_row<scalar_t>(zs, zt, zr, v, y, its, itt, itr, st), true;
     if (isa == Isa::kAvx2) return avx2::forward_row<scalar_t>(zs, zt, zr, v, y, its, itt, itr, st), true;
@@ -409,13 +411,16 @@ Coef simd_coef(const BackwardRow<acc_t>& b, acc_t itt, acc_t itr) {
   k.lse_s = b.lse_s;
   k.lse_t = b.lse_t;
   k.lse_r = b.lse_r;
+  k.lo_s = b.lo_s;
+  k.lo_t = b.lo_t;
+  k.lo_r = b.lo_r;
   k.ct = b.ct;
   k.cr = b.cr;
   k.its = b.inv_ts;
   k.itt = itt;
   k.itr = itr;
   k.a = b.g_loss * b.inv_ts;
-  k.b = -(b.g_loss * b.loss + b.g_lp) * b.inv_ts;
+  k.g_lp_s = b.g_lp * b.inv_ts;
   return k;
 }
 
@@ -486,8 +491,8 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
   check_common(zs, zt, zr, targets);
   check_dtype(zs);
   const int64_t n = zs.size(0), v = zs.size(1);
-  const auto stat_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor stats = at::zeros({kNumStats, n}, zs.options().dtype(stat_dtype));
+  // fp64 statistics for every input dtype (see forward_row: an fp32 lse loses log-prob bits).
+  at::Tensor stats = at::zeros({kNumStats, n}, zs.options().dtype(at::kDouble));
   if (n == 0) return stats;
   const at::Tensor tg = targets.contiguous();
   const int64_t* y = tg.data_ptr<int64_t>();
@@ -497,18 +502,18 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
     const scalar_t* pt = opt_ptr<scalar_t>(zt);
     const scalar_t* pr = opt_ptr<scalar_t>(zr);
     const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr);
-    acc_t* out = stats.data_ptr<acc_t>();
+    double* out = stats.data_ptr<double>();
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
                 itr = acc_t(1) / static_cast<acc_t>(tr);
     const Isa isa = cpu_isa();
     const bool avx2 = isa != Isa::kBaseline;  // the generic kernels' AVX2 build (fp64)
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t bs[kBlock], bt[kBlock], br[kBlock];
-      acc_t row[kNumStats];
+      double row[kNumStats];
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) continue;  // masked: stats stay 0, no vocabulary pass
         check_target(y[i], v);
-        std::fill(row, row + kNumStats, acc_t(0));
+        std::fill(row, row + kNumStats, 0.0);
         const scalar_t* zti = pt ? pt + i * st : nullptr;
         const scalar_t* zri = pr ? pr + i * sr : nullptr;
 #if GOPD_HAVE_AVX2_PATH
@@ -536,7 +541,7 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
   check_common(zs, zt, zr, targets);
   check_dtype(zs);
   const int64_t n = zs.size(0), v = zs.size(1);
-  const auto stat_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(out.device().is_cpu() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
                   out.stride(1) == 1,
               "gopd cpu backend: out must be a CPU tensor with the shape and dtype of zs and stride(-1) == 1");
@@ -544,9 +549,10 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
               "gopd cpu backend: stats must be [9, N] on CPU");
   TORCH_CHECK(g_lp.numel() == n && g_loss.numel() == n, "gopd cpu backend: g_lp and g_loss must have N elements");
   if (n == 0) return;
-  const at::Tensor st_c = stats.to(stat_dtype).contiguous();
-  const at::Tensor glp_c = g_lp.to(stat_dtype).contiguous().reshape({n});
-  const at::Tensor gl_c = g_loss.to(stat_dtype).contiguous().reshape({n});
+  // Statistics are read in fp64 (as rows_forward writes them; fp32 stats from elsewhere are widened).
+  const at::Tensor st_c = stats.to(at::kDouble).contiguous();
+  const at::Tensor glp_c = g_lp.to(acc_dtype).contiguous().reshape({n});
+  const at::Tensor gl_c = g_loss.to(acc_dtype).contiguous().reshape({n});
   const at::Tensor tg = targets.contiguous();
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_backward_cpu", [&] {
@@ -556,7 +562,7 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
     const scalar_t* pr = opt_ptr<scalar_t>(zr);
     scalar_t* po = out.data_ptr<scalar_t>();
     const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr), so = out.stride(0);
-    const acc_t* S = st_c.data_ptr<acc_t>();
+    const double* S = st_c.data_ptr<double>();
     const acc_t* GLP = glp_c.data_ptr<acc_t>();
     const acc_t* GL = gl_c.data_ptr<acc_t>();
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
@@ -577,9 +583,14 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
         }
         check_target(y[i], v);
         BackwardRow<acc_t> b;
-        b.lse_s = S[LSE_S * n + i];
-        b.lse_t = use_t ? S[LSE_T * n + i] : acc_t(0);
-        b.lse_r = use_r ? S[LSE_R * n + i] : acc_t(0);
+        // Each lse as hi + lo in acc_t (lo = 0 for fp64): z' - lse then keeps the statistic's precision.
+        const auto split = [](double x, acc_t& hi, acc_t& lo) {
+          hi = static_cast<acc_t>(x);
+          lo = std::isfinite(x) ? static_cast<acc_t>(x - static_cast<double>(hi)) : acc_t(0);
+        };
+        split(S[LSE_S * n + i], b.lse_s, b.lo_s);
+        split(use_t ? S[LSE_T * n + i] : 0.0, b.lse_t, b.lo_t);
+        split(use_r ? S[LSE_R * n + i] : 0.0, b.lse_r, b.lo_r);
         b.ct = use_t ? lam_c : acc_t(0);
         b.cr = use_r ? one_m : acc_t(0);
         b.use_t = use_t;
@@ -587,10 +598,10 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
         b.g_lp = GLP[i];
         b.g_loss = GL[i];
         b.inv_ts = its;
-        acc_t loss = S[E_S * n + i];
-        if (use_t) loss -= lam_c * S[E_T * n + i];
-        if (use_r) loss -= one_m * S[E_R * n + i];
-        b.loss = loss;
+        double loss = S[E_S * n + i];
+        if (use_t) loss -= lam * S[E_T * n + i];
+        if (use_r) loss -= (1.0 - lam) * S[E_R * n + i];
+        b.loss = static_cast<acc_t>(loss);
         const scalar_t* zti = pt ? pt + i * st : nullptr;
         const scalar_t* zri = pr ? pr + i * sr : nullptr;
 #if GOPD_HAVE_AVX2_PATH

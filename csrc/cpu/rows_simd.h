@@ -21,9 +21,13 @@
 // nothing to the A's (masked, never 0 * -inf). The ragged tail (V mod kWidth columns) is padded
 // with -inf, which adds nothing to any sum or max.
 //
-// Backward, per row: out(v) = p(v) (a c(v) + b), zero where p(v) = 0, with p = exp(z'_s - lse_s),
+// Statistics are written in fp64; the backward takes each lse as two floats (hi + lo) and computes
+// (z' - hi) - lo, which is exact where it matters (z' near the top of the row, hi ~ z').
+//
+// Backward, per row, zero where p(v) = 0, with p = exp(z'_s - lse_s),
 //   c = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r), a = g_loss / T_s,
-//   b = -(g_loss L + g_lp) / T_s; the target column gets + g_lp / T_s.
+//   so out(v) = p(v) (a (c(v) - L) - g_lp / T_s), L = sum_v p c (summed by the backward itself);
+//   the target column gets + g_lp / T_s.
 
 using Vec = Ops::Vec;
 constexpr int W = Ops::kWidth;
@@ -110,10 +114,10 @@ void row_sums(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_
   }
 }
 
-// The nine stats of one valid row (zt / zr may be nullptr: their stats are left untouched).
+// The nine stats of one valid row, in fp64 (zt / zr may be nullptr: their stats are left untouched).
 template <typename scalar_t>
 void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y, float its,
-                 float itt, float itr, float* st) {
+                 float itt, float itr, double* st) {
   const bool ht = zt != nullptr, hr = zr != nullptr;
   const float ms = shift_of(row_max(zs, v), its);
   const float mt = ht ? shift_of(row_max(zt, v), itt) : 0.0f;
@@ -124,26 +128,27 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
   else if (hr) row_sums<false, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
   else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
   const double log_ss = std::log(s[0]);
-  st[0] = static_cast<float>(ms + log_ss);
-  st[3] = static_cast<float>((static_cast<float>(zs[y]) * its - ms) - log_ss);
-  st[6] = static_cast<float>(s[3] / s[0] - log_ss);
+  st[0] = ms + log_ss;
+  st[3] = static_cast<double>(static_cast<float>(zs[y]) * its - ms) - log_ss;
+  st[6] = s[3] / s[0] - log_ss;
   if (ht) {
     const double log_st = std::log(s[1]);
-    st[1] = static_cast<float>(mt + log_st);
-    st[4] = static_cast<float>((static_cast<float>(zt[y]) * itt - mt) - log_st);
-    st[7] = static_cast<float>(s[4] / s[0] - log_st);
+    st[1] = mt + log_st;
+    st[4] = static_cast<double>(static_cast<float>(zt[y]) * itt - mt) - log_st;
+    st[7] = s[4] / s[0] - log_st;
   }
   if (hr) {
     const double log_sr = std::log(s[2]);
-    st[2] = static_cast<float>(mr + log_sr);
-    st[5] = static_cast<float>((static_cast<float>(zr[y]) * itr - mr) - log_sr);
-    st[8] = static_cast<float>(s[5] / s[0] - log_sr);
+    st[2] = mr + log_sr;
+    st[5] = static_cast<double>(static_cast<float>(zr[y]) * itr - mr) - log_sr;
+    st[8] = s[5] / s[0] - log_sr;
   }
 }
 
 // Coefficients of one backward row (see the header comment).
+// lse_m = hi + lo: the fp64 statistic split into two floats, so z' - lse keeps its low bits.
 struct BackwardCoef {
-  float lse_s, lse_t, lse_r, ct, cr, a, b, its, itt, itr;
+  float lse_s, lse_t, lse_r, lo_s, lo_t, lo_r, ct, cr, a, g_lp_s, its, itt, itr;  // a = g_loss / T_s
 };
 
 template <bool UT, bool UR, typename scalar_t>
@@ -151,20 +156,55 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
                        int64_t y, const BackwardCoef& k, float g_lp_scaled) {
   const Vec its = Ops::set1(k.its), itt = Ops::set1(k.itt), itr = Ops::set1(k.itr);
   const Vec ls = Ops::set1(k.lse_s), lt = Ops::set1(k.lse_t), lr = Ops::set1(k.lse_r);
-  const Vec ct = Ops::set1(k.ct), cr = Ops::set1(k.cr), a = Ops::set1(k.a), b = Ops::set1(k.b);
-  auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
-    const Vec lp = Ops::sub(Ops::mul(xs, its), ls);
-    const Vec p = Ops::exp(lp);
+  const Vec ls_lo = Ops::set1(k.lo_s), lt_lo = Ops::set1(k.lo_t), lr_lo = Ops::set1(k.lo_r);
+  const Vec ct = Ops::set1(k.ct), cr = Ops::set1(k.cr), a = Ops::set1(k.a);
+  auto log_p_and_c = [&](Vec xs, Vec xt, Vec xr, Vec& p) GOPD_LAMBDA_INLINE {
+    const Vec lp = Ops::sub(Ops::sub(Ops::mul(xs, its), ls), ls_lo);
+    p = Ops::exp(lp);
     Vec c = lp;
-    if (UT) c = Ops::fnmadd(ct, Ops::sub(Ops::mul(xt, itt), lt), c);
-    if (UR) c = Ops::fnmadd(cr, Ops::sub(Ops::mul(xr, itr), lr), c);
-    return Ops::where_pos(p, Ops::mul(p, Ops::fmadd(a, c, b)));
+    if (UT) c = Ops::fnmadd(ct, Ops::sub(Ops::sub(Ops::mul(xt, itt), lt), lt_lo), c);
+    if (UR) c = Ops::fnmadd(cr, Ops::sub(Ops::sub(Ops::mul(xr, itr), lr), lr_lo), c);
+    return c;
+  };
+  const Vec zero = Ops::zero();
+  // L = sum_v p(v) c(v) from this pass's own p and c (a first sweep over the row, from cache), not
+  // from the forward's sums: c - L is then exactly consistent, as in a log-softmax backward, and a
+  // one-hot row gets an exactly zero loss gradient however large its logits.
+  float loss = 0.0f;
+  if (k.a != 0.0f) {
+    double pc = 0.0;
+    for (int64_t start = 0; start < v; start += kBlockCols) {
+      const int64_t end = std::min(v, start + kBlockCols);
+      Vec acc = zero;
+      int64_t j = start;
+      for (; j + W <= end; j += W) {
+        Vec p;
+        const Vec c = log_p_and_c(Ops::load(zs + j), UT ? Ops::load(zt + j) : zero, UR ? Ops::load(zr + j) : zero, p);
+        acc = Ops::add(acc, Ops::where_pos(p, Ops::mul(p, c)));
+      }
+      if (j < end) {
+        const int64_t n = end - j;
+        Vec p;
+        const Vec c = log_p_and_c(load_tail(zs + j, n), UT ? load_tail(zt + j, n) : zero,
+                                  UR ? load_tail(zr + j, n) : zero, p);
+        acc = Ops::add(acc, Ops::where_pos(p, Ops::mul(p, c)));
+      }
+      pc += hsum(acc);
+    }
+    loss = static_cast<float>(pc);
+  }
+  const Vec lv = Ops::set1(loss), glp = Ops::set1(k.g_lp_s);
+  // a (c - L) - g_lp / T_s, with c - L formed first: folding a L + g_lp / T_s into one constant
+  // would round away the small difference left on a near one-hot row.
+  auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
+    Vec p;
+    const Vec c = log_p_and_c(xs, xt, xr, p);
+    return Ops::where_pos(p, Ops::mul(p, Ops::fmsub(a, Ops::sub(c, lv), glp)));
   };
   auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
   // The target column is computed first in fp32 and written last: out may alias zs, and adding
   // g_lp / T_s after a round to bf16 would round twice.
   const float g_y = Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_scaled;
-  const Vec zero = Ops::zero();
   int64_t j = 0;
   // Every vector is loaded before the store of the same columns: out may alias zs.
   for (; j + W <= v; j += W) {

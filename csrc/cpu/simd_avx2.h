@@ -12,6 +12,7 @@ struct Ops {
   GOPD_INLINE static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   GOPD_INLINE static Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
   GOPD_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }    // a b + c
+  GOPD_INLINE static Vec fmsub(Vec a, Vec b, Vec c) { return _mm256_fmsub_ps(a, b, c); }    // a b - c
   GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
   GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_GT_OQ), x); }

@@ -14,7 +14,10 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     stride(-1) == 1 (any row stride: the API may pass a column-slice of a padded vocabulary).
     All three share one dtype (fp16, bf16, fp32, or fp64 where supported). targets: [N] int64,
     each in [0, V) or == ignore_index. ts, tt, tr: temperatures (python floats > 0).
-    Returns stats: [NSTATS, N], float64 if zs is float64 else float32, rows named below.
+    Returns stats: [NSTATS, N], rows named below: float64 if zs is float64, else float32 or float64
+    (a backend may keep its statistics in fp64 for any input: an fp32 lse_m of magnitude |z / T|
+    loses the low bits of every log-probability recomputed from it; the CPU backend does this).
+    rows_backward receives the stats its own rows_forward returned.
     With log p_m = z_m / T_m - lse_m (computed in fp32 or better, never in the input dtype):
         LSE_S/T/R  lse_m = logsumexp(z_m / T_m)
         LP_S/T/R   log p_m(target)

@@ -2,7 +2,8 @@
 over the vocabulary per row, fp32 accumulation, fp64 for fp64 input), called through
 ``torch.ops.gopd.rows_forward`` / ``rows_backward`` registered by the extension ``gopd_kernels._C``.
 
-Supports float16, bfloat16, float32 and float64 logits on CPU. See ``gopd_kernels.backends`` for the
+Supports float16, bfloat16, float32 and float64 logits on CPU; the statistics are float64 for every
+input dtype (the backward splits each lse into two floats). See ``gopd_kernels.backends`` for the
 contract (stats layout, conventions for -inf columns and masked rows).
 """
 
