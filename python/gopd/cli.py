@@ -31,12 +31,12 @@ def main(argv=None) -> int:
     from .models import ModelError
 
     try:
-        config_file = args.config
-        if args.command == "demo" and config_file is None:
-            from .demo import DEMO_YAML
+        if args.command == "demo":
+            from .demo import demo_config
 
-            config_file = DEMO_YAML if os.path.exists(DEMO_YAML) else None
-        cfg = config_mod.load(config_file, tuple(args.overrides))
+            cfg = demo_config(args.config, tuple(args.overrides))
+        else:
+            cfg = config_mod.load(args.config, tuple(args.overrides))
         if args.command == "train":
             from .trainer import Trainer
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         else:
             from .demo import run_demo
 
-            run_demo(cfg if config_file else None)
+            run_demo(cfg)
     except (config_mod.ConfigError, DataError, ModelError) as e:
         print(f"gopd: error: {e}", file=sys.stderr)
         return 2

@@ -93,10 +93,11 @@ def from_dict(values: dict) -> Config:
     return cfg
 
 
-def load(path: Optional[str] = None, overrides: tuple = ()) -> Config:
-    """Loads a YAML file (or the defaults when path is None) and applies ``key=value`` overrides;
-    each value is parsed as YAML (so ``lam=1.25`` is a float, ``teachers={a: x}`` a dict)."""
-    values: dict = {}
+def load(path: Optional[str] = None, overrides: tuple = (), base: Optional[dict] = None) -> Config:
+    """Loads a YAML file (or, when path is None, the mapping `base`, else the defaults) and applies
+    ``key=value`` overrides; each value is parsed as YAML (so ``lam=1.25`` is a float,
+    ``teachers={a: x}`` a dict)."""
+    values: dict = dict(base or {})
     if path is not None:
         with open(path) as fh:
             values = yaml.safe_load(fh) or {}

@@ -90,16 +90,24 @@ def privileged(example: Example, kind: str) -> Example:
     if kind == "solution":
         if example.answer is None:
             raise DataError("teacher_context='solution' needs examples with an 'answer'")
-        extra = f"(Hint for you: the correct answer is {example.answer}.)"
-    else:
-        shots = synthetic_arithmetic(3, digits=2, ops=(example.domain,) if example.domain in _OPS else ("add",),
-                                     seed=zlib.crc32(example.user_text().encode()))
-        extra = "Worked examples:\n" + "\n".join(f"{s.prompt} {s.answer}" for s in shots)
+        # Right after the question, where a 135M model uses it: measured on 64 2-digit additions,
+        # SmolLM2-135M-Instruct scores 0.55 with this suffix, 0.23 with a "Hint: ..." line before the
+        # question and 0.17 without (the student).
+        suffix = f" (It is {example.answer}.)"
+        return _with_user_text(example, lambda text: text + suffix)
+    shots = synthetic_arithmetic(3, digits=2, ops=(example.domain,) if example.domain in _OPS else ("add",),
+                                 seed=zlib.crc32(example.user_text().encode()))
+    extra = "Worked examples:\n" + "\n".join(f"{s.prompt} {s.answer}" for s in shots)
+    return _with_user_text(example, lambda text: f"{extra}\n{text}")
+
+
+def _with_user_text(example: Example, edit) -> Example:
+    """A copy of the example whose (last) user message is edit(text)."""
     if example.prompt is not None:
-        return Example(prompt=f"{extra}\n{example.prompt}", answer=example.answer, domain=example.domain)
+        return Example(prompt=edit(example.prompt), answer=example.answer, domain=example.domain)
     messages = [dict(m) for m in example.messages]
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last_user]["content"] = f"{extra}\n{messages[last_user]['content']}"
+    messages[last_user]["content"] = edit(messages[last_user]["content"])
     return Example(messages=messages, answer=example.answer, domain=example.domain)
 
 

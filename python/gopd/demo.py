@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -20,19 +22,26 @@ from . import config as config_mod
 from .models import load_model
 from .trainer import Trainer
 
+# configs/demo.yaml in a source checkout; an installed package has no configs/ folder and uses
+# DEMO_DEFAULTS, which must equal that file (tests/test_demo_cli.py checks it).
 DEMO_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
+DEMO_DEFAULTS = dict(student="smollm2", teacher=None, teacher_context="solution", reference=None, lam=1.25,
+                     mode="full", train_data="synthetic", eval_data="synthetic", synthetic_ops=["add"],
+                     synthetic_digits=2, n_train=512, n_eval=128, max_new_tokens=16, eval_max_new_tokens=16,
+                     steps=8, batch_size=8, micro_batch_size=8, lr=1.0e-5, grad_clip=1.0, eval_every=0,
+                     out_dir="runs/demo", threads=2)
 
 
-def default_config() -> config_mod.Config:
-    if os.path.exists(DEMO_YAML):
-        return config_mod.load(DEMO_YAML)
-    return config_mod.from_dict(dict(student="smollm2", teacher_context="solution", lam=1.25, n_train=512,
-                                     n_eval=32, max_new_tokens=12, eval_max_new_tokens=12, steps=8,
-                                     batch_size=8, micro_batch_size=8, lr=1e-5, out_dir="runs/demo", threads=2))
+def demo_config(path: Optional[str] = None, overrides: tuple = ()) -> config_mod.Config:
+    """The demo's config: `path` if given, else configs/demo.yaml when it exists (source checkout),
+    else DEMO_DEFAULTS (installed package); then the ``key=value`` overrides, in every case."""
+    if path is None and os.path.exists(DEMO_YAML):
+        path = DEMO_YAML
+    return config_mod.load(path, overrides, base=None if path else DEMO_DEFAULTS)
 
 
 def run_demo(cfg: config_mod.Config = None) -> dict:
-    cfg = cfg or default_config()
+    cfg = cfg or demo_config()
     t0 = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -62,9 +71,17 @@ def run_demo(cfg: config_mod.Config = None) -> dict:
     total = time.perf_counter() - t0
 
     lines = [f"G-OPD demo: {cfg.student}, {cfg.synthetic_digits}-digit {'/'.join(cfg.synthetic_ops)}, "
-             f"{cfg.steps} steps x {cfg.batch_size} rollouts, n_eval={cfg.n_eval}, load {t_load:.0f}s",
-             f"{'model':34s} {'accuracy':>9s} {'wall s':>8s}"]
-    lines += [f"{name:34s} {acc:9.3f} {sec:8.1f}" for name, (acc, sec) in results.items()]
+             f"{cfg.steps} steps x {cfg.batch_size} rollouts, mode={cfg.mode}, lr={cfg.lr:g}, "
+             f"n_eval={cfg.n_eval}, load {t_load:.0f}s",
+             f"{'model':34s} {'pass@1':>7s} {'95% CI':>13s} {'wall s':>8s}"]
+    for name, (acc, sec) in results.items():
+        lo, hi = wilson_interval(acc, cfg.n_eval)
+        lines.append(f"{name:34s} {acc:7.3f} {f'[{lo:.2f}, {hi:.2f}]':>13s} {sec:8.1f}")
+    base = results["student before"][0]
+    for name, (acc, _) in list(results.items())[1:]:
+        d, half = acc - base, diff_half_width(acc, base, cfg.n_eval)
+        verdict = "better" if d - half > 0 else "worse" if d + half < 0 else "no significant change"
+        lines.append(f"{name} - student before: {d:+.3f} +- {half:.3f} (95%): {verdict}")
     lines.append(f"total wall time {total:.0f}s")
     print("\n".join(lines))
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -73,6 +90,21 @@ def run_demo(cfg: config_mod.Config = None) -> dict:
                        total_s=total, curves=curves), fh, indent=1)
     _plot(curves, results, os.path.join(cfg.out_dir, "demo.png"))
     return results
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple:
+    """95% Wilson score interval of a pass rate p measured on n questions."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def diff_half_width(p1: float, p2: float, n: int, z: float = 1.96) -> float:
+    """Half width of the normal-approximation 95% interval of p1 - p2, both measured on n questions.
+    It treats the two as independent samples; they share the questions, so this is conservative."""
+    return z * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(1, n))
 
 
 def _plot(curves, results, path):
