@@ -162,6 +162,10 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every variant this many times in rotation (own process each) and report the median "
+                        "of the rounds' medians: on a shared machine whose speed drifts, the ratios between "
+                        "variants are then taken from interleaved runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
     p.add_argument("--chunk-size", type=int, default=None, help="gopd_cpu tokens per chunk (default: the library's)")
@@ -184,39 +188,43 @@ def main(argv=None):
         return 0
 
     results = []
-    for n in args.n:
-        for mode in args.modes:
-            for variant in args.variants:
-                if variant == "liger_jsd" and mode != "full":
-                    continue
-                if variant == "gemm" and mode != args.modes[0]:
-                    continue  # mode-independent
-                if variant == "eager" and not _fits_eager(n, args.v):
-                    res = dict(variant=variant, mode=mode, n=n, error=(
-                        f"skipped: eager needs about {_eager_bytes(n, args.v) / 2**30:.1f} GiB, "
-                        f"{_mem_available() / 2**30:.1f} GiB available"))
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f"-- round {rnd + 1} of {args.rounds}", flush=True)
+        for n in args.n:
+            for mode in args.modes:
+                for variant in args.variants:
+                    if variant == "liger_jsd" and mode != "full":
+                        continue
+                    if variant == "gemm" and mode != args.modes[0]:
+                        continue  # mode-independent
+                    if variant == "eager" and not _fits_eager(n, args.v):
+                        res = dict(variant=variant, mode=mode, n=n, error=(
+                            f"skipped: eager needs about {_eager_bytes(n, args.v) / 2**30:.1f} GiB, "
+                            f"{_mem_available() / 2**30:.1f} GiB available"))
+                        results.append(res)
+                        print(f"N={n:6d} {mode:8s} {variant:10s} {res['error']}", flush=True)
+                        continue
+                    cmd = [sys.executable, __file__, "--child", variant, mode, str(n), "--v", str(args.v), "--d",
+                           str(args.d), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                    if args.chunk_size:
+                        cmd += ["--chunk-size", str(args.chunk_size)]
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                        res = json.loads(line[-1][7:]) if line else dict(
+                            variant=variant, mode=mode, n=n, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
+                    except subprocess.TimeoutExpired:
+                        res = dict(variant=variant, mode=mode, n=n, error=f"timeout after {args.timeout}s")
+                    if res is None:
+                        continue
                     results.append(res)
-                    print(f"N={n:6d} {mode:8s} {variant:10s} {res['error']}", flush=True)
-                    continue
-                cmd = [sys.executable, __file__, "--child", variant, mode, str(n), "--v", str(args.v), "--d",
-                       str(args.d), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                if args.chunk_size:
-                    cmd += ["--chunk-size", str(args.chunk_size)]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                    res = json.loads(line[-1][7:]) if line else dict(
-                        variant=variant, mode=mode, n=n, error=(proc.stderr.strip().splitlines() or ["?"])[-1])
-                except subprocess.TimeoutExpired:
-                    res = dict(variant=variant, mode=mode, n=n, error=f"timeout after {args.timeout}s")
-                if res is None:
-                    continue
-                results.append(res)
-                if "error" in res:
-                    print(f"N={n:6d} {mode:8s} {variant:10s} ERROR {res['error']}", flush=True)
-                else:
-                    print(f"N={n:6d} {mode:8s} {variant:10s} {res['median_s'] * 1e3:10.1f} ms   "
-                          f"peak RSS {res['peak_rss_mb']:8.0f} MiB (extra {res['extra_rss_mb']:7.0f})", flush=True)
+                    if "error" in res:
+                        print(f"N={n:6d} {mode:8s} {variant:10s} ERROR {res['error']}", flush=True)
+                    else:
+                        print(f"N={n:6d} {mode:8s} {variant:10s} {res['median_s'] * 1e3:10.1f} ms   "
+                              f"peak RSS {res['peak_rss_mb']:8.0f} MiB (extra {res['extra_rss_mb']:7.0f})", flush=True)
+    results = _merge_rounds(results)
 
     summary = _summary(results)
     for line in summary:
@@ -228,7 +236,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 processor=_cpu_name(), cpu_count=os.cpu_count(), v=args.v, d=args.d, lam=LAM,
-                repeats=args.repeats, dtype="float32", note="median of repeats after one warm-up; fwd+bwd")
+                repeats=args.repeats, rounds=args.rounds, dtype="float32",
+                note="median of repeats after one warm-up (median over rounds with --rounds); fwd+bwd")
     out.write_text(json.dumps(dict(meta=meta, results=results, summary=summary), indent=1))
     print(f"wrote {out}")
     png = _plot(results, out.with_suffix(".png"), meta)
@@ -298,6 +307,29 @@ def _plot(results, path, meta):
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _merge_rounds(results):
+    """One row per (variant, mode, n): median over rounds of median_s (the per-round medians kept in
+    round_medians_s) and of the memory figures; a variant that failed in any round keeps its error."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["variant"], r["mode"], r["n"]), []).append(r)
+    merged = []
+    for rows in groups.values():
+        ok = [r for r in rows if "error" not in r]
+        if len(ok) < len(rows) or len(rows) == 1:
+            merged.append(rows[0] if len(ok) == len(rows) else next(r for r in rows if "error" in r))
+            continue
+        row = dict(ok[0])
+        for key in ("median_s", "peak_rss_mb", "base_rss_mb", "extra_rss_mb"):
+            row[key] = statistics.median(r[key] for r in ok)
+        row["round_medians_s"] = [r["median_s"] for r in ok]
+        row["times_s"] = [t for r in ok for t in r["times_s"]]
+        if row.get("gemm_gflops") is not None:
+            row["gemm_gflops"] = statistics.median(r["gemm_gflops"] for r in ok)
+        merged.append(row)
+    return merged
 
 
 def _cpu_name():
