@@ -1,15 +1,20 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   creates .venv, installs torch + the project, builds the extension, runs the main job
-#   make test   the same bootstrap, then the whole test suite
+#   make demo   creates .venv, installs torch + the project (with the trainer's extras), builds the
+#               extension, runs the main job
+#   make test   the same, with the test and benchmark extras, then the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU wheel where there is no GPU; where the system Python already has torch, the venv sees it.
 TORCH_CPU := torch==2.13.0
+# What a rebuild of the project depends on.
+SOURCES := setup.py pyproject.toml CMakeLists.txt \
+           $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
 .PHONY: demo test cuda-check bench clean
 
-$(BIN)/.bootstrapped: setup.py pyproject.toml CMakeLists.txt
+# The virtual environment with torch and the build tools (once).
+$(BIN)/.venv-ready:
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "== using the torch already installed for $(PYTHON)"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -22,23 +27,28 @@ $(BIN)/.bootstrapped: setup.py pyproject.toml CMakeLists.txt
 	    fi; \
 	fi
 	$(BIN)/pip install -q setuptools wheel pybind11 cmake ninja
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,train,bench]"
-	@touch $@ $(BIN)/.built  # that install built the extension too
-
-$(BIN)/.built: $(BIN)/.bootstrapped $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
-demo: $(BIN)/.built
+# The project installed in place (this builds the C++ extension) with the extras a target needs:
+# the demo only the trainer's, the tests everything. Re-run when a source of the build changes.
+$(BIN)/.installed-demo: $(BIN)/.venv-ready $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation -e ".[train]"
+	@touch $@
+
+$(BIN)/.installed-test: $(BIN)/.venv-ready $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,train,bench]"
+	@touch $@ $(BIN)/.installed-demo
+
+demo: $(BIN)/.installed-demo
 	$(BIN)/gopd demo
 
-test: $(BIN)/.built
+test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-cuda-check: $(BIN)/.bootstrapped
+cuda-check: $(BIN)/.venv-ready
 	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh
 
-bench: $(BIN)/.built
+bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_cpu.py
 
 clean:
