@@ -10,7 +10,8 @@ Variants (each (variant, mode, N) runs in its own subprocess so its peak RSS is 
              (three logit GEMMs, dH = G W, dW = G^T H), timed in the same run.
 
 Timing: one warm-up call, then the median of --repeats calls of forward + backward. Memory: peak RSS
-of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs were created ("extra").
+of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs (incl. the trainable copies
+of the student's hidden states and weight) were created ("extra").
 
     python benchmarks/bench_cpu.py                 # N in {512, 2048, 8192}, V=49152, D=576, fp32
     python benchmarks/bench_cpu.py --quick         # tiny shapes, a few seconds (CI smoke)
@@ -132,8 +133,8 @@ def run_child(variant, mode, n, d, v, repeats, threads, chunk_size=None):
     if threads:
         torch.set_num_threads(threads)
     h, w, y = _inputs(n, d, v)
+    step = _step_fn(variant, mode, h, w, y, chunk_size)  # makes the trainable copies of H and W: inputs too
     base = _rss_mb()
-    step = _step_fn(variant, mode, h, w, y, chunk_size)
     if step is None:
         return None
     t0 = time.perf_counter()
