@@ -8,7 +8,8 @@
 //   out(v) = ( g_loss_i p(v) (c(v) - L_i) + g_lp_i ([v == y_i] - p(v)) ) / T_s,
 //   c = log p_s - lam log p_t - (1 - lam) log p_r,  L = E_S - lam E_T - (1 - lam) E_R.
 //
-// Algorithm: one pass over the vocabulary per row, in column blocks that stay in L1. Per block we
+// Algorithm of the generic kernel (fp64 input, CPUs without AVX2; rows_simd.h has the vectorised
+// two-pass one): one pass over the vocabulary per row, in column blocks that stay in L1. Per block we
 // up-cast the (scaled) logits of the three models into fp32 buffers, take the block maxima, move the
 // running maxima M_m, rescale the running sums, and accumulate with the block's fixed maxima:
 //   S_m  = sum_v exp(z'_m(v) - M_m)                     (so lse_m = M_m + log S_m)
@@ -23,7 +24,8 @@
 //
 // Rows are independent and each row's arithmetic order is fixed, so results do not depend on the
 // number of threads (at::parallel_for over rows, torch's OpenMP pool, honours torch.set_num_threads).
-// Accumulation is fp32 for fp16 / bf16 / fp32 input and fp64 for fp64 input.
+// Accumulation is fp32 for fp16 / bf16 / fp32 input and fp64 for fp64 input; the statistics are
+// written in fp64 for every input, and the backward takes each lse as hi + lo in the accumulation type.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
