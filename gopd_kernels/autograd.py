@@ -127,48 +127,72 @@ class _Heads:
         return self._one("s", self.s, rows), self._one("t", self.t, rows), self._one("r", self.r, rows)
 
 
-def _accumulate_grads(dz, hs_chunk, ws, rows, dh, dw, db):
-    """dh[rows] = dz @ W; dW += dz^T h; db += sum dz. Accumulators are fp32 (fp64 for fp64 input),
-    updated in place; one that is None (its input needs no gradient) is skipped."""
-    v = dz.shape[1]
-    if _tensor_core_grads(dz, hs_chunk, ws):
-        # bf16 / fp16 head on CUDA: the logit gradient (fp32 from the row kernel) is rounded to the
-        # input dtype once, as plain torch's gradient would be, so dH and dW run on tensor cores; cuBLAS
-        # accumulates in fp32 and dW's cross-chunk sum stays fp32 (out_dtype). Up-casting W instead
-        # would copy all of W to fp32 on every chunk and run the GEMMs an order of magnitude slower.
-        dz_lp = dz.to(hs_chunk.dtype)
-        if dh is not None:
-            torch.mm(dz_lp, ws[:v], out=dh[rows])
-        if dw is not None:
-            torch.addmm(dw[:v], dz_lp.t(), hs_chunk, out_dtype=torch.float32, out=dw[:v])
-        if db is not None:
-            db[:v] += dz.sum(0, dtype=torch.float32)
-        return
-    acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
-    dzc = dz.to(acc)
-    if dh is not None:
-        w = ws[:v].to(acc)
-        if dh.dtype == acc:
-            torch.mm(dzc, w, out=dh[rows])
+class _GradAccumulator:
+    """dH, dW, db of the student head, built chunk by chunk: dh[rows] = dz @ W, dW += dz^T h, db += sum dz.
+
+    Accumulators are fp32 (fp64 for fp64 input). The first chunk writes dW / db with beta = 0 (its
+    input is ignored, NaN included), so a [V, D] buffer is never zero-filled only to be overwritten;
+    rows of a padded W beyond the vocabulary are zeroed once. One that is not needed is None.
+    """
+
+    def __init__(self, hs, ws, bs, need_h, need_w, need_b):
+        acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
+        self.acc, self.ws = acc, ws
+        # Every row of dh is written by exactly one chunk (the chunks tile [0, N)).
+        self.dh = torch.empty_like(hs) if need_h else None
+        self.dw = torch.empty(ws.shape, dtype=acc, device=ws.device) if need_w else None
+        self.db = torch.empty(bs.shape, dtype=acc, device=bs.device) if (bs is not None and need_b) else None
+        self.first = True
+
+    def add(self, dz, hs_chunk, rows):
+        v = dz.shape[1]
+        beta = 0.0 if self.first else 1.0
+        if self.first:
+            for g in (self.dw, self.db):
+                if g is not None:
+                    g[v:].zero_()
+            self.first = False
+        dh, dw, db, ws = self.dh, self.dw, self.db, self.ws
+        if _tensor_core_grads(dz, hs_chunk, ws):
+            # bf16 / fp16 head on CUDA: the logit gradient (fp32 from the row kernel) is rounded to the
+            # input dtype once, as plain torch's gradient would be, so dH and dW run on tensor cores;
+            # cuBLAS accumulates in fp32 and dW's cross-chunk sum stays fp32 (out_dtype). Up-casting W
+            # instead would copy all of W to fp32 on every chunk and run the GEMMs an order of
+            # magnitude slower.
+            dz_lp = dz.to(hs_chunk.dtype)
+            if dh is not None:
+                torch.mm(dz_lp, ws[:v], out=dh[rows])
+            if dw is not None:
+                torch.addmm(dw[:v], dz_lp.t(), hs_chunk, beta=beta, out_dtype=torch.float32, out=dw[:v])
         else:
-            dh[rows] = (dzc @ w).to(dh.dtype)
-    if dw is not None:
-        dw[:v].addmm_(dzc.t(), hs_chunk.to(acc))
-    if db is not None:
-        db[:v] += dzc.sum(0)
+            dzc = dz.to(self.acc)
+            if dh is not None:
+                w = ws[:v].to(self.acc)
+                if dh.dtype == self.acc:
+                    torch.mm(dzc, w, out=dh[rows])
+                else:
+                    dh[rows] = (dzc @ w).to(dh.dtype)
+            if dw is not None:
+                dw[:v].addmm_(dzc.t(), hs_chunk.to(self.acc), beta=beta)
+        if db is not None:
+            col_sum = dz.sum(0, dtype=self.acc)
+            if beta == 0.0:
+                db[:v] = col_sum
+            else:
+                db[:v] += col_sum
+
+    def result(self):
+        """(dh, dw, db); with no chunk at all (N = 0) they are zeros."""
+        if self.first:
+            for g in (self.dh, self.dw, self.db):
+                if g is not None:
+                    g.zero_()
+        return self.dh, self.dw, self.db
 
 
 def _tensor_core_grads(dz, hs_chunk, ws):
     return (dz.is_cuda and _HAS_ADDMM_OUT_DTYPE and hs_chunk.dtype in (torch.bfloat16, torch.float16)
             and ws.dtype == hs_chunk.dtype)
-
-
-def _grad_buffers(hs, ws, bs, need_h, need_w, need_b):
-    acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
-    dh = torch.zeros_like(hs) if need_h else None
-    dw = torch.zeros(ws.shape, dtype=acc, device=ws.device) if need_w else None
-    db = torch.zeros(bs.shape, dtype=acc, device=bs.device) if (bs is not None and need_b) else None
-    return dh, dw, db
 
 
 class FusedLinearRows(torch.autograd.Function):
@@ -193,11 +217,12 @@ class FusedLinearRows(torch.autograd.Function):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, ctx.vocab)
         g_lp, g_loss = _grad_or_zeros(g_lp, stats[0]), _grad_or_zeros(g_loss, stats[0])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
+        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
         for rows in _chunks(targets.shape[0], ctx.chunk):
             zs, zt, zr = heads.logits(rows)
             ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
-            _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
+            grads.add(zs, hs[rows], rows)
+        dh, dw, db = grads.result()
         return (dh, None if dw is None else dw.to(ws.dtype),
                 None if db is None else db.to(bs.dtype)) + (None,) * 10
 
@@ -218,7 +243,7 @@ class FusedLinearLoss(torch.autograd.Function):
         dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
         stats = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = _grad_buffers(hs, ws, bs, need_h, need_w, need_b)
+        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
         total = torch.zeros((), dtype=dtype, device=hs.device)
         for rows in _chunks(n, chunk):
             zs, zt, zr = heads.logits(rows)
@@ -234,7 +259,8 @@ class FusedLinearLoss(torch.autograd.Function):
             total += loss_c.detach()
             if need_h or need_w or need_b:
                 cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
-                _accumulate_grads(zs, hs[rows], ws, rows, dh, dw, db)
+                grads.add(zs, hs[rows], rows)
+        dh, dw, db = grads.result()
         stats = _stats_buffer(stats, None, n, hs)
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)

@@ -228,3 +228,27 @@ def test_fused_linear_with_a_frozen_head_or_frozen_hidden(reduction, trainable):
     (ga,) = torch.autograd.grad(out.loss.sum(), x)
     (gb,) = torch.autograd.grad(ref.loss.sum(), x)
     assert max_err(ga, gb) <= 1e-10
+
+
+def test_gradient_accumulator_overwrites_its_uninitialised_buffers():
+    """dW / db are allocated empty and the first chunk writes them with beta = 0: garbage (here NaN)
+    in the fresh buffers must not reach the result, and no chunk at all must give zeros."""
+    from gopd_kernels.autograd import _GradAccumulator
+
+    g = torch.Generator().manual_seed(16)
+    n, v, d = 10, 13, 6
+    h, w, b = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
+    dz = torch.randn(n, v, generator=g)
+    acc = _GradAccumulator(h, w, b, True, True, True)
+    for buf in (acc.dh, acc.dw, acc.db):
+        buf.fill_(float("nan"))
+    for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        acc.add(dz[rows], h[rows], rows)
+    dh, dw, db = acc.result()
+    torch.testing.assert_close(dh, dz @ w)
+    torch.testing.assert_close(dw, dz.t() @ h)
+    torch.testing.assert_close(db, dz.sum(0))
+    empty = _GradAccumulator(h[:0], w, b, True, True, True)
+    for buf in (empty.dw, empty.db):
+        buf.fill_(float("nan"))
+    assert all((x == 0).all() for x in empty.result())

@@ -16,12 +16,18 @@ struct Ops {
   GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
   GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_GT_OQ), x); }
+  // w x where w > 0, else +0.
+  GOPD_INLINE static Vec mul_where_pos(Vec w, Vec x) { return mul(w, where_pos(w, x)); }
+  // acc + w x where w > 0, else acc (x is zeroed first, so a -inf x never meets w = 0).
+  GOPD_INLINE static Vec add_prod_where_pos(Vec acc, Vec w, Vec x) { return fmadd(w, where_pos(w, x), acc); }
 
   // e^x, |error| about 1 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n from
-  // the exponent bits. x < -87.3 (incl. -inf) gives exactly 0; NaN stays NaN.
+  // the exponent bits. x < -87.3 (incl. -inf) gives exactly 0; NaN stays NaN: max(lo, x) and
+  // min(hi, .) return their second operand, x, for a NaN x, and the NLT_UQ compare keeps unordered
+  // lanes.
   GOPD_INLINE static Vec exp(Vec x) {
     const Vec lo = set1(-87.33654f);
-    const Vec xc = _mm256_min_ps(_mm256_max_ps(x, lo), set1(88.0f));
+    const Vec xc = _mm256_min_ps(set1(88.0f), _mm256_max_ps(lo, x));
     const Vec n = _mm256_round_ps(mul(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     Vec r = fnmadd(n, set1(0.693359375f), xc);
     r = fnmadd(n, set1(-2.12194440e-4f), r);
@@ -33,11 +39,7 @@ struct Ops {
     p = fmadd(p, r, set1(5.0000001201e-1f));
     const Vec y = add(fmadd(mul(p, r), r, r), set1(1.0f));
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const Vec e = mul(y, _mm256_castsi256_ps(bits));
-    // The clamp turned a NaN lane into lo: put the NaN back from x.
-    const Vec keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-    const Vec nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    return _mm256_or_ps(_mm256_and_ps(keep, e), _mm256_and_ps(nan, x));
+    return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_NLT_UQ), mul(y, _mm256_castsi256_ps(bits)));
   }
 
   GOPD_INLINE static Vec load(const float* p) { return _mm256_loadu_ps(p); }

@@ -16,11 +16,20 @@ struct Ops {
   GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
   // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
   GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ), x); }
+  // w x where w > 0, else +0: one masked multiply.
+  GOPD_INLINE static Vec mul_where_pos(Vec w, Vec x) { return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ), w, x); }
+  // acc + w x where w > 0, else acc: one masked FMA (the compare is shared by the compiler across calls with one w).
+  GOPD_INLINE static Vec add_prod_where_pos(Vec acc, Vec w, Vec x) {
+    return _mm512_mask3_fmadd_ps(w, x, acc, _mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ));
+  }
 
-  // e^x as in simd_avx2.h (same constants, same rounding of n), 16 lanes.
+  // e^x with the reduction and polynomial of simd_avx2.h, 16 lanes; 2^n applied by scalef, which
+  // also gives 0 / inf at the ends of the range, so there is no upper clamp and no exponent-bit
+  // arithmetic. x < -87.3 (incl. -inf) gives exactly 0, as in simd_avx2.h; NaN stays NaN: max(lo, x)
+  // returns x for a NaN x, and the NLT_UQ compare keeps unordered lanes.
   GOPD_INLINE static Vec exp(Vec x) {
     const Vec lo = set1(-87.33654f);
-    const Vec xc = _mm512_min_ps(_mm512_max_ps(x, lo), set1(88.0f));
+    const Vec xc = _mm512_max_ps(lo, x);
     const Vec n = _mm512_roundscale_ps(mul(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     Vec r = fnmadd(n, set1(0.693359375f), xc);
     r = fnmadd(n, set1(-2.12194440e-4f), r);
@@ -31,12 +40,7 @@ struct Ops {
     p = fmadd(p, r, set1(1.6666665459e-1f));
     p = fmadd(p, r, set1(5.0000001201e-1f));
     const Vec y = add(fmadd(mul(p, r), r, r), set1(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const Vec e = mul(y, _mm512_castsi512_ps(bits));
-    // x < lo -> 0; a NaN lane (turned into lo by the clamp) gets x back.
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(keep, e), nan, x);
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y, n);
   }
 
   GOPD_INLINE static Vec load(const float* p) { return _mm512_loadu_ps(p); }
