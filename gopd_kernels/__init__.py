@@ -10,10 +10,11 @@ plain-PyTorch definition every backend is tested against.
 
 from . import backends, reference
 from ._output import GOPDOutput
+from ._workspace import release_workspace
 from .api import fused_linear_gopd_loss, fused_linear_logprobs, gopd_loss
 from .modules import FusedLinearGOPDLoss, GOPDLoss
 
 __version__ = "0.1.0"
 
 __all__ = ["gopd_loss", "fused_linear_gopd_loss", "fused_linear_logprobs", "GOPDLoss", "FusedLinearGOPDLoss",
-           "GOPDOutput", "reference", "backends", "__version__"]
+           "GOPDOutput", "release_workspace", "reference", "backends", "__version__"]

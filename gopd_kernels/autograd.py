@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _workspace
 from .backends import LP_S, NSTATS
 from .objective import full_loss_from_stats
 
@@ -100,7 +101,9 @@ class _Heads:
     """(hidden, weight, bias) of the student, teacher and reference; teacher / ref may be None.
 
     On CPU each head's fp32 chunk logits go into one buffer reused across chunks: a fresh
-    [chunk, V] allocation per chunk would be page-faulted in (zeroed by the OS) every time.
+    [chunk, V] allocation per chunk would be page-faulted in (zeroed by the OS) every time. The
+    buffers come from, and go back to, the workspace kept between calls (_workspace); `release()`
+    returns them, and nothing may use a chunk's logits after it.
     """
 
     def __init__(self, hs, ws, bs, ht, wt, bt, hr, wr, br, vocab):
@@ -112,12 +115,15 @@ class _Heads:
         if h is None:
             return None
         h = h[rows]
-        if h.is_cuda or h.dtype not in (torch.float32, torch.float64) or h.dtype != w.dtype:
+        if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.float64) or h.dtype != w.dtype:
             return linear_logits(h, w, b, self.vocab)
+        numel = h.shape[0] * self.vocab
         buf = self._buffers.get(key)
-        if buf is None or buf.shape[0] < h.shape[0]:
-            buf = self._buffers[key] = torch.empty(h.shape[0], self.vocab, dtype=h.dtype, device=h.device)
-        out = buf[: h.shape[0]]
+        if buf is None or buf.numel() < numel:  # the first chunk is the largest: once per head
+            if buf is not None:
+                _workspace.give_back([buf])
+            buf = self._buffers[key] = _workspace.take(numel, h.dtype)
+        out = buf[:numel].view(h.shape[0], self.vocab)
         torch.mm(h, w[: self.vocab].t(), out=out)
         if b is not None:
             out += b[: self.vocab].to(out.dtype)
@@ -125,6 +131,10 @@ class _Heads:
 
     def logits(self, rows):
         return self._one("s", self.s, rows), self._one("t", self.t, rows), self._one("r", self.r, rows)
+
+    def release(self):
+        _workspace.give_back(list(self._buffers.values()))
+        self._buffers.clear()
 
 
 class _GradAccumulator:
@@ -201,10 +211,13 @@ class FusedLinearRows(torch.autograd.Function):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
         stats = None
-        for rows in _chunks(n, chunk):
-            stats_c = cfg.forward(*heads.logits(rows), targets[rows])
-            stats = _stats_buffer(stats, stats_c, n)
-            stats[:, rows] = stats_c
+        try:
+            for rows in _chunks(n, chunk):
+                stats_c = cfg.forward(*heads.logits(rows), targets[rows])
+                stats = _stats_buffer(stats, stats_c, n)
+                stats[:, rows] = stats_c
+        finally:
+            heads.release()
         stats = _stats_buffer(stats, None, n, hs)
         ctx.cfg, ctx.vocab, ctx.chunk = cfg, vocab, chunk
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats)
@@ -218,10 +231,13 @@ class FusedLinearRows(torch.autograd.Function):
         g_lp, g_loss = _grad_or_zeros(g_lp, stats[0]), _grad_or_zeros(g_loss, stats[0])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
-        for rows in _chunks(targets.shape[0], ctx.chunk):
-            zs, zt, zr = heads.logits(rows)
-            ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
-            grads.add(zs, hs[rows], rows)
+        try:
+            for rows in _chunks(targets.shape[0], ctx.chunk):
+                zs, zt, zr = heads.logits(rows)
+                ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
+                grads.add(zs, hs[rows], rows)
+        finally:
+            heads.release()
         dh, dw, db = grads.result()
         return (dh, None if dw is None else dw.to(ws.dtype),
                 None if db is None else db.to(bs.dtype)) + (None,) * 10
@@ -245,21 +261,24 @@ class FusedLinearLoss(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
         total = torch.zeros((), dtype=dtype, device=hs.device)
-        for rows in _chunks(n, chunk):
-            zs, zt, zr = heads.logits(rows)
-            stats_c = cfg.forward(zs, zt, zr, targets[rows])
-            stats = _stats_buffer(stats, stats_c, n)
-            stats[:, rows] = stats_c
-            with torch.enable_grad():
-                lp_s = stats_c[LP_S].clone().requires_grad_(True)
-                full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
-                loss_c = objective(lp_s, full, stats_c, rows).sum() * scale
-                g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
-                                                   materialize_grads=True)
-            total += loss_c.detach()
-            if need_h or need_w or need_b:
-                cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
-                grads.add(zs, hs[rows], rows)
+        try:
+            for rows in _chunks(n, chunk):
+                zs, zt, zr = heads.logits(rows)
+                stats_c = cfg.forward(zs, zt, zr, targets[rows])
+                stats = _stats_buffer(stats, stats_c, n)
+                stats[:, rows] = stats_c
+                with torch.enable_grad():
+                    lp_s = stats_c[LP_S].clone().requires_grad_(True)
+                    full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
+                    loss_c = objective(lp_s, full, stats_c, rows).sum() * scale
+                    g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
+                                                       materialize_grads=True)
+                total += loss_c.detach()
+                if need_h or need_w or need_b:
+                    cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
+                    grads.add(zs, hs[rows], rows)
+        finally:
+            heads.release()
         dh, dw, db = grads.result()
         stats = _stats_buffer(stats, None, n, hs)
         ctx.save_for_backward(dh, dw, db)

@@ -252,3 +252,72 @@ def test_gradient_accumulator_overwrites_its_uninitialised_buffers():
     for buf in (empty.dw, empty.db):
         buf.fill_(float("nan"))
     assert all((x == 0).all() for x in empty.result())
+
+
+
+def _fused_problem(seed, n=40, v=300, d=16):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return (mk(n, d), mk(v, d), torch.randint(0, v, (n,), generator=g), mk(n, d), mk(v, d), mk(n, d), mk(v, d))
+
+
+def _fused_step(problem, chunk_size):
+    hs, ws, y, ht, wt, hr, wr = problem
+    params = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    out = gk.fused_linear_gopd_loss(params[0], params[1], y, ht, wt, hr, wr, lam=1.25, mode="full",
+                                    backend="cpu", chunk_size=chunk_size)
+    return (out.loss.detach(), *torch.autograd.grad(out.loss, params))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built")
+def test_cpu_workspace_is_reused_bounded_released_and_never_shared():
+    """The fused-linear path keeps its [chunk, V] CPU buffers between calls (they would be page-faulted
+    in on every call otherwise): results do not depend on what a reused buffer held, the pool stays
+    within its capacity, release_workspace() empties it, and concurrent calls do not share buffers."""
+    import threading
+
+    from gopd_kernels import _workspace
+
+    gk.release_workspace()
+    problems = [_fused_problem(s) for s in range(4)]
+    fresh = []
+    for p in problems:
+        gk.release_workspace()
+        fresh.append(_fused_step(p, chunk_size=16))
+    assert _workspace.cached_bytes() > 0
+    for p, want in zip(reversed(problems), reversed(fresh)):  # reused buffers, other contents
+        for a, b in zip(_fused_step(p, chunk_size=16), want):
+            assert torch.equal(a, b)
+    assert 0 < _workspace.cached_bytes() <= _workspace.CAPACITY_BYTES
+    gk.release_workspace()
+    assert _workspace.cached_bytes() == 0
+
+    results = [None] * len(problems)
+    start = threading.Barrier(len(problems))
+
+    def work(i):
+        start.wait()
+        results[i] = [_fused_step(problems[i], chunk_size=16) for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(fresh):
+        for rep in results[i]:
+            for a, b in zip(rep, want):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # MKL may split a GEMM differently when busy
+
+
+def test_workspace_pool_keeps_the_largest_buffers_within_capacity(monkeypatch):
+    from gopd_kernels import _workspace
+
+    monkeypatch.setattr(_workspace, "CAPACITY_BYTES", 1000 * 4)
+    monkeypatch.setattr(_workspace, "_pool", [])
+    bufs = [_workspace.take(n, torch.float32) for n in (100, 600, 300, 200)]
+    _workspace.give_back(bufs)
+    assert sorted(b.numel() for b in _workspace._pool) == [100, 300, 600]  # 600 + 300 + 100 <= 1000
+    got = _workspace.take(250, torch.float32)
+    assert got.numel() == 300  # the smallest that fits
+    assert _workspace.take(50, torch.float64).dtype == torch.float64  # never a buffer of another dtype
