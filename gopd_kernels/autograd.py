@@ -281,18 +281,32 @@ class FusedLinearLoss(torch.autograd.Function):
             heads.release()
         dh, dw, db = grads.result()
         stats = _stats_buffer(stats, None, n, hs)
-        ctx.save_for_backward(dh, dw, db)
+        # Kept on ctx, not saved for backward, so that backward can hand these very tensors to autograd,
+        # which then adopts them as .grad without a copy (a saved tensor has a second owner, and a
+        # [V, D] copy at that point would be the step's peak memory).
+        ctx.grads = (dh, dw, db)
         ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
         ctx.mark_non_differentiable(stats)
         return total, stats
 
     @staticmethod
     def backward(ctx, g_total, _g_stats):
-        dh, dw, db = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-
-        def scaled(grad, dtype, needed):
-            return (grad * g_total.to(grad.dtype)).to(dtype) if (needed and grad is not None) else None
-
-        return (scaled(dh, None if dh is None else dh.dtype, need_h), scaled(dw, ctx.dtypes[0], need_w),
-                scaled(db, ctx.dtypes[1], need_b)) + (None,) * 12
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_gopd_loss: this loss was already backpropagated once. With reduction='mean' or "
+                "'sum' its gradient is built in the forward pass and handed over on the first backward, so "
+                "retain_graph=True cannot replay it; compute the loss again, or use reduction='none' (which "
+                "recomputes in backward) and reduce it yourself.")
+        grads, ctx.grads = ctx.grads, None
+        need = ctx.needs_input_grad[:3]
+        dtypes = (grads[0].dtype if grads[0] is not None else None, *ctx.dtypes)
+        out = []
+        for grad, dtype, needed in zip(grads, dtypes, need):
+            if not needed or grad is None:
+                out.append(None)
+                continue
+            if bool(g_total != 1):
+                grad.mul_(g_total.to(grad.dtype))  # ours alone: scaled in place
+            out.append(grad.to(dtype))
+        del grads
+        return (*out, *(None,) * 12)

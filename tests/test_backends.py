@@ -321,3 +321,44 @@ def test_workspace_pool_keeps_the_largest_buffers_within_capacity(monkeypatch):
     got = _workspace.take(250, torch.float32)
     assert got.numel() == 300  # the smallest that fits
     assert _workspace.take(50, torch.float64).dtype == torch.float64  # never a buffer of another dtype
+
+
+def test_fused_linear_scalar_loss_hands_over_its_gradient_once():
+    """The scalar-loss path builds dH / dW in forward; backward hands those tensors to autograd (no [V, D]
+    copy: .grad is the very buffer), scales by the upstream gradient, and a second backward through
+    the same graph is a clear error rather than a silently wrong gradient."""
+    hs, ws, y, ht, wt, hr, wr = _fused_problem(21)
+    backend = "cpu" if "cpu" in BACKENDS else "torch"
+
+    def loss(w, h):
+        return gk.fused_linear_gopd_loss(h, w, y, ht, wt, hr, wr, lam=1.25, mode="full", backend=backend,
+                                         chunk_size=16).loss
+
+    from gopd_kernels import autograd
+
+    built = {}
+    result = autograd._GradAccumulator.result
+
+    def spy(self):
+        grads = result(self)
+        built["dw"] = grads[1].data_ptr()
+        return grads
+
+    w1 = ws.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autograd._GradAccumulator, "result", spy)
+        loss(w1, hs).backward()
+    assert w1.grad.data_ptr() == built["dw"]  # adopted, not copied
+    w3 = ws.clone().requires_grad_(True)
+    (3.0 * loss(w3, hs)).backward()
+    torch.testing.assert_close(w3.grad, 3.0 * w1.grad)
+    ref_w = ws.double().requires_grad_(True)
+    ref = R.gopd_loss(hs.double() @ ref_w.T, y, (ht @ wt.T).double(), (hr @ wr.T).double(), lam=1.25, mode="full")
+    ref.loss.backward()
+    assert max_err(w1.grad, ref_w.grad) <= 1e-4 * (1 + float(ref_w.grad.abs().max()))
+
+    w2 = ws.clone().requires_grad_(True)
+    out = loss(w2, hs)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated once"):
+        out.backward()
