@@ -167,6 +167,10 @@ def main(argv=None):
                    help="run every variant this many times in rotation (own process each) and report the median "
                         "of the rounds' medians: on a shared machine whose speed drifts, the ratios between "
                         "variants are then taken from interleaved runs")
+    p.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                   help="timing only: all variants in ONE process, each run once per round in rotating order, "
+                        "for ROUNDS rounds; the ratios to the GEMM floor and to Liger are taken per round (paired), "
+                        "so drift of a shared machine cancels. No memory figures (the variants share a process).")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
     p.add_argument("--chunk-size", type=int, default=None, help="gopd_cpu tokens per chunk (default: the library's)")
@@ -181,6 +185,9 @@ def main(argv=None):
         if "liger_jsd" in args.variants and "--variants" not in (argv or sys.argv):
             args.variants = [x for x in args.variants if x != "liger_jsd"]  # torch.compile takes minutes
     args.n = args.n or [512, 2048, 8192]
+
+    if args.paired:
+        return run_paired(args)
 
     if args.child:
         variant, mode, n = args.child
@@ -244,6 +251,63 @@ def main(argv=None):
     png = _plot(results, out.with_suffix(".png"), meta)
     if png:
         print(f"wrote {png}")
+    return 0
+
+
+def run_paired(args):
+    """--paired: per-round paired timings and ratios; JSON to cpu_bench_paired.json (or --out)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for n in args.n:
+        h, w, y = _inputs(n, args.d, args.v)
+        steps = {}
+        for variant in args.variants:
+            for mode in args.modes:
+                if (variant == "liger_jsd" and mode != "full") or (variant == "gemm" and mode != args.modes[0]):
+                    continue
+                if variant == "eager" and not _fits_eager(n, args.v):
+                    print(f"N={n} {variant} skipped: would not fit in memory", flush=True)
+                    continue
+                steps[(variant, mode)] = _step_fn(variant, mode, h, w, y, args.chunk_size)
+        for step in steps.values():
+            step()  # warm-up (and torch.compile for Liger)
+        keys = list(steps)
+        times = {k: [] for k in keys}
+        for rnd in range(args.paired):
+            shift = rnd % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                t0 = time.perf_counter()
+                steps[k]()
+                times[k].append(time.perf_counter() - t0)
+        row = dict(n=n, d=args.d, v=args.v, rounds=args.paired, threads=torch.get_num_threads(),
+                   chunk_size=_chunk_of("gopd_cpu", n, args.v, args.chunk_size),
+                   times_s={f"{v}/{m}": t for (v, m), t in times.items()},
+                   median_s={f"{v}/{m}": statistics.median(t) for (v, m), t in times.items()}, ratios={})
+        for mode in args.modes:
+            ours = times.get(("gopd_cpu", mode))
+            for other, label in ((("gemm", args.modes[0]), "gemm_floor"), (("liger_jsd", "full"), "liger_jsd"),
+                                 (("eager", mode), "eager")):
+                if ours is None or other not in times:
+                    continue
+                per_round = [a / b for a, b in zip(ours, times[other])]
+                q = statistics.quantiles(per_round, n=4) if len(per_round) >= 2 else [per_round[0]] * 3
+                row["ratios"][f"gopd_cpu/{mode} vs {label}"] = dict(
+                    median=statistics.median(per_round), q1=q[0], q3=q[2], per_round=per_round)
+                print(f"N={n} {mode}: gopd_cpu / {label}: median {statistics.median(per_round):.3f} "
+                      f"(quartiles {q[0]:.3f}-{q[2]:.3f}, {len(per_round)} paired rounds)", flush=True)
+        results.append(row)
+        del steps
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "cpu_bench_paired.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                processor=_cpu_name(), cpu_count=os.cpu_count(), v=args.v, d=args.d, lam=LAM, dtype="float32",
+                note="paired: all variants in one process after one warm-up each, run once per round in "
+                     "rotating order; ratios per round; fwd+bwd; no memory figures")
+    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"wrote {out}")
     return 0
 
 

@@ -45,3 +45,14 @@ def test_bench_cpu_quick(tmp_path):
     assert {("gopd_cpu", "full"), ("gopd_cpu", "sampled"), ("eager", "full"), ("gemm", "full")} <= got
     assert all(r["median_s"] > 0 and r["peak_rss_mb"] > 0 for r in data["results"] if "error" not in r)
     assert any("x the GEMM floor" in line for line in data["summary"]), stdout
+
+
+def test_bench_cpu_paired_quick(tmp_path):
+    out = tmp_path / "paired.json"
+    stdout = _run("bench_cpu.py", "--quick", "--variants", "gopd_cpu", "eager", "gemm", "--n", "64",
+                  "--modes", "full", "--paired", "3", "--out", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["rounds"] == 3 and all(len(t) == 3 for t in row["times_s"].values())
+    floor = row["ratios"]["gopd_cpu/full vs gemm_floor"]
+    assert len(floor["per_round"]) == 3 and floor["q1"] <= floor["median"] <= floor["q3"], stdout
+    assert "gopd_cpu/full vs eager" in row["ratios"]
