@@ -362,3 +362,21 @@ def test_fused_linear_scalar_loss_hands_over_its_gradient_once():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already backpropagated once"):
         out.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_nan_logits_give_nan_not_a_finite_loss(backend, mode):
+    """A NaN logit in the student's, teacher's or reference's row makes that token's loss and gradient
+    NaN, as plain torch's would be; the other rows stay finite. (A `p > 0` mask would turn a NaN p into
+    a silently finite 0.)"""
+    dev = device_for(backend)
+    zs, zt, zr, y = make_problem(5, 41, seed=8, dtype=torch.float32, device=dev)
+    y = (torch.arange(5) * 7).to(dev)
+    zs[0, 17] = zt[1, 10] = zr[2, 32] = float("nan")
+    out, g = run(gk.gopd_loss, zs, y, zt, zr, lam=1.25, mode=mode, reduction="none", backend=backend)
+    ref, g_ref = run(R.gopd_loss, zs, y, zt, zr, lam=1.25, mode=mode, reduction="none")
+    assert ref.loss[:3].isnan().all() and torch.isfinite(ref.loss[3:]).all()  # what torch does
+    assert out.loss[:3].isnan().all(), out.loss
+    assert torch.isfinite(out.loss[3:]).all()
+    assert torch.equal(g.isnan().any(-1).cpu(), g_ref.isnan().any(-1).cpu()), (g.isnan().sum(-1), g_ref.isnan().sum(-1))

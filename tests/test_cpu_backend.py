@@ -341,6 +341,33 @@ def test_isa_paths_agree(tmp_path, dtype):
         assert max_err(g0, g1) <= ulp * (1 + float(g1.abs().max())), isa
 
 
+def test_nan_logits_propagate_on_every_isa_path(tmp_path):
+    """A NaN logit makes its row's statistics NaN (never a silently finite value from a clamped exp) on
+    every ISA path, and leaves the other rows, -inf columns included, finite."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers import make_problem; "
+        "from gopd_kernels.backends import cpu; "
+        "zs, zt, zr, y = make_problem(6, 333, seed=3, dtype=torch.float32, inf_cols=2); "
+        "y = torch.arange(6) * 7; zs[0, 17] = zt[1, 100] = zr[2, 332] = float('nan'); "
+        "st = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, -100); "
+        "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(6), torch.ones(6), 1.25, 1.0, 1.0, 1.0, -100, "
+        "torch.empty_like(zs)); torch.save((st, g), sys.argv[1])"
+    )
+    here = str(__import__("pathlib").Path(__file__).parent)
+    for isa in ("baseline", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(path), here], check=True, env=env, timeout=120)
+        st, g = torch.load(path)
+        lse_s, lse_t, lse_r = 0, 1, 2
+        assert st[lse_s, 0].isnan() and st[lse_t, 1].isnan() and st[lse_r, 2].isnan(), isa
+        assert g[:3].isnan().any(1).all(), isa
+        assert torch.isfinite(st[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
+
+
 def test_bad_isa_cap_is_a_clear_error():
     import subprocess
     import sys

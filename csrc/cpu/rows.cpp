@@ -211,7 +211,7 @@ GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scala
       lane_sums<4>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
-        const bool on = w > 0;
+        const bool on = w != 0;  // NaN w included: it must reach the sums
         acc[0][l] += w;
         acc[1][l] += on ? w * d : acc_t(0);
         acc[2][l] += on ? w * (bt[j] - mt) : acc_t(0);
@@ -225,7 +225,7 @@ GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scala
       lane_sums<3>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
-        const bool on = w > 0;
+        const bool on = w != 0;  // NaN w included: it must reach the sums
         acc[0][l] += w;
         acc[1][l] += on ? w * d : acc_t(0);
         acc[2][l] += on ? w * (bo[j] - mo) : acc_t(0);
@@ -238,7 +238,7 @@ GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scala
         const acc_t d = bs[j] - ms;
         const acc_t w = fast_exp(d);
         acc[0][l] += w;
-        acc[1][l] += w > 0 ? w * d : acc_t(0);
+        acc[1][l] += w != 0 ? w * d : acc_t(0);
       }, sums);
     }
     r.s_s += sums[0];
@@ -304,7 +304,7 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
         const acc_t p = fast_exp(lp);
         const acc_t c = lp - ct * ((bt[j] - lse_t) - lo_t) - cr * ((br[j] - lse_r) - lo_r);
         const acc_t g = p * (gl * (c - loss) - glp) * its;
-        bs[j] = p > 0 ? g : acc_t(0);
+        bs[j] = p != 0 ? g : acc_t(0);
       }
     } else if (use_t || use_r) {
       const acc_t* bo = use_t ? bt : br;
@@ -315,7 +315,7 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
         const acc_t p = fast_exp(lp);
         const acc_t c = lp - co * ((bo[j] - lse_o) - lo_o);
         const acc_t g = p * (gl * (c - loss) - glp) * its;
-        bs[j] = p > 0 ? g : acc_t(0);
+        bs[j] = p != 0 ? g : acc_t(0);
       }
     } else {
 #pragma omp simd
@@ -323,7 +323,7 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
         const acc_t lp = (bs[j] - lse_s) - lo_s;
         const acc_t p = fast_exp(lp);
         const acc_t g = p * (gl * (lp - loss) - glp) * its;
-        bs[j] = p > 0 ? g : acc_t(0);
+        bs[j] = p != 0 ? g : acc_t(0);
       }
     }
     if (y >= start && y < start + n) bs[y - start] += glp * its;

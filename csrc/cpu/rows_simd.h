@@ -84,16 +84,16 @@ GOPD_INLINE void accumulate(const scalar_t* zs, const scalar_t* zt, const scalar
   const Vec ds = Ops::sub(Ops::mul(TAIL ? load_tail(zs + j, n) : Ops::load(zs + j), its), ms);
   const Vec w = Ops::exp(ds);
   acc[0] = Ops::add(acc[0], w);
-  acc[3] = Ops::add_prod_where_pos(acc[3], w, ds);
+  acc[3] = Ops::add_prod_where_nonzero(acc[3], w, ds);
   if (HT) {
     const Vec dt = Ops::sub(Ops::mul(TAIL ? load_tail(zt + j, n) : Ops::load(zt + j), itt), mt);
     acc[1] = Ops::add(acc[1], Ops::exp(dt));
-    acc[4] = Ops::add_prod_where_pos(acc[4], w, dt);
+    acc[4] = Ops::add_prod_where_nonzero(acc[4], w, dt);
   }
   if (HR) {
     const Vec dr = Ops::sub(Ops::mul(TAIL ? load_tail(zr + j, n) : Ops::load(zr + j), itr), mr);
     acc[2] = Ops::add(acc[2], Ops::exp(dr));
-    acc[5] = Ops::add_prod_where_pos(acc[5], w, dr);
+    acc[5] = Ops::add_prod_where_nonzero(acc[5], w, dr);
   }
 }
 
@@ -180,14 +180,14 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
       for (; j + W <= end; j += W) {
         Vec p;
         const Vec c = log_p_and_c(Ops::load(zs + j), UT ? Ops::load(zt + j) : zero, UR ? Ops::load(zr + j) : zero, p);
-        acc = Ops::add_prod_where_pos(acc, p, c);
+        acc = Ops::add_prod_where_nonzero(acc, p, c);
       }
       if (j < end) {
         const int64_t n = end - j;
         Vec p;
         const Vec c = log_p_and_c(load_tail(zs + j, n), UT ? load_tail(zt + j, n) : zero,
                                   UR ? load_tail(zr + j, n) : zero, p);
-        acc = Ops::add_prod_where_pos(acc, p, c);
+        acc = Ops::add_prod_where_nonzero(acc, p, c);
       }
       pc += hsum(acc);
     }
@@ -199,7 +199,7 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
     Vec p;
     const Vec c = log_p_and_c(xs, xt, xr, p);
-    return Ops::mul_where_pos(p, Ops::fmsub(a, Ops::sub(c, lv), glp));
+    return Ops::mul_where_nonzero(p, Ops::fmsub(a, Ops::sub(c, lv), glp));
   };
   auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
   // The target column is computed first in fp32 and written last: out may alias zs, and adding

@@ -14,12 +14,12 @@ struct Ops {
   GOPD_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }    // a b + c
   GOPD_INLINE static Vec fmsub(Vec a, Vec b, Vec c) { return _mm256_fmsub_ps(a, b, c); }    // a b - c
   GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
-  // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
-  GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_GT_OQ), x); }
-  // w x where w > 0, else +0.
-  GOPD_INLINE static Vec mul_where_pos(Vec w, Vec x) { return mul(w, where_pos(w, x)); }
-  // acc + w x where w > 0, else acc (x is zeroed first, so a -inf x never meets w = 0).
-  GOPD_INLINE static Vec add_prod_where_pos(Vec acc, Vec w, Vec x) { return fmadd(w, where_pos(w, x), acc); }
+  // x where w != 0 (NaN included), else +0: 0 * -inf never reaches a sum, a NaN w does.
+  GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_NEQ_UQ), x); }
+  // w x where w != 0 (NaN included), else +0.
+  GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return mul(w, where_nonzero(w, x)); }
+  // acc + w x where w != 0 (NaN included), else acc (x is zeroed first, so a -inf x never meets w = 0).
+  GOPD_INLINE static Vec add_prod_where_nonzero(Vec acc, Vec w, Vec x) { return fmadd(w, where_nonzero(w, x), acc); }
 
   // e^x, |error| about 1 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n from
   // the exponent bits. x < -87.3 (incl. -inf) gives exactly 0; NaN stays NaN: max(lo, x) and

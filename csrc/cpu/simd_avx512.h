@@ -14,13 +14,13 @@ struct Ops {
   GOPD_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
   GOPD_INLINE static Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }    // a b - c
   GOPD_INLINE static Vec fnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
-  // x where w > 0, else +0 (so 0 * -inf never reaches a sum).
-  GOPD_INLINE static Vec where_pos(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ), x); }
-  // w x where w > 0, else +0: one masked multiply.
-  GOPD_INLINE static Vec mul_where_pos(Vec w, Vec x) { return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ), w, x); }
-  // acc + w x where w > 0, else acc: one masked FMA (the compare is shared by the compiler across calls with one w).
-  GOPD_INLINE static Vec add_prod_where_pos(Vec acc, Vec w, Vec x) {
-    return _mm512_mask3_fmadd_ps(w, x, acc, _mm512_cmp_ps_mask(w, zero(), _CMP_GT_OQ));
+  // x where w != 0 (NaN included), else +0: 0 * -inf never reaches a sum, a NaN w does.
+  GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), x); }
+  // w x where w != 0 (NaN included), else +0: one masked multiply.
+  GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), w, x); }
+  // acc + w x where w != 0 (NaN included), else acc: one masked FMA (the compare is shared by the compiler across calls with one w).
+  GOPD_INLINE static Vec add_prod_where_nonzero(Vec acc, Vec w, Vec x) {
+    return _mm512_mask3_fmadd_ps(w, x, acc, _mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ));
   }
 
   // e^x with the reduction and polynomial of simd_avx2.h, 16 lanes; 2^n applied by scalef, which

@@ -167,14 +167,14 @@ struct RowState {
       const float d0 = shifted(x[0][j], m[0]);
       const float ws = expf(d0);
       s[0] += ws;
-      w[0] += ws > 0.f ? ws * d0 : 0.f;
+      w[0] += ws != 0.f ? ws * d0 : 0.f;  // != 0, not > 0: a NaN ws propagates
 #pragma unroll
       for (int k = 1; k < NM; ++k) {
         const float xk = x[k][j];
         s[k] += expf(shifted(xk, m[k]));
         // ref[k] == -inf: w[k] is -inf (the argmax column), leave it so.
         const float d = xk == -INFINITY ? -INFINITY : (ref[k] == -INFINITY ? 0.f : xk - ref[k]);
-        w[k] += ws > 0.f ? ws * d : 0.f;
+        w[k] += ws != 0.f ? ws * d : 0.f;
       }
     }
   }
@@ -374,7 +374,7 @@ GOPD_HD float column_grad(const RowConst<NM>& rc, const float (&a)[NM], bool is_
   const float logp_s = a[0] - rc.lse[0];
   const float p = expf(logp_s);
   float g = rc.g_lp * ((is_target ? 1.f : 0.f) - p);
-  if (rc.g_loss != 0.f && p > 0.f) {
+  if (rc.g_loss != 0.f && p != 0.f) {  // NaN p: NaN gradient, as in torch
     float c = logp_s;
 #pragma unroll
     for (int k = 1; k < NM; ++k) {

@@ -23,7 +23,8 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
         LP_S/T/R   log p_m(target)
         E_S        sum_v p_s(v) log p_s(v)        (= -entropy of the student)
         E_T, E_R   sum_v p_s(v) log p_t(v), sum_v p_s(v) log p_r(v)
-    Conventions: a column where p_s(v) == 0 (z_s = -inf) contributes 0 to E_* (never 0 * -inf);
+    Conventions: a column where p_s(v) == 0 (z_s = -inf) contributes 0 to E_* (never 0 * -inf), but a
+    NaN logit makes its row's stats NaN (the masks test p != 0, not p > 0, so NaN is never dropped);
     a masked row (target == ignore_index) gets 0 in every stat and costs no vocabulary pass;
     the stats of a model that is None are 0.
 

@@ -35,8 +35,8 @@ def _log_probs(z: torch.Tensor, temperature: float, dtype: torch.dtype):
 
 
 def _expect(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """sum_v p(v) logp(v), where p(v) == 0 contributes 0 (no 0 * -inf)."""
-    return torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+    """sum_v p(v) logp(v), where p(v) == 0 contributes 0 (no 0 * -inf); a NaN p stays NaN."""
+    return torch.where(p != 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
 
 
 def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):
@@ -94,7 +94,7 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
                 if zr is not None:
                     c -= _scaled_term(1.0 - lam, zr[idx].to(dtype) / tr - stats[LSE_R, idx][:, None].to(dtype))
                     loss -= (1.0 - lam) * stats[E_R, idx].to(dtype) if lam != 1 else 0
-                term = torch.where(p > 0, p * (c - loss[:, None]), torch.zeros((), dtype=dtype, device=zs.device))
+                term = torch.where(p != 0, p * (c - loss[:, None]), torch.zeros((), dtype=dtype, device=zs.device))
                 grad += torch.where(gl[:, None] != 0, gl[:, None] * term, torch.zeros((), dtype=dtype, device=zs.device))
             block[idx_local] = grad / ts
         out[rows] = block.to(out.dtype)

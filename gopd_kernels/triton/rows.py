@@ -94,7 +94,7 @@ def _rows_forward_kernel(
         m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
         alpha = tl.exp(m_s - m_s_new)
         w = tl.where(inb, tl.exp(s - m_s_new), 0.0)
-        pos = w > 0
+        pos = w != 0  # not w > 0: a NaN w must reach the sums
         S_s_old = S_s
         S_s = S_s * alpha + tl.sum(w, axis=0)
         # A_s relative to m_s_new: old terms lose (m_s_new - m_s) per unit weight, then rescale.
@@ -189,7 +189,7 @@ def _rows_backward_kernel(
             logp_r = tl.load(zr_row + cols, mask=ld, other=0.0).to(ACC) / tr - lse_r
             c -= tl.where(lam_r != 0.0, lam_r * logp_r, 0.0)
         # g_loss == 0 must give 0 even where c(v) - L is +-inf (e.g. lam * log p_t with p_t = 0).
-        full = tl.where(p > 0, g_loss * p * (c - loss), 0.0)
+        full = tl.where(p != 0, g_loss * p * (c - loss), 0.0)
         full = tl.where(g_loss != 0.0, full, 0.0)
         grad = full + g_lp * (tl.where(cols == y, 1.0, 0.0) - p)
         grad = tl.where(valid, grad / ts, 0.0)
