@@ -200,3 +200,25 @@ def test_trainer_pushes_weights_every_step(tmp_path, fake_vllm, monkeypatch):
     assert llm.worker.loads == 3
     final = llm.weights_at_generate[-1]
     assert all(torch.equal(v.detach(), final[k]) for k, v in trainer.student.named_parameters())
+
+
+def test_vllm_options_reach_the_engine_and_bad_ones_are_clear_errors(tmp_path, fake_vllm):
+    """`vllm:` in the config passes extra arguments to vllm.LLM (overriding the engine's defaults); the
+    arguments the engine relies on, options without the vllm engine, or a non-mapping are errors."""
+    cfg = config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm",
+                                  "vllm={gpu_memory_utilization: 0.55, enforce_eager: false, max_model_len: 512}"))
+    engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
+    engine.sync_weights(tiny_llama({}, seed=3))
+    (llm,) = LLM.instances
+    assert llm.kwargs["gpu_memory_utilization"] == 0.55 and llm.kwargs["enforce_eager"] is False
+    assert llm.kwargs["max_model_len"] == 512 and llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    with pytest.raises(config_mod.ConfigError, match="rollout_engine is 'hf'"):
+        config_mod.load(SMOKE, (f"out_dir={tmp_path}", "vllm={dtype: bfloat16}"))
+    with pytest.raises(config_mod.ConfigError, match="set by the engine itself"):
+        config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm", "vllm={logprobs_mode: raw_logprobs}"))
+    with pytest.raises(config_mod.ConfigError, match="vllm must be a mapping"):
+        config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm", "vllm=0.5"))
+    with pytest.raises(ValueError, match="set by the engine itself"):
+        VLLMEngine(model="/elsewhere")
+    with pytest.raises(ValueError, match="takes no options"):
+        make_engine("hf", options={"dtype": "bfloat16"})

@@ -43,6 +43,8 @@ class Config:
     chunk_size: Optional[int] = None
     # --- rollouts
     rollout_engine: str = "hf"
+    vllm: dict = field(default_factory=dict)   # extra vllm.LLM arguments (rollout_engine: vllm), e.g.
+                                               # {gpu_memory_utilization: 0.5, dtype: bfloat16, enforce_eager: false}
     max_new_tokens: int = 16
     temperature: float = 1.0
     # --- optimisation
@@ -72,6 +74,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# vllm.LLM arguments the rollout engine sets itself (the engine relies on them; see rollout.VLLMEngine).
+VLLM_RESERVED = frozenset({"model", "skip_tokenizer_init", "logprobs_mode", "seed"})
 
 
 class ConfigError(ValueError):
@@ -128,6 +133,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("teachers must be a mapping domain -> model spec")
     if cfg.rollout_engine not in ("hf", "vllm"):
         raise ConfigError(f"rollout_engine must be 'hf' or 'vllm', got {cfg.rollout_engine!r}")
+    if not isinstance(cfg.vllm, dict):
+        raise ConfigError(f"vllm must be a mapping of vllm.LLM arguments, got {type(cfg.vllm).__name__}")
+    if cfg.vllm and cfg.rollout_engine != "vllm":
+        raise ConfigError(f"vllm options {sorted(cfg.vllm)} are set but rollout_engine is "
+                          f"{cfg.rollout_engine!r}; set rollout_engine: vllm or remove them")
+    reserved = sorted(set(cfg.vllm) & VLLM_RESERVED)
+    if reserved:
+        raise ConfigError(f"vllm: {reserved} are set by the engine itself (the seed comes from `seed`)")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -157,6 +157,9 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, *, seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
                  **llm_kwargs):
+        reserved = sorted(set(llm_kwargs) & {"model", "skip_tokenizer_init", "logprobs_mode"})
+        if reserved:
+            raise ValueError(f"VLLMEngine: {reserved} are set by the engine itself")
         self.vllm = import_vllm()
         self.llm_kwargs = dict(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                                skip_tokenizer_init=True, enforce_eager=True,
@@ -226,9 +229,12 @@ def _completion(completion, eos_id: int):
     return ids, lps
 
 
-def make_engine(name: str, *, seed: int = 0) -> RolloutEngine:
+def make_engine(name: str, *, seed: int = 0, options: Optional[dict] = None) -> RolloutEngine:
+    """The rollout engine `name`; `options` are extra vllm.LLM arguments (vllm only)."""
     if name == "hf":
+        if options:
+            raise ValueError(f"rollout engine 'hf' takes no options, got {sorted(options)}")
         return HFRollout()
     if name == "vllm":
-        return VLLMEngine(seed=seed)
+        return VLLMEngine(seed=seed, **(options or {}))
     raise ValueError(f"unknown rollout engine {name!r}: expected 'hf' or 'vllm'")

@@ -110,7 +110,7 @@ class Trainer:
         elif cfg.lam != 1.0:
             self.reference = initial_copy()
 
-        self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed)
+        self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         warm = max(0, cfg.warmup_steps)
