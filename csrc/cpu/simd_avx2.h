@@ -21,7 +21,9 @@ struct Ops {
   // acc + w x where w != 0 (NaN included), else acc (x is zeroed first, so a -inf x never meets w = 0).
   GOPD_INLINE static Vec add_prod_where_nonzero(Vec acc, Vec w, Vec x) { return fmadd(w, where_nonzero(w, x), acc); }
 
-  // e^x, |error| about 1 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n from
+#include "cpu/simd_exp_poly.h"
+
+  // e^x, |error| about 1 ulp: x = n ln2 + r, e^r from exp_reduced (simd_exp_poly.h), 2^n from
   // the exponent bits. x < -87.3 (incl. -inf) gives exactly 0; NaN stays NaN: max(lo, x) and
   // min(hi, .) return their second operand, x, for a NaN x, and the NLT_UQ compare keeps unordered
   // lanes.
@@ -29,15 +31,7 @@ struct Ops {
     const Vec lo = set1(-87.33654f);
     const Vec xc = _mm256_min_ps(set1(88.0f), _mm256_max_ps(lo, x));
     const Vec n = _mm256_round_ps(mul(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    Vec r = fnmadd(n, set1(0.693359375f), xc);
-    r = fnmadd(n, set1(-2.12194440e-4f), r);
-    Vec p = set1(1.9875691500e-4f);
-    p = fmadd(p, r, set1(1.3981999507e-3f));
-    p = fmadd(p, r, set1(8.3334519073e-3f));
-    p = fmadd(p, r, set1(4.1665795894e-2f));
-    p = fmadd(p, r, set1(1.6666665459e-1f));
-    p = fmadd(p, r, set1(5.0000001201e-1f));
-    const Vec y = add(fmadd(mul(p, r), r, r), set1(1.0f));
+    const Vec y = exp_reduced(xc, n);
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_NLT_UQ), mul(y, _mm256_castsi256_ps(bits)));
   }

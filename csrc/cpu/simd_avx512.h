@@ -23,7 +23,9 @@ struct Ops {
     return _mm512_mask3_fmadd_ps(w, x, acc, _mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ));
   }
 
-  // e^x with the reduction and polynomial of simd_avx2.h, 16 lanes; 2^n applied by scalef, which
+#include "cpu/simd_exp_poly.h"
+
+  // e^x with the shared reduction and polynomial (simd_exp_poly.h), 16 lanes; 2^n applied by scalef, which
   // also gives 0 / inf at the ends of the range, so there is no upper clamp and no exponent-bit
   // arithmetic. x < -87.3 (incl. -inf) gives exactly 0, as in simd_avx2.h; NaN stays NaN: max(lo, x)
   // returns x for a NaN x, and the NLT_UQ compare keeps unordered lanes.
@@ -31,15 +33,7 @@ struct Ops {
     const Vec lo = set1(-87.33654f);
     const Vec xc = _mm512_max_ps(lo, x);
     const Vec n = _mm512_roundscale_ps(mul(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    Vec r = fnmadd(n, set1(0.693359375f), xc);
-    r = fnmadd(n, set1(-2.12194440e-4f), r);
-    Vec p = set1(1.9875691500e-4f);
-    p = fmadd(p, r, set1(1.3981999507e-3f));
-    p = fmadd(p, r, set1(8.3334519073e-3f));
-    p = fmadd(p, r, set1(4.1665795894e-2f));
-    p = fmadd(p, r, set1(1.6666665459e-1f));
-    p = fmadd(p, r, set1(5.0000001201e-1f));
-    const Vec y = add(fmadd(mul(p, r), r, r), set1(1.0f));
+    const Vec y = exp_reduced(xc, n);
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y, n);
   }
 

@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import torch
 
+from .config import VLLM_RESERVED
 from .progress import progress_bar
 
 
@@ -157,7 +158,7 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, *, seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
                  **llm_kwargs):
-        reserved = sorted(set(llm_kwargs) & {"model", "skip_tokenizer_init", "logprobs_mode"})
+        reserved = sorted(set(llm_kwargs) & VLLM_RESERVED)
         if reserved:
             raise ValueError(f"VLLMEngine: {reserved} are set by the engine itself")
         self.vllm = import_vllm()
