@@ -18,6 +18,10 @@ TORCH_LIBRARY(gopd, m) {
   // Writes d(g_lp . lp_s + g_loss . L)/d zs into out ([N, V], dtype of zs); out may be zs itself.
   m.def("rows_backward(Tensor zs, Tensor? zt, Tensor? zr, Tensor targets, Tensor stats, Tensor g_lp, "
         "Tensor g_loss, float lam, float ts, float tt, float tr, int ignore_index, Tensor(a!) out) -> ()");
+  // rows_forward then rows_backward, row by row (CPU only): for per-token gradients known before the
+  // forward; returns the stats and writes the gradient into out.
+  m.def("rows_forward_backward(Tensor zs, Tensor? zt, Tensor? zr, Tensor targets, Tensor g_lp, Tensor g_loss, "
+        "float lam, float ts, float tt, float tr, int ignore_index, Tensor(a!) out) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -16,7 +16,7 @@ from . import backends
 from ._output import GOPDOutput
 from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, RowConfig
 from .backends import LP_S
-from .objective import full_loss_from_stats, token_objective
+from .objective import full_loss_from_stats, stat_free_gradients, token_objective
 
 # fp32 bytes of logits a fused-linear chunk may hold (all heads together); see default_chunk_size.
 # CPU: every chunk re-reads each head's [V, D] weight (logit GEMM, dH, dW), so bigger chunks are faster
@@ -261,7 +261,9 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
             per_token, _ = token_objective(lp_s, full, stats_c, valid[rows], **options, **sliced)
             return per_token
 
-        loss, stats = FusedLinearLoss.apply(*heads, y, cfg, vocab, chunk, objective, scale)
+        known = stat_free_gradients(valid, mode=mode, old_logprobs=extras["old_logprobs"],
+                                    rollout_logprobs=extras["rollout_logprobs"], is_cap=is_cap, scale=scale)
+        loss, stats = FusedLinearLoss.apply(*heads, y, cfg, vocab, chunk, objective, scale, known)
         with torch.no_grad():
             _, diagnostics = token_objective(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, valid,
                                              **options, **extras)

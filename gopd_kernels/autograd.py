@@ -33,6 +33,14 @@ class RowConfig:
         return self.backend.rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, self.lam, self.ts,
                                           self.tt, self.tr, self.ignore_index, out)
 
+    @property
+    def has_forward_backward(self):
+        return hasattr(self.backend, "rows_forward_backward")
+
+    def forward_backward(self, zs, zt, zr, targets, g_lp, g_loss, out):
+        return self.backend.rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, self.lam, self.ts, self.tt,
+                                                  self.tr, self.ignore_index, out)
+
 
 def _grad_or_zeros(g, like):
     return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
@@ -248,12 +256,15 @@ class FusedLinearLoss(torch.autograd.Function):
 
     `objective(lp_s, full_loss, stats, rows) -> per-token loss` must be row-local (token i's loss
     depends only on row i), which holds for every G-OPD mode; `scale` is 1 (sum) or 1 / D (mean).
+    `known_grads`: None, or the [N] gradients (g_lp, g_loss) of the scaled loss when they do not
+    depend on the statistics (objective.stat_free_gradients); a backend with rows_forward_backward
+    then runs each row's forward and backward together, reading its logits once.
     Returns (loss, stats); backward multiplies the stored dH, dW, db by the upstream scalar.
     """
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int,
-                objective, scale: float):
+                objective, scale: float, known_grads=None):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
         dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
@@ -262,8 +273,19 @@ class FusedLinearLoss(torch.autograd.Function):
         grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
         total = torch.zeros((), dtype=dtype, device=hs.device)
         try:
+            need_grads = need_h or need_w or need_b
+            together = need_grads and known_grads is not None and cfg.has_forward_backward
             for rows in _chunks(n, chunk):
                 zs, zt, zr = heads.logits(rows)
+                if together:
+                    g_lp, g_loss = (g[rows] for g in known_grads)
+                    stats_c = cfg.forward_backward(zs, zt, zr, targets[rows], g_lp, g_loss, out=zs)
+                    stats = _stats_buffer(stats, stats_c, n)
+                    stats[:, rows] = stats_c
+                    lp_s, full = stats_c[LP_S], full_loss_from_stats(stats_c, cfg.lam)
+                    total += objective(lp_s, full, stats_c, rows).sum() * scale
+                    grads.add(zs, hs[rows], rows)
+                    continue
                 stats_c = cfg.forward(zs, zt, zr, targets[rows])
                 stats = _stats_buffer(stats, stats_c, n)
                 stats[:, rows] = stats_c
@@ -274,7 +296,7 @@ class FusedLinearLoss(torch.autograd.Function):
                     g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
                                                        materialize_grads=True)
                 total += loss_c.detach()
-                if need_h or need_w or need_b:
+                if need_grads:
                     cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
                     grads.add(zs, hs[rows], rows)
         finally:
@@ -309,4 +331,4 @@ class FusedLinearLoss(torch.autograd.Function):
                 grad.mul_(g_total.to(grad.dtype))  # ours alone: scaled in place
             out.append(grad.to(dtype))
         del grads
-        return (*out, *(None,) * 12)
+        return (*out, *(None,) * 13)

@@ -71,3 +71,25 @@ def token_objective(lp_s, full_loss, stats, valid, *, mode, lam, has_ref_logits,
                        kl=diag(kl), advantage=diag(advantage), entropy=diag(-stats[E_S]),
                        is_weight=diag(weight))
     return per_token, diagnostics
+
+
+def stat_free_gradients(valid, *, mode, old_logprobs, rollout_logprobs, is_cap, scale):
+    """The [N] gradients (g_lp, g_loss) of scale * sum_i per_token_i w.r.t. (lp_s, full_loss) when
+    they do not depend on the row statistics, else None.
+
+    That is full mode without a weight built from the student's own log-prob: there
+    per_token = w * L with w = min(exp(lp_old - lp_rollout), is_cap) detached (w = 1 without
+    rollout_logprobs), so g_lp = 0 and g_loss = scale * w on valid tokens, 0 elsewhere. With
+    rollout_logprobs but no old_logprobs, lp_old is the student's lp_s and w needs the statistics.
+    The gradients are fp64, as autograd through token_objective gives them on fp64 statistics (w is
+    computed in the inputs' dtype, as there). tests/test_objective.py checks the agreement.
+    """
+    if mode != "full" or (rollout_logprobs is not None and old_logprobs is None):
+        return None
+    if rollout_logprobs is None:
+        weight = torch.ones(valid.shape, dtype=torch.float64, device=valid.device)
+    else:
+        weight = torch.clamp(torch.exp(old_logprobs - rollout_logprobs), max=is_cap).to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=valid.device)
+    g_loss = torch.where(valid, weight * scale, zero)
+    return torch.zeros_like(g_loss), g_loss

@@ -259,6 +259,77 @@ def test_bad_inputs_raise():
         cpu.rows_forward(zs.to("meta"), None, None, y, 1.0, 1.0, 1.0, IGN)
 
 
+# --- rows_forward_backward: forward and backward row by row ------------------------------------------
+
+def _separate_then_together(zs, zt, zr, y, temps, lam, g_lp, g_loss, inplace):
+    """(stats, grad) of rows_forward + rows_backward and of rows_forward_backward on the same inputs."""
+    stats = cpu.rows_forward(zs, zt, zr, y, *temps, IGN)
+    grad = cpu.rows_backward(zs, zt, zr, y, stats, g_lp, g_loss, lam, *temps, IGN, torch.empty_like(zs))
+    if inplace:
+        buf = zs.clone()
+        stats2 = cpu.rows_forward_backward(buf, zt, zr, y, g_lp, g_loss, lam, *temps, IGN, buf)
+        return (stats, grad), (stats2, buf)
+    out = torch.full_like(zs, 7.0)  # every entry must be written, masked rows included
+    stats2 = cpu.rows_forward_backward(zs, zt, zr, y, g_lp, g_loss, lam, *temps, IGN, out)
+    return (stats, grad), (stats2, out)
+
+
+@given(dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+       n=st.sampled_from([1, 5, 17]), v=st.sampled_from([1, 16, 17, 1025, 3001]),
+       lam=st.sampled_from([0.0, 0.5, 1.0, 1.25, 3.0]), scale=st.sampled_from([1.0, 30.0, 1e4]),
+       inf_cols=st.sampled_from([0, 3]), pad=st.sampled_from([0, 5]),
+       temps=st.sampled_from([(1.0, 1.0, 1.0), (0.7, 1.0, 1.5)]), which=st.sampled_from(["all", "no_r", "none"]),
+       inplace=st.booleans(), seed=st.integers(0, 10_000))
+@settings(max_examples=40)
+def test_forward_backward_together_equals_separate(dtype, n, v, lam, scale, inf_cols, pad, temps, which, inplace,
+                                                   seed):
+    """rows_forward_backward runs each row's forward then its backward; it must give bit for bit what
+    rows_forward followed by rows_backward gives (same per-row code, same arithmetic order), on every
+    dtype, ragged V, extreme logits, -inf columns, masked and strided rows, missing models, in place."""
+    if which != "all":
+        lam = 1.0
+    if dtype == torch.float16:
+        scale = min(scale, 30.0)
+    zs, zt, zr, y = make_problem(n, v, seed=seed, scale=scale, inf_cols=inf_cols)
+    zs, zt, zr = (None if z is None else _slice_pad(z.to(dtype), v, pad) for z in _models(zs, zt, zr, which))
+    g_lp, g_loss = _grads(n, torch.float64 if dtype == torch.float64 else torch.float32, seed)
+    (s1, g1), (s2, g2) = _separate_then_together(zs, zt, zr, y, temps, lam, g_lp, g_loss, inplace)
+    assert torch.equal(s1, s2)
+    assert torch.equal(g1, g2)
+
+
+def test_forward_backward_together_thread_count_independence():
+    zs, zt, zr, y = make_problem(37, 3001, seed=12, dtype=torch.float32, inf_cols=3)
+    g_lp, g_loss = _grads(37, torch.float32, 12)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(zs)
+            results.append((cpu.rows_forward_backward(zs, zt, zr, y, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, out), out))
+    finally:
+        torch.set_num_threads(before)
+    (s1, o1), (s2, o2) = results
+    assert torch.equal(s1, s2) and torch.equal(o1, o2)
+
+
+def test_forward_backward_together_bad_inputs_raise():
+    zs, zt, zr, y = make_problem(3, 20, seed=0, dtype=torch.float32, mask_frac=0.0)
+    g = torch.ones(3)
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpu.rows_forward_backward(zs, zt, zr, y, g, g, 1.0, 1.0, 1.0, 1.0, IGN, torch.empty(3, 19))
+    with pytest.raises(RuntimeError, match="g_lp and g_loss"):
+        cpu.rows_forward_backward(zs, zt, zr, y, torch.ones(2), g, 1.0, 1.0, 1.0, 1.0, IGN, torch.empty_like(zs))
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.rows_forward_backward(zs, zt, zr, torch.tensor([0, 20, 1]), g, g, 1.0, 1.0, 1.0, 1.0, IGN,
+                                  torch.empty_like(zs))
+    e = torch.empty(0, 20)
+    none = torch.empty(0)
+    assert cpu.rows_forward_backward(e, None, None, torch.empty(0, dtype=torch.long), none, none, 1.0, 1.0, 1.0, 1.0,
+                                     IGN, e).shape == (9, 0)
+
+
 # --- end to end through the public API -------------------------------------------------------------
 
 @given(n=st.sampled_from([1, 7, 33]), v=st.sampled_from([7, 129, 3001]), lam=st.sampled_from([0.0, 1.0, 1.25, 3.0]),
@@ -321,7 +392,10 @@ def test_isa_paths_agree(tmp_path, dtype):
         "zs, zt, zr, y = make_problem(13, 2101, seed=7, dtype=dt, inf_cols=2); "
         "st = cpu.rows_forward(zs, zt, zr, y, 0.9, 1.0, 1.1, -100); "
         "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, 1.1, "
-        "-100, torch.empty_like(zs)); torch.save((st, g.float()), sys.argv[1])"
+        "-100, torch.empty_like(zs)); o = torch.empty_like(zs); "
+        "st2 = cpu.rows_forward_backward(zs, zt, zr, y, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, "
+        "1.1, -100, o); assert torch.equal(st, st2) and torch.equal(g, o), 'together != separate'; "
+        "torch.save((st, g.float()), sys.argv[1])"
     )
     here = str(__import__("pathlib").Path(__file__).parent)
     results = {}
@@ -378,3 +452,43 @@ def test_bad_isa_cap_is_a_clear_error():
                            "1.0, 1.0, 1.0, -100)"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert "GOPD_CPU_ISA" in proc.stderr and "avx512" in proc.stderr
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_linear_scalar_loss_runs_rows_together_and_matches(monkeypatch, reduction, dtype):
+    """Full mode without rollout_logprobs: the per-token gradients are known before the forward, so the
+    scalar-loss fused path calls rows_forward_backward (each row read once) instead of rows_forward +
+    rows_backward. Its loss and dH / dW must be bit for bit those of the two-call path."""
+    import gopd_kernels as gk
+    from gopd_kernels import api
+
+    g = torch.Generator().manual_seed(9)
+    n, d, v = 45, 16, 777
+    h = [torch.randn(n, d, generator=g, dtype=dtype) for _ in range(3)]
+    w = [torch.randn(v, d, generator=g, dtype=dtype) * 0.5 for _ in range(3)]
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = IGN
+    calls = {"together": 0, "forward": 0}
+    for name in calls:
+        real = getattr(cpu, f"rows_{'forward_backward' if name == 'together' else 'forward'}")
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(cpu, f"rows_{'forward_backward' if name == 'together' else 'forward'}", counted)
+
+    def run():
+        hs, ws = h[0].clone().requires_grad_(True), w[0].clone().requires_grad_(True)
+        out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=1.5, mode="full", backend="cpu",
+                                        chunk_size=16, reduction=reduction)
+        out.loss.backward()
+        return out.loss.detach(), hs.grad, ws.grad, out.kl
+
+    together = run()
+    assert calls == {"together": 3, "forward": 0}
+    monkeypatch.setattr(api, "stat_free_gradients", lambda *a, **k: None)
+    separate = run()
+    assert calls == {"together": 3, "forward": 3}
+    for a, b in zip(together, separate):
+        assert torch.equal(a, b)

@@ -5,7 +5,8 @@
 //
 // Forward, per row (the stats of the contract; layout of rows.cpp's Stat enum):
 //   pass 1  M_m = max_v z_m(v) for the three models (the row's one read from memory);
-//   pass 2  with the maxima fixed (the row is now in cache), a vector of columns at a time,
+//   pass 2  with the maxima fixed (the row is now in cache; the next row is prefetched meanwhile,
+//           see NextRow in rows.cpp), a vector of columns at a time,
 //             w = exp(z'_s - M'_s),  S_m += exp(z'_m - M'_m),
 //             A_ss += w (z'_s - M'_s),  A_st += w (z'_t - M'_t),  A_sr += w (z'_r - M'_r)
 //           with z'_m = z_m * (1/T_m) rounded to fp32 once and M'_m = M_m * (1/T_m) (rounding is
@@ -99,7 +100,7 @@ GOPD_INLINE void accumulate(const scalar_t* zs, const scalar_t* zt, const scalar
 
 template <bool HT, bool HR, typename scalar_t>
 void row_sums(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, float its, float itt, float itr,
-              float ms, float mt, float mr, double* s) {
+              float ms, float mt, float mr, double* s, const NextRow<scalar_t>& next) {
   const Vec vits = Ops::set1(its), vitt = Ops::set1(itt), vitr = Ops::set1(itr);
   const Vec vms = Ops::set1(ms), vmt = Ops::set1(mt), vmr = Ops::set1(mr);
   for (int64_t start = 0; start < v; start += kBlockCols) {
@@ -107,8 +108,10 @@ void row_sums(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_
     Vec acc[6];
     for (auto& a : acc) a = Ops::zero();
     int64_t j = start;
-    for (; j + W <= end; j += W)
+    for (; j + W <= end; j += W) {
+      next.fetch(j);
       accumulate<HT, HR, false>(zs, zt, zr, j, W, vits, vitt, vitr, vms, vmt, vmr, acc);
+    }
     if (j < end) accumulate<HT, HR, true>(zs, zt, zr, j, end - j, vits, vitt, vitr, vms, vmt, vmr, acc);
     for (int k = 0; k < 6; ++k) s[k] += hsum(acc[k]);
   }
@@ -117,16 +120,16 @@ void row_sums(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_
 // The nine stats of one valid row, in fp64 (zt / zr may be nullptr: their stats are left untouched).
 template <typename scalar_t>
 void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int64_t v, int64_t y, float its,
-                 float itt, float itr, double* st) {
+                 float itt, float itr, double* st, const NextRow<scalar_t>& next) {
   const bool ht = zt != nullptr, hr = zr != nullptr;
   const float ms = shift_of(row_max(zs, v), its);
   const float mt = ht ? shift_of(row_max(zt, v), itt) : 0.0f;
   const float mr = hr ? shift_of(row_max(zr, v), itr) : 0.0f;
   double s[6] = {0, 0, 0, 0, 0, 0};
-  if (ht && hr) row_sums<true, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
-  else if (ht) row_sums<true, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
-  else if (hr) row_sums<false, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
-  else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s);
+  if (ht && hr) row_sums<true, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
+  else if (ht) row_sums<true, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
+  else if (hr) row_sums<false, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
+  else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
   const double log_ss = std::log(s[0]);
   st[0] = ms + log_ss;
   st[3] = static_cast<double>(static_cast<float>(zs[y]) * its - ms) - log_ss;

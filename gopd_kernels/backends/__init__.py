@@ -40,6 +40,10 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     -inf; a model that is None drops its term (zr None happens only with lam == 1). Masked rows
     get out = 0.
 
+Optional, ``rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out)
+-> stats`` (the CPU backend has it): rows_forward, then rows_backward with upstream gradients known
+before the forward, row by row, so each row is read from memory once. Same results as the two calls.
+
 A backend that does not support a dtype raises TypeError naming the dtype and backend.
 """
 

@@ -61,3 +61,13 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
     torch.ops.gopd.rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, float(lam), float(ts), float(tt),
                                  float(tr), int(ignore_index), out)
     return out
+
+
+def rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
+    """rows_forward, then rows_backward with these (g_lp, g_loss) into out, one row at a time (each
+    row's backward reads the logits its forward has just brought into cache); returns the stats."""
+    _require()
+    _check_cpu(zs=zs, zt=zt, zr=zr, targets=targets, g_lp=g_lp, g_loss=g_loss, out=out)
+    _check_dtype(zs)
+    return torch.ops.gopd.rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, float(lam), float(ts),
+                                                float(tt), float(tr), int(ignore_index), out)
