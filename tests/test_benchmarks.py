@@ -56,3 +56,14 @@ def test_bench_cpu_paired_quick(tmp_path):
     floor = row["ratios"]["gopd_cpu/full vs gemm_floor"]
     assert len(floor["per_round"]) == 3 and floor["q1"] <= floor["median"] <= floor["q3"], stdout
     assert "gopd_cpu/full vs eager" in row["ratios"]
+
+
+def test_bench_gemm_chunks_quick(tmp_path):
+    out = tmp_path / "chunks.json"
+    _run("bench_gemm_chunks.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    rows = {r["chunk"]: r for r in data["results"]}
+    assert sorted(rows) == [64, 128, 256]
+    assert [rows[c]["calls"] for c in (64, 128, 256)] == [12, 6, 3]  # 3 heads x ceil(N / chunk), N = 256
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 3 for r in rows.values())
+    assert rows[256]["over_one_call"] == 1.0 and set(data["fit"]) == {"fixed_per_call_s", "per_token_s"}
