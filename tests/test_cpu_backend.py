@@ -215,7 +215,8 @@ def test_inplace_backward_equals_out_of_place(dtype, which):
     assert torch.equal(buf, expect)
 
 
-def test_thread_count_independence():
+@pytest.mark.parametrize("together", [False, True])
+def test_thread_count_independence(together):
     zs, zt, zr, y = make_problem(37, 3001, seed=11, dtype=torch.float32, inf_cols=3)
     g_lp, g_loss = _grads(37, torch.float32, 11)
     before = torch.get_num_threads()
@@ -223,8 +224,12 @@ def test_thread_count_independence():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            stats = cpu.rows_forward(zs, zt, zr, y, 0.8, 1.0, 1.2, IGN)
-            out = cpu.rows_backward(zs, zt, zr, y, stats, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, torch.empty_like(zs))
+            out = torch.empty_like(zs)
+            if together:
+                stats = cpu.rows_forward_backward(zs, zt, zr, y, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, out)
+            else:
+                stats = cpu.rows_forward(zs, zt, zr, y, 0.8, 1.0, 1.2, IGN)
+                cpu.rows_backward(zs, zt, zr, y, stats, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, out)
             results.append((stats, out))
     finally:
         torch.set_num_threads(before)
@@ -296,22 +301,6 @@ def test_forward_backward_together_equals_separate(dtype, n, v, lam, scale, inf_
     (s1, g1), (s2, g2) = _separate_then_together(zs, zt, zr, y, temps, lam, g_lp, g_loss, inplace)
     assert torch.equal(s1, s2)
     assert torch.equal(g1, g2)
-
-
-def test_forward_backward_together_thread_count_independence():
-    zs, zt, zr, y = make_problem(37, 3001, seed=12, dtype=torch.float32, inf_cols=3)
-    g_lp, g_loss = _grads(37, torch.float32, 12)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out = torch.empty_like(zs)
-            results.append((cpu.rows_forward_backward(zs, zt, zr, y, g_lp, g_loss, 1.25, 0.8, 1.0, 1.2, IGN, out), out))
-    finally:
-        torch.set_num_threads(before)
-    (s1, o1), (s2, o2) = results
-    assert torch.equal(s1, s2) and torch.equal(o1, o2)
 
 
 def test_forward_backward_together_bad_inputs_raise():

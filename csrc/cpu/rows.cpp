@@ -41,6 +41,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 // Kernels and instruction sets. The generic kernels below (one online pass, any dtype incl. fp64)
 // are force-inlined into two thin wrappers, one compiled for the baseline x86-64 ISA and one with
@@ -598,6 +599,19 @@ void check_target(int64_t y, int64_t v) {
   TORCH_CHECK(y >= 0 && y < v, "gopd cpu backend: target ", y, " out of range [0, ", v, ")");
 }
 
+// Checks a backward's out ([N, V], dtype of zs, stride(-1) == 1) and its upstream gradients ([N] each);
+// returns the gradients as contiguous [N] tensors in the accumulation dtype (fp64 for fp64 logits).
+std::pair<at::Tensor, at::Tensor> checked_out_and_grads(const at::Tensor& zs, const at::Tensor& out,
+                                                        const at::Tensor& g_lp, const at::Tensor& g_loss) {
+  TORCH_CHECK(out.device().is_cpu() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
+                  out.stride(1) == 1,
+              "gopd cpu backend: out must be a CPU tensor with the shape and dtype of zs and stride(-1) == 1");
+  const int64_t n = zs.size(0);
+  TORCH_CHECK(g_lp.numel() == n && g_loss.numel() == n, "gopd cpu backend: g_lp and g_loss must have N elements");
+  const auto acc_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {g_lp.to(acc_dtype).contiguous().reshape({n}), g_loss.to(acc_dtype).contiguous().reshape({n})};
+}
+
 at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt,
                             const c10::optional<at::Tensor>& zr, const at::Tensor& targets, double ts, double tt,
                             double tr, int64_t ignore_index) {
@@ -641,18 +655,13 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
   check_common(zs, zt, zr, targets);
   check_dtype(zs);
   const int64_t n = zs.size(0), v = zs.size(1);
-  const auto acc_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(out.device().is_cpu() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
-                  out.stride(1) == 1,
-              "gopd cpu backend: out must be a CPU tensor with the shape and dtype of zs and stride(-1) == 1");
   TORCH_CHECK(stats.device().is_cpu() && stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == n,
               "gopd cpu backend: stats must be [9, N] on CPU");
-  TORCH_CHECK(g_lp.numel() == n && g_loss.numel() == n, "gopd cpu backend: g_lp and g_loss must have N elements");
+  const auto grads = checked_out_and_grads(zs, out, g_lp, g_loss);
+  const at::Tensor &glp_c = grads.first, &gl_c = grads.second;
   if (n == 0) return;
   // Statistics are read in fp64 (as rows_forward writes them; fp32 stats from elsewhere are widened).
   const at::Tensor st_c = stats.to(at::kDouble).contiguous();
-  const at::Tensor glp_c = g_lp.to(acc_dtype).contiguous().reshape({n});
-  const at::Tensor gl_c = g_loss.to(acc_dtype).contiguous().reshape({n});
   const at::Tensor tg = targets.contiguous();
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_backward_cpu", [&] {
@@ -696,15 +705,10 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
   check_common(zs, zt, zr, targets);
   check_dtype(zs);
   const int64_t n = zs.size(0), v = zs.size(1);
-  const auto acc_dtype = zs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(out.device().is_cpu() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
-                  out.stride(1) == 1,
-              "gopd cpu backend: out must be a CPU tensor with the shape and dtype of zs and stride(-1) == 1");
-  TORCH_CHECK(g_lp.numel() == n && g_loss.numel() == n, "gopd cpu backend: g_lp and g_loss must have N elements");
+  const auto grads = checked_out_and_grads(zs, out, g_lp, g_loss);
+  const at::Tensor &glp_c = grads.first, &gl_c = grads.second;
   at::Tensor stats = at::zeros({kNumStats, n}, zs.options().dtype(at::kDouble));
   if (n == 0) return stats;
-  const at::Tensor glp_c = g_lp.to(acc_dtype).contiguous().reshape({n});
-  const at::Tensor gl_c = g_loss.to(acc_dtype).contiguous().reshape({n});
   const at::Tensor tg = targets.contiguous();
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_forward_backward_cpu", [&] {
