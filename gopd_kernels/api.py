@@ -261,8 +261,10 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
             per_token, _ = token_objective(lp_s, full, stats_c, valid[rows], **options, **sliced)
             return per_token
 
-        known = stat_free_gradients(valid, mode=mode, old_logprobs=extras["old_logprobs"],
-                                    rollout_logprobs=extras["rollout_logprobs"], is_cap=is_cap, scale=scale)
+        known = None
+        if cfg.has_forward_backward:  # a backend that can use gradients known before the forward
+            known = stat_free_gradients(valid, mode=mode, old_logprobs=extras["old_logprobs"],
+                                        rollout_logprobs=extras["rollout_logprobs"], is_cap=is_cap, scale=scale)
         loss, stats = FusedLinearLoss.apply(*heads, y, cfg, vocab, chunk, objective, scale, known)
         with torch.no_grad():
             _, diagnostics = token_objective(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, valid,
