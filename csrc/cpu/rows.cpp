@@ -580,18 +580,28 @@ const scalar_t* opt_ptr(const c10::optional<at::Tensor>& z) {
 
 int64_t opt_stride(const c10::optional<at::Tensor>& z) { return z.has_value() ? z->stride(0) : 0; }
 
-// Row i + 1 of a thread's range [., end), for NextRow's prefetch; none after its last row.
+// The three models' [N, V] logits as raw rows (a missing model gives nullptr rows).
 template <typename scalar_t>
-NextRow<scalar_t> next_row(const scalar_t* ps, const scalar_t* pt, const scalar_t* pr, int64_t ss, int64_t st,
-                           int64_t sr, int64_t i, int64_t end) {
-  NextRow<scalar_t> n;
-  if (i + 1 < end) {
-    n.s = ps + (i + 1) * ss;
-    n.t = pt ? pt + (i + 1) * st : nullptr;
-    n.r = pr ? pr + (i + 1) * sr : nullptr;
+struct Logits {
+  const scalar_t *s, *t, *r;
+  int64_t ss, st, sr;
+  Logits(const at::Tensor& zs, const c10::optional<at::Tensor>& zt, const c10::optional<at::Tensor>& zr)
+      : s(zs.data_ptr<scalar_t>()), t(opt_ptr<scalar_t>(zt)), r(opt_ptr<scalar_t>(zr)), ss(zs.stride(0)),
+        st(opt_stride(zt)), sr(opt_stride(zr)) {}
+  const scalar_t* s_row(int64_t i) const { return s + i * ss; }
+  const scalar_t* t_row(int64_t i) const { return t ? t + i * st : nullptr; }
+  const scalar_t* r_row(int64_t i) const { return r ? r + i * sr : nullptr; }
+  // Row i + 1 of a thread's range [., end), for NextRow's prefetch; none after its last row.
+  NextRow<scalar_t> after(int64_t i, int64_t end) const {
+    NextRow<scalar_t> n;
+    if (i + 1 < end) {
+      n.s = s_row(i + 1);
+      n.t = t_row(i + 1);
+      n.r = r_row(i + 1);
+    }
+    return n;
   }
-  return n;
-}
+};
 
 int64_t grain_rows(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(v, 1)); }
 
@@ -625,10 +635,7 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const scalar_t* ps = zs.data_ptr<scalar_t>();
-    const scalar_t* pt = opt_ptr<scalar_t>(zt);
-    const scalar_t* pr = opt_ptr<scalar_t>(zr);
-    const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr);
+    const Logits<scalar_t> z(zs, zt, zr);
     double* out = stats.data_ptr<double>();
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
                 itr = acc_t(1) / static_cast<acc_t>(tr);
@@ -639,8 +646,8 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) continue;  // masked: stats stay 0, no vocabulary pass
         check_target(y[i], v);
-        forward_one_row<scalar_t, acc_t>(isa, ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, v,
-                                         y[i], its, itt, itr, scratch, row, next_row(ps, pt, pr, ss, st, sr, i, end));
+        forward_one_row<scalar_t, acc_t>(isa, z.s_row(i), z.t_row(i), z.r_row(i), v, y[i], its, itt, itr, scratch, row,
+                                         z.after(i, end));
         for (int k = 0; k < kNumStats; ++k) out[k * n + i] = row[k];
       }
     });
@@ -666,16 +673,14 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const scalar_t* ps = zs.data_ptr<scalar_t>();
-    const scalar_t* pt = opt_ptr<scalar_t>(zt);
-    const scalar_t* pr = opt_ptr<scalar_t>(zr);
+    const Logits<scalar_t> z(zs, zt, zr);
     scalar_t* po = out.data_ptr<scalar_t>();
-    const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr), so = out.stride(0);
+    const int64_t so = out.stride(0);
     const double* S = st_c.data_ptr<double>();
     const acc_t* GLP = glp_c.data_ptr<acc_t>();
     const acc_t* GL = gl_c.data_ptr<acc_t>();
     const Isa isa = cpu_isa();
-    const RowCoef<acc_t> coef = row_coef<acc_t>(pt != nullptr, pr != nullptr, lam, ts, tt, tr);
+    const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       for (int64_t i = begin; i < end; ++i) {
@@ -687,8 +692,8 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
         check_target(y[i], v);
         double row[kNumStats];
         for (int k = 0; k < kNumStats; ++k) row[k] = S[k * n + i];
-        backward_one_row<scalar_t, acc_t>(isa, ps + i * ss, pt ? pt + i * st : nullptr, pr ? pr + i * sr : nullptr, o, v,
-                                          y[i], row, GLP[i], GL[i], coef, scratch);
+        backward_one_row<scalar_t, acc_t>(isa, z.s_row(i), z.t_row(i), z.r_row(i), o, v, y[i], row, GLP[i], GL[i], coef,
+                                          scratch);
       }
     });
   });
@@ -713,16 +718,14 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
   const int64_t* y = tg.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, zs.scalar_type(), "gopd_rows_forward_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const scalar_t* ps = zs.data_ptr<scalar_t>();
-    const scalar_t* pt = opt_ptr<scalar_t>(zt);
-    const scalar_t* pr = opt_ptr<scalar_t>(zr);
+    const Logits<scalar_t> z(zs, zt, zr);
     scalar_t* po = out.data_ptr<scalar_t>();
-    const int64_t ss = zs.stride(0), st = opt_stride(zt), sr = opt_stride(zr), so = out.stride(0);
+    const int64_t so = out.stride(0);
     double* S = stats.data_ptr<double>();
     const acc_t* GLP = glp_c.data_ptr<acc_t>();
     const acc_t* GL = gl_c.data_ptr<acc_t>();
     const Isa isa = cpu_isa();
-    const RowCoef<acc_t> coef = row_coef<acc_t>(pt != nullptr, pr != nullptr, lam, ts, tt, tr);
+    const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
       Scratch<acc_t> scratch;
       double row[kNumStats];
@@ -733,11 +736,9 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
           continue;
         }
         check_target(y[i], v);
-        const scalar_t* zsi = ps + i * ss;
-        const scalar_t* zti = pt ? pt + i * st : nullptr;
-        const scalar_t* zri = pr ? pr + i * sr : nullptr;
+        const scalar_t *zsi = z.s_row(i), *zti = z.t_row(i), *zri = z.r_row(i);
         forward_one_row<scalar_t, acc_t>(isa, zsi, zti, zri, v, y[i], coef.its, coef.itt, coef.itr, scratch, row,
-                                         next_row(ps, pt, pr, ss, st, sr, i, end));
+                                         z.after(i, end));
         for (int k = 0; k < kNumStats; ++k) S[k * n + i] = row[k];
         backward_one_row<scalar_t, acc_t>(isa, zsi, zti, zri, o, v, y[i], row, GLP[i], GL[i], coef, scratch);
       }
