@@ -67,3 +67,15 @@ def test_bench_gemm_chunks_quick(tmp_path):
     assert [rows[c]["calls"] for c in (64, 128, 256)] == [12, 6, 3]  # 3 heads x ceil(N / chunk), N = 256
     assert all(r["median_s"] > 0 and len(r["times_s"]) == 3 for r in rows.values())
     assert rows[256]["over_one_call"] == 1.0 and set(data["fit"]) == {"fixed_per_call_s", "per_token_s"}
+
+
+def test_bench_sharp_logits_quick(tmp_path):
+    """The script runs and what it reports is consistent: the CPU backend's gradient has no subnormals at
+    any scale while plain torch's has some at the sharpest one (the quick shapes reach that range too)."""
+    out = tmp_path / "sharp.json"
+    _run("bench_sharp_logits.py", "--quick", "--scales", "1", "20", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [r["scale"] for r in rows] == [1.0, 20.0]
+    assert all(r["subnormal_frac_gopd"] == 0.0 for r in rows)
+    assert rows[0]["subnormal_frac_eager"] == 0.0 and rows[1]["subnormal_frac_eager"] > 0.0
+    assert all(r["gopd_cpu_s"] > 0 and r["eager_s"] > 0 and len(r["gopd_cpu_times_s"]) == 1 for r in rows)

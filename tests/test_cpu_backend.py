@@ -431,6 +431,53 @@ def test_nan_logits_propagate_on_every_isa_path(tmp_path):
         assert torch.isfinite(st[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_has_no_subnormals_on_every_isa_path(tmp_path, dtype):
+    """Rows spread over ~95 nats have columns with p ~ 1e-37, whose float64 gradient lies below FLT_MIN:
+    every ISA path writes those entries as 0 (an fp32 subnormal would slow the GEMMs that consume the
+    gradient many-fold) and every other entry as before, so the error stays within FLT_MIN of the truth
+    plus plain torch's own error in the dtype."""
+    import subprocess
+    import sys
+
+    tiny = torch.finfo(torch.float32).tiny
+    n, v = 4, 4001
+    ramp = -torch.linspace(0.0, 95.0, v, dtype=torch.float64)
+    zs = torch.stack([ramp.roll(17 * i) for i in range(n)])
+    zt, zr = zs.flip(1) * 0.5, zs * 1.1
+    y = torch.tensor([0, 5, 9, 4000])
+    g_lp, g_loss = torch.full((n,), 3e-4, dtype=torch.float64), torch.full((n,), 1.0 / 2048, dtype=torch.float64)
+    low = [z.to(getattr(torch, dtype)) for z in (zs, zt, zr)]
+    path_in = tmp_path / "in.pt"
+    torch.save((low, y, g_lp.float(), g_loss.float()), path_in)
+    hi = [z.double() for z in low]
+    truth = tb.rows_forward(*hi, y, 1.0, 1.0, 1.0, IGN)
+    g_truth = tb.rows_backward(*hi, y, truth, g_lp, g_loss, 1.25, 1.0, 1.0, 1.0, IGN, torch.empty_like(hi[0]))
+    below = (g_truth != 0) & (g_truth.abs() < tiny)
+    assert below.sum() > 50  # the case really has entries in fp32's subnormal range
+    _, g_base = _plain_in_dtype(*low, y, (1.0, 1.0, 1.0), 1.25, g_lp, g_loss)
+    torch_err = max_err(g_base, g_truth)
+    script = (
+        "import sys, torch; from gopd_kernels.backends import cpu; "
+        "(zs, zt, zr), y, glp, gl = torch.load(sys.argv[2]); "
+        "st = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, -100); "
+        "g = cpu.rows_backward(zs, zt, zr, y, st, glp, gl, 1.25, 1.0, 1.0, 1.0, -100, torch.empty_like(zs)); "
+        "o = torch.empty_like(zs); "
+        "cpu.rows_forward_backward(zs, zt, zr, y, glp, gl, 1.25, 1.0, 1.0, 1.0, -100, o); "
+        "torch.save((g, o), sys.argv[1])"
+    )
+    for isa in ("baseline", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, str(path), str(path_in)], check=True, env=env, timeout=120)
+        for g in torch.load(path):
+            g32 = g.float()
+            assert not ((g32 != 0) & (g32.abs() < tiny)).any(), f"{isa}: subnormal gradient entries"
+            assert (g32[below] == 0).all(), isa
+            err = max_err(g, g_truth)
+            assert err <= 4 * torch_err + tiny, f"{isa}: error {err:.3g} vs torch's {torch_err:.3g}"
+
+
 def test_bad_isa_cap_is_a_clear_error():
     import subprocess
     import sys

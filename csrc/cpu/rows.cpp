@@ -6,7 +6,8 @@
 //                 E_S = sum_v p_s log p_s, E_T = sum_v p_s log p_t, E_R = sum_v p_s log p_r
 // and the backward writes
 //   out(v) = ( g_loss_i p(v) (c(v) - L_i) + g_lp_i ([v == y_i] - p(v)) ) / T_s,
-//   c = log p_s - lam log p_t - (1 - lam) log p_r,  L = E_S - lam E_T - (1 - lam) E_R.
+//   c = log p_s - lam log p_t - (1 - lam) log p_r,  L = E_S - lam E_T - (1 - lam) E_R,
+// with entries below the smallest normal number written as 0 (see flush_subnormal).
 //
 // Algorithm of the generic kernel (fp64 input, CPUs without AVX2; rows_simd.h has the vectorised
 // two-pass one): one pass over the vocabulary per row, in column blocks that stay in L1. Per block we
@@ -96,6 +97,34 @@ GOPD_INLINE float fast_exp(float x) {
 }
 
 GOPD_INLINE double fast_exp(double x) { return std::exp(x); }
+
+// Gradient entries whose magnitude is below the smallest normal number of the accumulation type are
+// written as 0. A sharp row (logits spread over ~85 nats or more) has columns with p ~ 1e-37, whose
+// gradient p * (...) is an fp32 subnormal; the dH / dW GEMMs that consume the gradient then run on
+// microcode assists (measured with MKL on AVX-512: 2.5x slower with 1% subnormal entries, 18x with 10%),
+// and torch.set_flush_denormal does not reach MKL's worker threads. The change is below 1.2e-38 absolute.
+template <typename acc_t>
+GOPD_INLINE acc_t flush_subnormal(acc_t x) {
+  return std::fabs(x) < std::numeric_limits<acc_t>::min() ? acc_t(0) : x;  // NaN kept (compare false)
+}
+
+// While a thread runs a row kernel: flush subnormal results to zero and read subnormal inputs as zero
+// (MXCSR FTZ + DAZ), restoring the caller's mode afterwards, so nothing leaks into torch's thread pool.
+// The same sharp rows make the kernel's own products p * (...) subnormal; on microcode assists the
+// fused forward + backward ran 1.7x slower at logit std 20 (3.3 vs 1.9 ns per column, AVX-512). Only
+// values below FLT_MIN change; flush_subnormal above keeps the written gradient free of subnormals on
+// any CPU and for every operation, with or without this mode.
+class SubnormalsAsZero {
+ public:
+#if GOPD_HAVE_AVX2_PATH
+  SubnormalsAsZero() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtz | kDaz); }
+  ~SubnormalsAsZero() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned int kFtz = 0x8000, kDaz = 0x0040;
+  unsigned int saved_;
+#endif
+};
 
 template <typename acc_t>
 constexpr acc_t neg_inf() {
@@ -330,7 +359,7 @@ GOPD_INLINE void backward_row(const scalar_t* zs, const scalar_t* zt, const scal
     if (y >= start && y < start + n) bs[y - start] += glp * its;
     scalar_t* o = out + start;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(bs[j]);
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(flush_subnormal(bs[j]));
   }
 }
 
@@ -641,6 +670,7 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
                 itr = acc_t(1) / static_cast<acc_t>(tr);
     const Isa isa = cpu_isa();
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+      const SubnormalsAsZero ftz;
       Scratch<acc_t> scratch;
       double row[kNumStats];
       for (int64_t i = begin; i < end; ++i) {
@@ -682,6 +712,7 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
     const Isa isa = cpu_isa();
     const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+      const SubnormalsAsZero ftz;
       Scratch<acc_t> scratch;
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* o = po + i * so;
@@ -727,6 +758,7 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
     const Isa isa = cpu_isa();
     const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
     at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+      const SubnormalsAsZero ftz;
       Scratch<acc_t> scratch;
       double row[kNumStats];
       for (int64_t i = begin; i < end; ++i) {
