@@ -478,6 +478,20 @@ def test_gradient_has_no_subnormals_on_every_isa_path(tmp_path, dtype):
             assert err <= 4 * torch_err + tiny, f"{isa}: error {err:.3g} vs torch's {torch_err:.3g}"
 
 
+def test_callers_floating_point_mode_is_restored():
+    """The row kernels flush subnormals only while they run: afterwards torch's own ops, on this thread
+    and on the pool's threads (a large elementwise op runs on all of them), produce subnormals again."""
+    tiny = torch.finfo(torch.float32).tiny
+    zs, zt, zr, y = make_problem(8, 513, seed=1)
+    st = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, IGN)
+    cpu.rows_backward(zs, zt, zr, y, st, torch.ones(8), torch.ones(8), 1.25, 1.0, 1.0, 1.0, IGN, torch.empty_like(zs))
+    cpu.rows_forward_backward(zs, zt, zr, y, torch.ones(8), torch.ones(8), 1.25, 1.0, 1.0, 1.0, IGN,
+                              torch.empty_like(zs))
+    assert (torch.tensor([tiny]) * 0.01).item() != 0.0
+    big = torch.full((1 << 21,), tiny) * 0.01
+    assert (big != 0).all()
+
+
 def test_bad_isa_cap_is_a_clear_error():
     import subprocess
     import sys
