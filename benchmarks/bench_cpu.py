@@ -242,8 +242,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         "cpu_bench_quick.json" if args.quick else "cpu_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                processor=_cpu_name(), cpu_count=os.cpu_count(), v=args.v, d=args.d, lam=LAM,
+    meta = dict(**machine_meta(), v=args.v, d=args.d, lam=LAM,
                 repeats=args.repeats, rounds=args.rounds, dtype="float32",
                 note="median of repeats after one warm-up (median over rounds with --rounds); fwd+bwd")
     out.write_text(json.dumps(dict(meta=meta, results=results, summary=summary), indent=1))
@@ -302,8 +301,7 @@ def run_paired(args):
         del steps
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "cpu_bench_paired.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                processor=_cpu_name(), cpu_count=os.cpu_count(), v=args.v, d=args.d, lam=LAM, dtype="float32",
+    meta = dict(**machine_meta(), v=args.v, d=args.d, lam=LAM, dtype="float32",
                 note="paired: all variants in one process after one warm-up each, run once per round in "
                      "rotating order; ratios per round; fwd+bwd; no memory figures")
     out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
@@ -395,6 +393,14 @@ def _merge_rounds(results):
             row["gemm_gflops"] = statistics.median(r["gemm_gflops"] for r in ok)
         merged.append(row)
     return merged
+
+
+def machine_meta():
+    """What every CPU benchmark's JSON records about where it ran."""
+    import torch
+
+    return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                processor=_cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
 
 
 def _cpu_name():

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cpu  # noqa: E402  (machine_meta)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,8 +97,7 @@ def main(argv=None):
         print(f"chunk {c:5d}: {calls:3d} calls, {median_s[c]:.3f} s{extra}")
     print(f"per call: {a * 1e3:.1f} ms fixed + {b * 1e6:.1f} us per token (least squares over {len(chunks)} chunk sizes)")
     result = dict(
-        meta=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                  processor=platform.processor(), threads=torch.get_num_threads(), n=args.n, v=args.v, d=args.d,
+        meta=dict(**bench_cpu.machine_meta(), n=args.n, v=args.v, d=args.d,
                   rounds=args.rounds, heads=3, dtype="float32"),
         fit=dict(fixed_per_call_s=a, per_token_s=b), results=rows)
     out = args.out or RESULTS / ("gemm_chunks_quick.json" if args.quick else "gemm_chunks.json")

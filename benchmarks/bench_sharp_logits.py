@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -86,8 +85,7 @@ def main(argv=None):
               f"eager {row['subnormal_frac_eager']:.4f}, gopd {row['subnormal_frac_gopd']:.4f}; "
               f"step gopd_cpu {row['gopd_cpu_s']:.3f} s, eager {row['eager_s']:.3f} s", flush=True)
     result = dict(
-        meta=dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                  processor=platform.processor(), threads=torch.get_num_threads(), n=args.n, v=args.v, d=args.d,
+        meta=dict(**bench_cpu.machine_meta(), n=args.n, v=args.v, d=args.d,
                   repeats=args.repeats, heads=3, dtype="float32", mode="full", lam=bench_cpu.LAM,
                   quick=args.quick),
         results=rows)

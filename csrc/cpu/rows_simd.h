@@ -29,7 +29,7 @@
 //   c = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r), a = g_loss / T_s,
 //   so out(v) = p(v) (a (c(v) - L) - g_lp / T_s), L = sum_v p c (summed by the backward itself);
 //   the target column gets + g_lp / T_s.
-// Entries below FLT_MIN in magnitude are written as 0 (flush_subnormal in rows.cpp says why).
+// Entries below kTinyGrad<float> = 2^-100 in magnitude are written as 0 (rows.cpp, zero_if_tiny, says why).
 
 using Vec = Ops::Vec;
 constexpr int W = Ops::kWidth;
@@ -203,12 +203,12 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
     Vec p;
     const Vec c = log_p_and_c(xs, xt, xr, p);
-    return Ops::flush_subnormal(Ops::mul_where_nonzero(p, Ops::fmsub(a, Ops::sub(c, lv), glp)));
+    return Ops::zero_if_tiny(Ops::mul_where_nonzero(p, Ops::fmsub(a, Ops::sub(c, lv), glp)));
   };
   auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
   // The target column is computed first in fp32 and written last: out may alias zs, and adding
   // g_lp / T_s after a round to bf16 would round twice.
-  const float g_y = flush_subnormal(Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_scaled);
+  const float g_y = zero_if_tiny(Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_scaled);
   int64_t j = 0;
   // Every vector is loaded before the store of the same columns: out may alias zs.
   for (; j + W <= v; j += W) {

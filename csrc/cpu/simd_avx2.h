@@ -18,10 +18,10 @@ struct Ops {
   GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_NEQ_UQ), x); }
   // w x where w != 0 (NaN included), else +0.
   GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return mul(w, where_nonzero(w, x)); }
-  // x, or +0 where |x| < FLT_MIN (an fp32 subnormal, or -0); NaN and inf are kept (unordered compare).
-  GOPD_INLINE static Vec flush_subnormal(Vec x) {
+  // x, or +0 where |x| < kTinyGrad<float> (rows.cpp); NaN and inf are kept (unordered compare).
+  GOPD_INLINE static Vec zero_if_tiny(Vec x) {
     const Vec mag = _mm256_andnot_ps(set1(-0.0f), x);
-    return _mm256_and_ps(_mm256_cmp_ps(mag, set1(std::numeric_limits<float>::min()), _CMP_NLT_UQ), x);
+    return _mm256_and_ps(_mm256_cmp_ps(mag, set1(kTinyGrad<float>), _CMP_NLT_UQ), x);
   }
   // acc + w x where w != 0 (NaN included), else acc (x is zeroed first, so a -inf x never meets w = 0).
   GOPD_INLINE static Vec add_prod_where_nonzero(Vec acc, Vec w, Vec x) { return fmadd(w, where_nonzero(w, x), acc); }

@@ -18,9 +18,9 @@ struct Ops {
   GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), x); }
   // w x where w != 0 (NaN included), else +0: one masked multiply.
   GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), w, x); }
-  // x, or +0 where |x| < FLT_MIN (an fp32 subnormal, or -0); NaN and inf are kept (unordered compare).
-  GOPD_INLINE static Vec flush_subnormal(Vec x) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_andnot_ps(set1(-0.0f), x), set1(std::numeric_limits<float>::min()), _CMP_NLT_UQ), x);
+  // x, or +0 where |x| < kTinyGrad<float> (rows.cpp); NaN and inf are kept (unordered compare).
+  GOPD_INLINE static Vec zero_if_tiny(Vec x) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_andnot_ps(set1(-0.0f), x), set1(kTinyGrad<float>), _CMP_NLT_UQ), x);
   }
   // acc + w x where w != 0 (NaN included), else acc: one masked FMA (the compare is shared by the compiler across calls with one w).
   GOPD_INLINE static Vec add_prod_where_nonzero(Vec acc, Vec w, Vec x) {

@@ -38,9 +38,10 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
         out(v) = ( g_loss_i * p(v) * (c(v) - L_i) + g_lp_i * ([v == y_i] - p(v)) ) / ts
     A term whose coefficient is 0 (lam, 1 - lam, g_loss_i, or p(v)) is 0 even when the log is
     -inf; a model that is None drops its term (zr None happens only with lam == 1). Masked rows
-    get out = 0. A backend may write an entry whose magnitude is below the smallest normal fp32
-    (~1.2e-38) as 0; the CPU backend does, because subnormal gradients slow the dH / dW GEMMs on
-    x86 many-fold (csrc/cpu/rows.cpp, flush_subnormal).
+    get out = 0. A backend may write an entry whose magnitude is below 2^-100 (~7.9e-31; for fp64
+    input, the smallest normal double) as 0; the CPU backend does, because such entries put
+    subnormals into the dH / dW GEMMs, which x86 runs many-fold slower (csrc/cpu/rows.cpp,
+    zero_if_tiny).
 
 Optional, ``rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out)
 -> stats`` (the CPU backend has it): rows_forward, then rows_backward with upstream gradients known
