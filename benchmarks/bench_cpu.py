@@ -8,6 +8,8 @@ Variants (each (variant, mode, N) runs in its own subprocess so its peak RSS is 
              heads only (student, teacher), full mode only; torch.compile on CPU.
   gemm       the GEMM floor: the five matmuls every fused-linear method does at least
              (three logit GEMMs, dH = G W, dW = G^T H), timed in the same run.
+  gopd_cpu_bf16  gopd_cpu with the heads' H and W in bf16 (the logits are still fp32 GEMMs of the
+             up-cast inputs); only when asked for with --variants.
 
 Timing: one warm-up call, then the median of --repeats calls of forward + backward. Memory: peak RSS
 of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs (incl. the trainable copies
@@ -35,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("gopd_cpu", "eager", "liger_jsd", "gemm")
+VARIANTS = ("gopd_cpu", "eager", "liger_jsd", "gemm", "gopd_cpu_bf16")
+DEFAULT_VARIANTS = VARIANTS[:4]
 MODES = ("full", "sampled")
 LAM = 1.25
 
@@ -64,10 +67,12 @@ def _step_fn(variant, mode, h, w, y, chunk_size=None):
     """A zero-argument callable doing one forward + backward of `variant`."""
     import torch
 
+    if variant == "gopd_cpu_bf16":
+        h, w = [x.bfloat16() for x in h], [x.bfloat16() for x in w]
     hs = h[0].clone().requires_grad_(True)
     ws = w[0].clone().requires_grad_(True)
 
-    if variant == "gopd_cpu":
+    if variant in ("gopd_cpu", "gopd_cpu_bf16"):
         import gopd_kernels as gk
 
         def step():
@@ -161,7 +166,7 @@ def main(argv=None):
     p.add_argument("--v", type=int, default=49152)
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="run every variant this many times in rotation (own process each) and report the median "
@@ -288,7 +293,7 @@ def run_paired(args):
         for mode in args.modes:
             ours = times.get(("gopd_cpu", mode))
             for other, label in ((("gemm", args.modes[0]), "gemm_floor"), (("liger_jsd", "full"), "liger_jsd"),
-                                 (("eager", mode), "eager")):
+                                 (("eager", mode), "eager"), (("gopd_cpu_bf16", mode), "gopd_cpu_bf16")):
                 if ours is None or other not in times:
                     continue
                 per_round = [a / b for a, b in zip(ours, times[other])]

@@ -112,37 +112,67 @@ class _Heads:
     [chunk, V] allocation per chunk would be page-faulted in (zeroed by the OS) every time. The
     buffers come from, and go back to, the workspace kept between calls (_workspace); `release()`
     returns them, and nothing may use a chunk's logits after it.
+
+    A bf16 / fp16 head on CPU has no GEMM with fp32 output, so its weight is up-cast: into one fp32
+    buffer that the heads share for the whole call (the peak of a single up-cast copy of W, as
+    before, but filled by a copy instead of a fresh, page-faulted allocation per head and chunk).
+    The student's head is computed last, so the buffer still holds its weight for dH (cpu_weight("s")).
     """
 
     def __init__(self, hs, ws, bs, ht, wt, bt, hr, wr, br, vocab):
         self.s, self.t, self.r, self.vocab = (hs, ws, bs), (ht, wt, bt), (hr, wr, br), vocab
         self._buffers = {}
+        self._w_up, self._w_up_key = None, None  # the shared fp32 copy of one 16-bit weight, and whose
 
-    def _one(self, key, head, rows):
-        h, w, b = head
+    def _head(self, key):
+        return {"s": self.s, "t": self.t, "r": self.r}[key]
+
+    def cpu_weight(self, key):
+        """Head `key`'s weight[:vocab] as its CPU GEMMs take it: itself in fp32 / fp64, else its fp32
+        copy in the shared buffer (re-filled when it holds another head's weight); None off CPU."""
+        w = self._head(key)[1][: self.vocab]
+        if w.device.type != "cpu":
+            return None
+        if w.dtype in (torch.float32, torch.float64):
+            return w
+        if self._w_up_key != key:
+            if self._w_up is None or self._w_up.numel() < w.numel():
+                self._w_up = torch.empty(max(h[1].shape[1] for h in (self.s, self.t, self.r) if h[1] is not None)
+                                         * self.vocab, dtype=torch.float32)
+            self._w_up[: w.numel()].view(w.shape).copy_(w)
+            self._w_up_key = key
+        return self._w_up[: w.numel()].view(w.shape)
+
+    def _one(self, key, rows):
+        h, w, b = self._head(key)
         if h is None:
             return None
         h = h[rows]
-        if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.float64) or h.dtype != w.dtype:
+        if h.device.type != "cpu":
             return linear_logits(h, w, b, self.vocab)
+        w = self.cpu_weight(key)
+        h = h.to(w.dtype)
         numel = h.shape[0] * self.vocab
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:  # the first chunk is the largest: once per head
             if buf is not None:
                 _workspace.give_back([buf])
-            buf = self._buffers[key] = _workspace.take(numel, h.dtype)
+            buf = self._buffers[key] = _workspace.take(numel, w.dtype)
         out = buf[:numel].view(h.shape[0], self.vocab)
-        torch.mm(h, w[: self.vocab].t(), out=out)
+        torch.mm(h, w.t(), out=out)
         if b is not None:
             out += b[: self.vocab].to(out.dtype)
         return out
 
     def logits(self, rows):
-        return self._one("s", self.s, rows), self._one("t", self.t, rows), self._one("r", self.r, rows)
+        """(student, teacher, reference) logits of the chunk `rows`, fp32 (fp64 for fp64 heads) on CPU."""
+        zt, zr = self._one("t", rows), self._one("r", rows)
+        return self._one("s", rows), zt, zr
 
     def release(self):
         _workspace.give_back(list(self._buffers.values()))
         self._buffers.clear()
+        self._w_up, self._w_up_key = None, None
 
 
 class _GradAccumulator:
@@ -162,7 +192,8 @@ class _GradAccumulator:
         self.db = torch.empty(bs.shape, dtype=acc, device=bs.device) if (bs is not None and need_b) else None
         self.first = True
 
-    def add(self, dz, hs_chunk, rows):
+    def add(self, dz, hs_chunk, rows, weight=None):
+        """`weight`: the student's weight[:V] if the caller already has it in the accumulation dtype."""
         v = dz.shape[1]
         beta = 0.0 if self.first else 1.0
         if self.first:
@@ -185,7 +216,7 @@ class _GradAccumulator:
         else:
             dzc = dz.to(self.acc)
             if dh is not None:
-                w = ws[:v].to(self.acc)
+                w = weight if weight is not None and weight.dtype == self.acc else ws[:v].to(self.acc)
                 if dh.dtype == self.acc:
                     torch.mm(dzc, w, out=dh[rows])
                 else:
@@ -243,7 +274,7 @@ class FusedLinearRows(torch.autograd.Function):
             for rows in _chunks(targets.shape[0], ctx.chunk):
                 zs, zt, zr = heads.logits(rows)
                 ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
-                grads.add(zs, hs[rows], rows)
+                grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
         finally:
             heads.release()
         dh, dw, db = grads.result()
@@ -284,7 +315,7 @@ class FusedLinearLoss(torch.autograd.Function):
                     stats[:, rows] = stats_c
                     lp_s, full = stats_c[LP_S], full_loss_from_stats(stats_c, cfg.lam)
                     total += objective(lp_s, full, stats_c, rows).sum() * scale
-                    grads.add(zs, hs[rows], rows)
+                    grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
                     continue
                 stats_c = cfg.forward(zs, zt, zr, targets[rows])
                 stats = _stats_buffer(stats, stats_c, n)
@@ -298,7 +329,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 total += loss_c.detach()
                 if need_grads:
                     cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
-                    grads.add(zs, hs[rows], rows)
+                    grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
         finally:
             heads.release()
         dh, dw, db = grads.result()

@@ -49,13 +49,13 @@ def test_bench_cpu_quick(tmp_path):
 
 def test_bench_cpu_paired_quick(tmp_path):
     out = tmp_path / "paired.json"
-    stdout = _run("bench_cpu.py", "--quick", "--variants", "gopd_cpu", "eager", "gemm", "--n", "64",
+    stdout = _run("bench_cpu.py", "--quick", "--variants", "gopd_cpu", "eager", "gemm", "gopd_cpu_bf16", "--n", "64",
                   "--modes", "full", "--paired", "3", "--out", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["rounds"] == 3 and all(len(t) == 3 for t in row["times_s"].values())
     floor = row["ratios"]["gopd_cpu/full vs gemm_floor"]
     assert len(floor["per_round"]) == 3 and floor["q1"] <= floor["median"] <= floor["q3"], stdout
-    assert "gopd_cpu/full vs eager" in row["ratios"]
+    assert "gopd_cpu/full vs eager" in row["ratios"] and "gopd_cpu/full vs gopd_cpu_bf16" in row["ratios"]
 
 
 def test_bench_gemm_chunks_quick(tmp_path):

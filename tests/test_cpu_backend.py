@@ -365,6 +365,44 @@ def test_fused_linear_cpu_matches_reference_float64():
     assert max_err(dw, dw2) <= 1e-10 * (1 + float(dw2.abs().max()))
 
 
+@pytest.mark.parametrize("dt_s,dt_t", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                       (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_fused_linear_16bit_heads_match_reference(dt_s, dt_t, reduction, mode):
+    """bf16 / fp16 heads on CPU, alone or next to fp32 ones: the logits are fp32 GEMMs of the up-cast
+    inputs (the weights share one fp32 buffer across heads and chunks), so against the float64 reference
+    on the same rounded inputs the loss is fp32-accurate and each gradient is off by its rounding to the
+    head's dtype. Teacher with another hidden size and a padded vocabulary; 8-token chunks."""
+    import gopd_kernels as gk
+    from gopd_kernels import reference as R
+
+    g = torch.Generator().manual_seed(21)
+    n, v, d_s, d_t = 29, 301, 16, 24
+    mk = lambda *shape, dt: (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.7).to(dt)  # noqa: E731
+    hs, ws = mk(n, d_s, dt=dt_s), mk(v, d_s, dt=dt_s)
+    ht, wt, hr, wr = mk(n, d_t, dt=dt_t), mk(v + 5, d_t, dt=dt_t), mk(n, d_s, dt=dt_s), mk(v, d_s, dt=dt_s)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::6] = IGN
+    up = torch.linspace(-1, 2, n, dtype=torch.float64)
+    params = [x.clone().requires_grad_(True) for x in (hs, ws)]
+    out = gk.fused_linear_gopd_loss(params[0], params[1], y, ht, wt, hr, wr, lam=1.25, mode=mode,
+                                    reduction=reduction, backend="cpu", chunk_size=8)
+    loss = (out.loss.double() * up).sum() if reduction == "none" else out.loss.double()
+    grads = torch.autograd.grad(loss, params)
+    ref_params = [x.double().requires_grad_(True) for x in (hs, ws)]
+    ref = R.gopd_loss(ref_params[0] @ ref_params[1].t(), y, ht.double() @ wt.double()[:v].t(),
+                      hr.double() @ wr.double().t(), lam=1.25, mode=mode, reduction=reduction)
+    ref_loss = (ref.loss * up).sum() if reduction == "none" else ref.loss
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * (1 + abs(float(ref_loss)))
+    for name, a, b in zip(("dh", "dW"), grads, ref_grads):
+        assert a.dtype == dt_s, name
+        bound = torch.finfo(dt_s).eps * b.abs() + 1e-5 * (1 + float(b.abs().max()))
+        assert ((a.double() - b).abs() <= bound).all(), f"{name}: error {max_err(a, b):.3g}"
+    assert max_err(out.lp_t, ref.lp_t) <= 1e-5 * (1 + float(ref.lp_t.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_isa_paths_agree(tmp_path, dtype):
     """The kernels are built for the baseline x86-64 ISA, AVX2 and AVX-512 and picked at run time; every
