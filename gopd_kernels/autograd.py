@@ -136,9 +136,9 @@ class _Heads:
         if w.dtype in (torch.float32, torch.float64):
             return w
         if self._w_up_key != key:
-            if self._w_up is None or self._w_up.numel() < w.numel():
-                self._w_up = torch.empty(max(h[1].shape[1] for h in (self.s, self.t, self.r) if h[1] is not None)
-                                         * self.vocab, dtype=torch.float32)
+            if self._w_up is None:  # sized for the widest head, so it serves every head
+                d_max = max(head[1].shape[1] for head in (self.s, self.t, self.r) if head[1] is not None)
+                self._w_up = torch.empty(d_max * self.vocab, dtype=torch.float32)
             self._w_up[: w.numel()].view(w.shape).copy_(w)
             self._w_up_key = key
         return self._w_up[: w.numel()].view(w.shape)
