@@ -655,6 +655,18 @@ struct Logits {
 
 int64_t grain_rows(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(v, 1)); }
 
+// body(begin, end, scratch) over ranges of the N rows on torch's thread pool (results do not depend on
+// the split: rows are independent), each range with its own scratch and with subnormals flushed while
+// it runs (SubnormalsAsZero). Every op's row loop goes through here.
+template <typename acc_t, typename F>
+void parallel_rows(int64_t n, int64_t v, const F& body) {
+  at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+    const SubnormalsAsZero ftz;
+    Scratch<acc_t> scratch;
+    body(begin, end, scratch);
+  });
+}
+
 void check_target(int64_t y, int64_t v) {
   TORCH_CHECK(y >= 0 && y < v, "gopd cpu backend: target ", y, " out of range [0, ", v, ")");
 }
@@ -690,9 +702,7 @@ at::Tensor rows_forward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor
     const acc_t its = acc_t(1) / static_cast<acc_t>(ts), itt = acc_t(1) / static_cast<acc_t>(tt),
                 itr = acc_t(1) / static_cast<acc_t>(tr);
     const Isa isa = cpu_isa();
-    at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
-      const SubnormalsAsZero ftz;
-      Scratch<acc_t> scratch;
+    parallel_rows<acc_t>(n, v, [&](int64_t begin, int64_t end, Scratch<acc_t>& scratch) {
       double row[kNumStats];
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) continue;  // masked: stats stay 0, no vocabulary pass
@@ -732,9 +742,7 @@ void rows_backward_cpu(const at::Tensor& zs, const c10::optional<at::Tensor>& zt
     const acc_t* GL = gl_c.data_ptr<acc_t>();
     const Isa isa = cpu_isa();
     const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
-    at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
-      const SubnormalsAsZero ftz;
-      Scratch<acc_t> scratch;
+    parallel_rows<acc_t>(n, v, [&](int64_t begin, int64_t end, Scratch<acc_t>& scratch) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* o = po + i * so;
         if (y[i] == ignore_index) {
@@ -778,9 +786,7 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
     const acc_t* GL = gl_c.data_ptr<acc_t>();
     const Isa isa = cpu_isa();
     const RowCoef<acc_t> coef = row_coef<acc_t>(z.t != nullptr, z.r != nullptr, lam, ts, tt, tr);
-    at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
-      const SubnormalsAsZero ftz;
-      Scratch<acc_t> scratch;
+    parallel_rows<acc_t>(n, v, [&](int64_t begin, int64_t end, Scratch<acc_t>& scratch) {
       double row[kNumStats];
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* o = po + i * so;
