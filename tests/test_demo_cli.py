@@ -7,7 +7,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from gopd import cli, config as config_mod, demo  # noqa: E402
+from gopd import cli, demo  # noqa: E402
+from gopd import config as config_mod
 
 
 @pytest.fixture

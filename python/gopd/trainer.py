@@ -37,7 +37,7 @@ from . import checkpoint
 from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
-from .models import Codec, ModelError, check_same_vocab, freeze, frozen_copy, lm_head, load_model
+from .models import Codec, check_same_vocab, freeze, frozen_copy, lm_head, load_model
 from .progress import note, progress_bar
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
