@@ -61,7 +61,7 @@ lint: $(BIN)/.installed-test
 	$(BIN)/python -m ruff check .
 
 test: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	GOPD_TEST_STRICT=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 cuda-check: $(BIN)/.venv-ready
 	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from helpers import need
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -24,7 +24,7 @@ def _run(script, *args, timeout=300):
 
 
 def test_bench_loss_quick(tmp_path):
-    pytest.importorskip("triton")
+    need("triton")
     out = tmp_path / "loss.json"
     _run("bench_loss.py", "--quick", "--variants", "triton,eager,floor", "--reps", "1", "--out", str(out))
     data = json.loads(out.read_text())

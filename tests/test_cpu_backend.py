@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from gopd_kernels.backends import cpu
 from gopd_kernels.backends import torch as tb
 
-from helpers import assert_close_as_torch, make_problem, max_err
+from helpers import assert_close_as_torch, make_problem, max_err, missing
 
 _ok, _why = cpu.available()
 if not _ok:
-    pytest.skip(f"cpu backend not built: {_why}", allow_module_level=True)
+    missing(f"the C++ cpu backend ({_why})")
 
 IGN = -100
 

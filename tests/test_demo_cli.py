@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+from helpers import need  # noqa: E402
+
+yaml = need("yaml")
 
 from gopd import cli, demo  # noqa: E402
 from gopd import config as config_mod

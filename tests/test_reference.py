@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gopd_kernels import reference as R
 
-from helpers import make_problem
+from helpers import make_problem, need
 
 F64 = torch.float64
 
@@ -153,7 +153,7 @@ def test_truncated_importance_weight():
 
 def test_agrees_with_trl_generalized_jsd_beta_one():
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    gkd = need("trl.experimental.gkd.gkd_trainer")
     zs, zt, _, y = make_problem(2 * 9, 40, seed=12, mask_frac=0.25)
     zs, zt, y = zs.view(2, 9, 40), zt.view(2, 9, 40), y.view(2, 9)
     for temp in (1.0, 0.7):

@@ -17,8 +17,10 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("yaml")
+from helpers import need  # noqa: E402
+
+need("transformers")
+need("yaml")
 
 import gopd_kernels as gk  # noqa: E402
 from gopd import config as config_mod  # noqa: E402

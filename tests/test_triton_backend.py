@@ -16,7 +16,9 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import pytest  # noqa: E402
 
-triton = pytest.importorskip("triton")
+from helpers import assert_close_as_torch, make_problem, need  # noqa: E402
+
+triton = need("triton")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -26,8 +28,6 @@ from gopd_kernels import reference as R  # noqa: E402
 from gopd_kernels.backends import E_R, E_T, LP_R, LP_T, LSE_R, LSE_T, NSTATS  # noqa: E402
 from gopd_kernels.backends import torch as torch_backend  # noqa: E402
 from gopd_kernels.backends import triton as triton_backend  # noqa: E402
-
-from helpers import assert_close_as_torch, make_problem  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
