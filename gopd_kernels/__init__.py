@@ -4,7 +4,7 @@
     out = gk.gopd_loss(student_logits, targets, teacher_logits, ref_logits, lam=1.25, mode="full")
     out.loss.backward()
 
-See README.md for the math, the backends and the options; ``gopd_kernels.reference`` is the
+See docs/design.md for the math, the backends and the options; ``gopd_kernels.reference`` is the
 plain-PyTorch definition every backend is tested against.
 """
 

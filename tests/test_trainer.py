@@ -329,7 +329,7 @@ def test_off_policy_step_matches_reference_by_hand(tmp_path):
 
 
 def test_rollout_logprobs_weight_on_policy_clip_is_inert(tmp_path):
-    """One update per batch is strictly on-policy (lp_old = lp_s detached, DESIGN.md §1): ratio = 1, so
+    """One update per batch is strictly on-policy (lp_old = lp_s detached, docs/design.md §1): ratio = 1, so
     clip_eps / dual_clip leave the gradient unchanged, while the rollout log-probs act through the
     truncated IS weight: changing is_cap changes the gradient."""
     _, _, base = off_policy_step(tmp_path / "a", "is_cap=2.0", "clip_eps=0.1", "dual_clip=2.0")

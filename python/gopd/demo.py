@@ -1,7 +1,7 @@
 """`gopd demo`: OPD (lam = 1) vs ExOPD (lam = 1.25) on SmolLM2-135M-Instruct, from the same start.
 
 The teacher is the student's own initial weights given the solution in its prompt (on-policy context
-distillation): it shares the tokenizer and is measurably better on the task (README: 0.58 vs 0.16).
+distillation): it shares the tokenizer and is measurably better on the task (README, the demo's table).
 Both arms start from the same weights, see the same prompt batches and the same sampling seeds; only
 lam differs. Prints a table (pass@1 with a 95% interval and wall time of: student before, teacher,
 after OPD, after ExOPD; then each one's difference to the student before) and writes demo.png +

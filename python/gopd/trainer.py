@@ -1,4 +1,4 @@
-"""The G-OPD training loop (DESIGN.md §1-2), nanoGPT-sized.
+"""The G-OPD training loop (docs/design.md §1-2), nanoGPT-sized.
 
 One optimizer step:
   1. sample `batch_size` prompts (chosen by a step-seeded RNG, so a resumed run sees the same batches);
@@ -103,7 +103,7 @@ class Trainer:
         missing = {ex.domain for ex in self.train_set} - set(self.teachers)
         if cfg.teachers and cfg.teacher is None and missing:
             raise ConfigError(f"no teacher for domain(s) {sorted(missing)}: add them to 'teachers' or set 'teacher'")
-        # lam = 1: the reference cancels (DESIGN.md §1); it is only loaded when it matters or is asked for.
+        # lam = 1: the reference cancels (docs/design.md §1); it is only loaded when it matters or is asked for.
         self.reference = None
         if cfg.reference is not None:
             self.reference = frozen(cfg.reference, "reference")
