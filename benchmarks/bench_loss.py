@@ -1,14 +1,16 @@
 """Forward+backward time and peak memory of the G-OPD loss: triton vs torch vs torch.compile vs Liger.
 
-Variants (full mode; lam = 1.25 with three heads, lam = 1 = reverse KL with two heads):
+Variants (lam = 1.25 with three heads, lam = 1 = reverse KL with two heads; --modes full,sampled):
   logits/triton        gopd_loss on materialised [N, V] logits, backend="triton" (logit-level kernel);
                        its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
                        device's copy bandwidth measured in the same run.
   fused/triton-3h      fused_linear_gopd_loss, backend="triton", student + teacher + reference heads
   fused/triton-2h      the same with student + teacher only (lam = 1), Liger's setting
+  fused/cuda-3h        fused_linear_gopd_loss, backend="cuda" (when the extension has its CUDA kernels)
   eager/torch-3h       logits = (h @ W.T).float() per head, then gopd_kernels.reference.gopd_loss
   compile/torch-3h     torch.compile of that eager function
   liger/jsd-2h         Liger's LigerFusedLinearJSDLoss(beta=1, soft loss only), student + teacher heads
+                       (full mode only: Liger has no sampled-token estimator)
   floor/gemm-3h, -2h   the GEMMs alone (forward logits of every head, dH and dW of the student) timed in
                        the same run: the time no fused-linear loss can beat.
 
@@ -25,6 +27,7 @@ benchmarks/results/loss_<device>.json.
 
     python benchmarks/bench_loss.py            # GPU, full sweep
     python benchmarks/bench_loss.py --quick    # tiny shapes, CPU interpreter or GPU
+    python benchmarks/bench_loss.py --model qwen3-4b --n 2048 8192 --modes full,sampled   # make gpu-check
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import gopd_kernels as gk  # noqa: E402
+from gopd_kernels import backends  # noqa: E402
 from gopd_kernels import reference as R  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 LAM = 1.25
+VARIANTS = ("triton", "cuda", "eager", "compile", "liger", "floor")
 
 FULL_SHAPES = [("qwen3-4b", n, 151936, 2560) for n in (2048, 8192, 16384)] + \
               [("smollm2-135m", n, 49152, 576) for n in (2048, 8192, 16384)]
@@ -120,15 +125,15 @@ def _backward(loss, *params):
     return loss.detach()
 
 
-def eager_loss(hs, ws, ht, wt, hr, wr, y):
+def eager_loss(hs, ws, ht, wt, hr, wr, y, mode="full"):
     """What a user writes without fused kernels: fp32 logits for every head, then the loss."""
     zs = (hs @ ws.T).float()
     zt = (ht @ wt.T).float()
     zr = None if hr is None else (hr @ wr.T).float()
-    return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode="full").loss
+    return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode=mode).loss
 
 
-def variants(h, w, y, n, v, d, which):
+def variants(h, w, y, n, v, d, which, mode="full"):
     """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that."""
     hs = h[0].detach().requires_grad_(True)
     ws = w[0].detach().requires_grad_(True)
@@ -137,11 +142,11 @@ def variants(h, w, y, n, v, d, which):
 
     if "triton" in which:
         def fused3():
-            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode="full", backend="triton")
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="triton")
             return _backward(out3.loss, hs, ws)
 
         def fused2():
-            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode="full", backend="triton")
+            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode=mode, backend="triton")
             return _backward(out2.loss, hs, ws)
 
         out["fused/triton-3h"] = (fused3, {})
@@ -155,15 +160,25 @@ def variants(h, w, y, n, v, d, which):
             zs = zs0.requires_grad_(True)
 
             def logits():
-                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode="full", backend="triton").loss, zs)
+                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode=mode, backend="triton").loss, zs)
 
             return logits, {"bytes_moved": 4 * n * v * zs.element_size()}
 
         out["logits/triton"] = logits_variant
 
+    if "cuda" in which:
+        if not backends.is_available("cuda"):
+            out["fused/cuda-3h"] = (None, {"error": "cuda backend not available"})
+        else:
+            def fused_cuda():
+                out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="cuda")
+                return _backward(out3.loss, hs, ws)
+
+            out["fused/cuda-3h"] = (fused_cuda, {})
+
     if "eager" in which or "compile" in which:
         def eager():
-            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y), hs, ws)
+            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
 
         if "eager" in which:
             out["eager/torch-3h"] = (eager, {})
@@ -171,11 +186,11 @@ def variants(h, w, y, n, v, d, which):
             compiled = torch.compile(eager_loss)
 
             def comp():
-                    return _backward(compiled(hs, ws, ht, wt, hr, wr, y), hs, ws)
+                return _backward(compiled(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
 
             out["compile/torch-3h"] = (comp, {})
 
-    if "liger" in which:
+    if "liger" in which and mode == "full":
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except ImportError as exc:
@@ -186,7 +201,7 @@ def variants(h, w, y, n, v, d, which):
                                             compiled=ON_GPU)
 
             def liger_fn():
-                    return _backward(liger(hs, ws, ht, wt, y), hs, ws)
+                return _backward(liger(hs, ws, ht, wt, y), hs, ws)
 
             out["liger/jsd-2h"] = (liger_fn, {})
 
@@ -207,17 +222,17 @@ def variants(h, w, y, n, v, d, which):
     return out
 
 
-def run(shapes, which, reps, dtype):
+def run(shapes, which, reps, dtype, modes=("full",)):
     rows = []
-    for model, n, v, d in shapes:
+    for (model, n, v, d), mode in [(shape, mode) for shape in shapes for mode in modes]:
         torch.manual_seed(0)
         try:
             h, w, y = make_inputs(n, v, d, dtype)
         except torch.OutOfMemoryError:
             rows.append(dict(model=model, n=n, v=v, d=d, error="OOM allocating inputs"))
             continue
-        for name, spec in variants(h, w, y, n, v, d, which).items():
-            row = dict(model=model, variant=name, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
+        for name, spec in variants(h, w, y, n, v, d, which, mode).items():
+            row = dict(model=model, variant=name, mode=mode, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
             try:
                 fn, facts = spec() if callable(spec) else spec
             except torch.OutOfMemoryError:
@@ -257,17 +272,18 @@ def summarize(rows, copy_gb_per_s):
     by_shape = {}
     for r in rows:
         if r.get("seconds"):
-            by_shape.setdefault((r["model"], r["n"], r["v"], r["d"]), {})[r["variant"]] = r
+            by_shape.setdefault((r["model"], r["n"], r["v"], r["d"], r.get("mode", "full")), {})[r["variant"]] = r
 
     def ratio(a, b):
         return a["seconds"] / b["seconds"] if a and b else None
 
     out = []
-    for (model, n, v, d), got in by_shape.items():
+    for (model, n, v, d, mode), got in by_shape.items():
         logits = got.get("logits/triton")
         out.append(dict(
-            model=model, n=n, v=v, d=d,
+            model=model, n=n, v=v, d=d, mode=mode,
             fused3h_over_gemm_floor=ratio(got.get("fused/triton-3h"), got.get("floor/gemm-3h")),
+            cuda3h_over_gemm_floor=ratio(got.get("fused/cuda-3h"), got.get("floor/gemm-3h")),
             liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
             eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
             compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),
@@ -280,23 +296,39 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes (the only option without a GPU)")
     p.add_argument("--variants", default="triton,eager,compile,liger,floor",
-                   help="comma list of: triton, eager, compile, liger, floor")
+                   help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--model", choices=sorted({m for m, *_ in FULL_SHAPES}), default=None,
+                   help="only this model's shapes (GPU runs)")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="only these token counts (GPU runs)")
+    p.add_argument("--modes", default="full", help="comma list of: full, sampled")
+    p.add_argument("--check-args", action="store_true", help="parse the arguments, print the plan and exit")
     p.add_argument("--reps", type=int, default=3, help="timer repetitions without a GPU")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/loss_<device>.json)")
     args = p.parse_args(argv)
-    if not ON_GPU and not args.quick:
+    if not ON_GPU and not args.quick and not args.check_args:
         p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
     which = set(args.variants.split(","))
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    modes = args.modes.split(",")
+    for bad in sorted(which - set(VARIANTS)):
+        p.error(f"--variants: unknown variant {bad!r}; expected some of {', '.join(VARIANTS)}")
+    for bad in sorted(set(modes) - {"full", "sampled"}):
+        p.error(f"--modes: unknown mode {bad!r}; expected full and / or sampled")
+    shapes = QUICK_SHAPES if args.quick else [s for s in FULL_SHAPES if (args.model in (None, s[0])) and
+                                              (args.n is None or s[1] in args.n)]
+    if not shapes:
+        p.error(f"--model {args.model} --n {args.n}: no such shape; the shapes are {FULL_SHAPES}")
+    if args.check_args:
+        print(json.dumps(dict(shapes=shapes, modes=modes, variants=sorted(which))))
+        return
     dtype = torch.bfloat16
 
     result = dict(device=device_name(), gpu=ON_GPU, quick=args.quick, torch=torch.__version__,
-                  triton=triton.__version__, lam=LAM, mode="full", timer="triton.testing.do_bench median"
+                  triton=triton.__version__, lam=LAM, modes=modes, timer="triton.testing.do_bench median"
                   if ON_GPU else "perf_counter median under TRITON_INTERPRET=1 (not a performance number)",
                   rows=[])
     if ON_GPU:
         result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
-    result["rows"] = run(shapes, which, args.reps, dtype)
+    result["rows"] = run(shapes, which, args.reps, dtype, modes)
     result["summary"] = summarize(result["rows"], result.get("copy_gb_per_s"))
     print(json.dumps(result["summary"], indent=1))
 
