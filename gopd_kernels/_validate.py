@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Real
 
 import torch
@@ -40,9 +41,24 @@ def common_dtype(*tensors):
     return out
 
 
+def _is_dtensor(x):
+    # A DTensor exists only once its module is imported; importing it here would cost seconds.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def tensor(name, x, *, floating=True, ndim_min=1):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if _is_dtensor(x):
+        # FSDP2 keeps parameters sharded outside their module's forward. Running on a shard would be
+        # wrong, and .full_tensor() is a copy through which the LM head's gradient comes out wrong.
+        raise TypeError(
+            f"{name} is a DTensor (a sharded parameter: FSDP2 gathers it only inside its module's forward); "
+            "compute the loss inside a forward: wrap the LM head in gopd_kernels.GOPDHead and fully_shard "
+            "that module (or register the method that calls the loss with "
+            "torch.distributed.fsdp.register_fsdp_forward_method). Passing .full_tensor() instead is no fix: "
+            "the LM head's gradient comes out wrong")
     if floating and x.dtype not in _FLOATS:
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if not floating and x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
