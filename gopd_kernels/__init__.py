@@ -8,13 +8,15 @@ See docs/design.md for the math, the backends and the options; ``gopd_kernels.re
 plain-PyTorch definition every backend is tested against.
 """
 
-from . import backends, reference
+from . import backends, distributed, reference
 from ._output import GOPDOutput
 from ._workspace import release_workspace
 from .api import fused_linear_gopd_loss, fused_linear_logprobs, gopd_loss
-from .modules import FusedLinearGOPDLoss, GOPDLoss
+from .distributed import global_num_items
+from .modules import FusedLinearGOPDLoss, GOPDHead, GOPDLoss
 
 __version__ = "0.1.0"
 
 __all__ = ["gopd_loss", "fused_linear_gopd_loss", "fused_linear_logprobs", "GOPDLoss", "FusedLinearGOPDLoss",
-           "GOPDOutput", "release_workspace", "reference", "backends", "__version__"]
+           "GOPDHead", "global_num_items", "GOPDOutput", "release_workspace", "reference", "backends",
+           "distributed", "__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Real
 
 import torch
@@ -12,9 +13,52 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def math_dtype(*tensors):
+    """The dtype rule, the same for every op (gopd_loss, fused_linear_gopd_loss, fused_linear_logprobs).
+
+    The floating inputs that carry the vocabulary (logits; hidden states, LM-head weights and biases)
+    may be float16, bfloat16, float32 or float64 in any mix: 16-bit hidden states beside an fp32 head
+    (what torch.autocast produces), a bf16 teacher beside an fp32 student, and so on. The math dtype
+    is float64 if any of them is float64, else float32. Every input is read exactly in it (up-cast,
+    never rounded down); logits are computed, soft-maxed and accumulated in it (torch.autocast is
+    switched off for them), the results (loss, diagnostics, log-probs) are in it, per-token inputs
+    (teacher_logprobs, old_logprobs, ...) are converted to it, and each gradient comes back in its
+    own input's dtype. Returns the math dtype of the given tensors (None entries are skipped).
+    """
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def common_dtype(*tensors):
+    """The dtype logits handed to a row kernel share: torch.promote_types of the given ones (so three
+    bf16 logits stay bf16, read in fp32 by the kernel, while bf16 beside fp32 becomes fp32: the
+    16-bit one is up-cast, never the other way round)."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _is_dtensor(x):
+    # A DTensor exists only once its module is imported; importing it here would cost seconds.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def tensor(name, x, *, floating=True, ndim_min=1):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if _is_dtensor(x):
+        # FSDP2 keeps parameters sharded outside their module's forward. Running on a shard would be
+        # wrong, and .full_tensor() is a copy through which the LM head's gradient comes out wrong.
+        raise TypeError(
+            f"{name} is a DTensor (a sharded parameter: FSDP2 gathers it only inside its module's forward); "
+            "compute the loss inside a forward: wrap the LM head in gopd_kernels.GOPDHead and fully_shard "
+            "that module (or register the method that calls the loss with "
+            "torch.distributed.fsdp.register_fsdp_forward_method). Passing .full_tensor() instead is no fix: "
+            "the LM head's gradient comes out wrong")
     if floating and x.dtype not in _FLOATS:
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if not floating and x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):

@@ -83,10 +83,13 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
               inplace_backward=False) -> GOPDOutput:
     """G-OPD loss on logits, fused over the vocabulary (no [N, V] intermediate in the fused backends).
 
-    student_logits: [..., V], float16 / bfloat16 / float32 / float64 (math in fp32 or better).
+    student_logits: [..., V], float16 / bfloat16 / float32 / float64.
     targets: [...] sampled token ids (int), ignore_index marks tokens that count for nothing.
     teacher_logits / ref_logits: [..., V'] with V' >= V (a padded vocabulary is cut to the student's V),
-        the student's dtype; or, in mode="sampled" only, teacher_logprobs / ref_logprobs: [...].
+        any floating dtype; or, in mode="sampled" only, teacher_logprobs / ref_logprobs: [...].
+    Dtypes: one rule for every op (gopd_kernels._validate.math_dtype): any mix is accepted; the math
+        is fp32, or fp64 if any logits are fp64; nothing is rounded down. Logits of different dtypes
+        are up-cast to their common one (an [N, V] copy) before the row kernel.
     lam: reward scale (1 = OPD, > 1 = ExOPD); lam != 1 needs a reference.
     mode: "sampled" (the paper's estimator: PPO-clip policy gradient with advantage
         lam (lp_t - lp_r) - (lp_s - lp_r)) or "full" (sum_v p_s (log p_s - lam log p_t - (1-lam) log p_r)).
@@ -117,9 +120,6 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
         if tuple(z.shape[:-1]) != lead:
             raise ValueError(f"{name}: expected leading shape {lead} like student_logits, got {tuple(z.shape[:-1])}")
         check.vocab(name, z.shape[-1], vocab)
-        if z.dtype != student_logits.dtype:
-            raise TypeError(f"{name}: dtype {z.dtype} differs from student_logits' {student_logits.dtype}; "
-                            "cast one so all logits share a dtype")
     check.same_device("student_logits", student_logits, targets=targets, teacher_logits=teacher_logits,
                       ref_logits=ref_logits)
     check.models(mode=mode, lam=lam, teacher=teacher_logits, teacher_logprobs=teacher_logprobs,
@@ -132,11 +132,14 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
                                                  old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
     check.targets_in_range(targets, vocab, ignore_index)
     module = backends.get(backends.resolve(backend, student_logits.device))
+    # The row kernels take the three logits in one dtype: a lower-precision one is up-cast to it (an
+    # [N, V] copy; give all logits in one dtype to avoid it), never the other way round.
+    common = check.common_dtype(student_logits, teacher_logits, ref_logits)
 
     def rows(z):
         if z is None:
             return None
-        z2 = z.reshape(-1, z.shape[-1])[:, :vocab]
+        z2 = z.reshape(-1, z.shape[-1])[:, :vocab].to(common)
         return z2 if z2.stride(-1) == 1 else z2.contiguous()
 
     y = targets.reshape(-1).to(torch.int64).contiguous()
@@ -151,12 +154,7 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
         old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt), clip_eps=clip_eps,
         clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
     out = _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
-    return _in_dtype(out, _public_dtype(student_logits))
-
-
-def _public_dtype(x):
-    """Results are fp64 for fp64 inputs and fp32 otherwise, whatever precision a backend computed in."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _in_dtype(out, check.math_dtype(student_logits, teacher_logits, ref_logits))
 
 
 def _in_dtype(out: GOPDOutput, dtype) -> GOPDOutput:
@@ -175,8 +173,6 @@ def _check_head(prefix, hidden, weight, bias, lead):
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{prefix}hidden: hidden size {hidden.shape[-1]} does not match "
                          f"{prefix}weight's [V, D] with D={weight.shape[1]}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{prefix}hidden dtype {hidden.dtype} differs from {prefix}weight dtype {weight.dtype}")
     if bias is not None:
         check.tensor(f"{prefix}bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
@@ -203,6 +199,10 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     extra memory O(chunk x V). With reduction "mean" / "sum" the gradients (to student_hidden,
     student_weight, student_bias) are built chunk by chunk during forward, so backward does no
     GEMM recompute; with "none" each chunk is recomputed in backward. Other keywords as gopd_loss.
+    Dtypes as gopd_loss (gopd_kernels._validate.math_dtype): hidden states, weights and biases may mix
+    (bf16 hidden states from torch.autocast with an fp32 head, a bf16 teacher, ...); the logits are
+    computed in fp32 (fp64 if any input is fp64) with autocast off, and each gradient comes back in
+    its input's dtype.
     """
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
@@ -239,7 +239,8 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     chunk = chunk_size or default_chunk_size(n, vocab, n_heads, student_hidden.device)
     cfg = RowConfig(module, lam, temps, ignore_index)
     valid = y != ignore_index
-    dt = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    dt = check.math_dtype(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                          teacher_bias, ref_hidden, ref_weight, ref_bias)
     extras = dict(teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
                   old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt))
     options = dict(mode=mode, lam=float(lam), has_ref_logits=ref_hidden is not None, clip_eps=clip_eps,
@@ -281,7 +282,8 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
                           backend="auto", chunk_size=None) -> torch.Tensor:
     """log softmax(hidden @ weight.T (+ bias) / temperature)[target] per token, without [N, V] logits.
 
-    hidden: [..., D], weight: [V, D], targets: [...]; returns [...] (fp32, or fp64 for fp64 input),
+    hidden: [..., D], weight: [V, D], targets: [...]; returns [...] in the math dtype (fp32, or fp64 if
+    any input is fp64; dtypes may mix, see gopd_loss),
     0 at masked tokens, differentiable w.r.t. hidden, weight and bias (used for teacher / reference
     scoring and for the policy's own log-probs).
     """
@@ -300,4 +302,4 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
     cfg = RowConfig(module, 1.0, (float(temperature),) * 3, ignore_index)
     lp, _full, _stats = FusedLinearRows.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None,
                                               None, None, None, None, y, cfg, vocab, chunk)
-    return lp.reshape(lead).to(_public_dtype(hidden))
+    return lp.reshape(lead).to(check.math_dtype(hidden, weight, bias))

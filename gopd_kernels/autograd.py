@@ -10,9 +10,12 @@ FusedLinearLoss    the same, for a scalar loss: the gradient is computed in the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _workspace
+from ._validate import math_dtype
 from .backends import LP_S, NSTATS
 from .objective import full_loss_from_stats
 
@@ -42,12 +45,34 @@ class RowConfig:
                                                   self.tr, self.ignore_index, out)
 
 
+def no_autocast(device):
+    """Autocast off for our own GEMMs and row math: under torch.autocast a matmul would run (and round
+    its output) in 16 bits, and the logits must reach the softmax in the math dtype
+    (_validate.math_dtype). Used around the bodies of every autograd function here; backward too,
+    since a backward called inside an autocast region runs with it."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _autocast_off(method):
+    """Runs an autograd function's forward / backward with autocast off (no_autocast) on the device of
+    its first tensor argument."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        with no_autocast(device):
+            return method(ctx, *args)
+
+    return wrapper
+
+
 def _grad_or_zeros(g, like):
     return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
 
 
 class LogitRows(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, zs, zt, zr, targets, cfg: RowConfig, inplace_backward: bool):
         stats = cfg.forward(zs, zt, zr, targets)
         ctx.cfg, ctx.inplace = cfg, inplace_backward
@@ -56,6 +81,7 @@ class LogitRows(torch.autograd.Function):
         return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g_lp, g_loss, _g_stats):
         zs, zt, zr, targets, stats = ctx.saved_tensors
         out = zs if ctx.inplace else torch.empty_like(zs)
@@ -70,34 +96,33 @@ _HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops
 _HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
-def linear_logits(hidden, weight, bias, vocab):
-    """fp32 logits hidden @ weight[:vocab].T (+ bias) for one chunk; never rounded to bf16.
+def linear_logits(hidden, weight, bias, vocab, dtype):
+    """Logits hidden @ weight[:vocab].T (+ bias) of one chunk in `dtype` (fp32 / fp64, the math
+    dtype); never rounded to 16 bits.
 
-    On CUDA, low-precision inputs use the GEMM's fp32 output (accumulated in fp32 by cuBLAS);
-    elsewhere the chunk and weight are up-cast.
+    A bf16 / fp16 pair on CUDA uses the GEMM's fp32 output (accumulated in fp32 by cuBLAS); other
+    mixes are up-cast to `dtype` first (16-bit hidden states beside an fp32 head: an fp32 GEMM).
     """
     weight = weight[:vocab]
-    if hidden.dtype in (torch.float32, torch.float64):
-        logits = hidden @ weight.t()
-    elif hidden.is_cuda and _HAS_MM_OUT_DTYPE:
+    if (hidden.is_cuda and _HAS_MM_OUT_DTYPE and dtype == torch.float32 and hidden.dtype == weight.dtype
+            and hidden.dtype in (torch.float16, torch.bfloat16)):
         logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     else:
-        logits = hidden.float() @ weight.float().t()
+        logits = hidden.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
-        logits = logits + bias[:vocab].to(logits.dtype)
+        logits = logits + bias[:vocab].to(dtype)
     return logits
 
 
-def _stats_buffer(stats, chunk_stats, n, like=None):
+def _stats_buffer(stats, chunk_stats, n, heads=None):
     """The [NSTATS, N] statistics of all chunks, in the dtype the backend returns (fp64 from the CPU
     backend, so the backward's recomputed log-probs keep their precision); made on the first chunk,
-    or from `like` (fp32 / fp64 by input) when there was none."""
+    or in the heads' math dtype when there was none."""
     if stats is not None:
         return stats
     if chunk_stats is not None:
         return torch.zeros(NSTATS, n, dtype=chunk_stats.dtype, device=chunk_stats.device)
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.zeros(NSTATS, n, dtype=dtype, device=like.device)
+    return torch.zeros(NSTATS, n, dtype=heads.dtype, device=heads.s[0].device)
 
 
 def _chunks(n, chunk):
@@ -113,14 +138,17 @@ class _Heads:
     buffers come from, and go back to, the workspace kept between calls (_workspace); `release()`
     returns them, and nothing may use a chunk's logits after it.
 
-    A bf16 / fp16 head on CPU has no GEMM with fp32 output, so its weight is up-cast: into one fp32
-    buffer that the heads share for the whole call (the peak of a single up-cast copy of W, as
-    before, but filled by a copy instead of a fresh, page-faulted allocation per head and chunk).
-    The student's head is computed last, so the buffer still holds its weight for dH (cpu_weight("s")).
+    Logits are in the math dtype ``self.dtype`` (fp32, or fp64 if any input is fp64: the rule of
+    _validate.math_dtype). A CPU head whose weight is in another dtype (bf16 / fp16: the CPU has no
+    GEMM with fp32 output from 16-bit inputs; or fp32 in an fp64 call) has its weight up-cast: into
+    one buffer that the heads share for the whole call (the peak of a single up-cast copy of W,
+    filled by a copy instead of a fresh, page-faulted allocation per head and chunk). The student's
+    head is computed last, so the buffer still holds its weight for dH (cpu_weight("s")).
     """
 
     def __init__(self, hs, ws, bs, ht, wt, bt, hr, wr, br, vocab):
         self.s, self.t, self.r, self.vocab = (hs, ws, bs), (ht, wt, bt), (hr, wr, br), vocab
+        self.dtype = math_dtype(hs, ws, bs, ht, wt, bt, hr, wr, br)
         self._buffers = {}
         self._w_up, self._w_up_key = None, None  # the shared fp32 copy of one 16-bit weight, and whose
 
@@ -128,17 +156,17 @@ class _Heads:
         return {"s": self.s, "t": self.t, "r": self.r}[key]
 
     def cpu_weight(self, key):
-        """Head `key`'s weight[:vocab] as its CPU GEMMs take it: itself in fp32 / fp64, else its fp32
+        """Head `key`'s weight[:vocab] as its CPU GEMMs take it: itself in the math dtype, else its
         copy in the shared buffer (re-filled when it holds another head's weight); None off CPU."""
         w = self._head(key)[1][: self.vocab]
         if w.device.type != "cpu":
             return None
-        if w.dtype in (torch.float32, torch.float64):
+        if w.dtype == self.dtype:
             return w
         if self._w_up_key != key:
             if self._w_up is None:  # sized for the widest head, so it serves every head
                 d_max = max(head[1].shape[1] for head in (self.s, self.t, self.r) if head[1] is not None)
-                self._w_up = torch.empty(d_max * self.vocab, dtype=torch.float32)
+                self._w_up = torch.empty(d_max * self.vocab, dtype=self.dtype)
             self._w_up[: w.numel()].view(w.shape).copy_(w)
             self._w_up_key = key
         return self._w_up[: w.numel()].view(w.shape)
@@ -149,7 +177,7 @@ class _Heads:
             return None
         h = h[rows]
         if h.device.type != "cpu":
-            return linear_logits(h, w, b, self.vocab)
+            return linear_logits(h, w, b, self.vocab, self.dtype)
         w = self.cpu_weight(key)
         h = h.to(w.dtype)
         numel = h.shape[0] * self.vocab
@@ -165,7 +193,7 @@ class _Heads:
         return out
 
     def logits(self, rows):
-        """(student, teacher, reference) logits of the chunk `rows`, fp32 (fp64 for fp64 heads) on CPU."""
+        """(student, teacher, reference) logits of the chunk `rows`, in the math dtype."""
         zt, zr = self._one("t", rows), self._one("r", rows)
         return self._one("s", rows), zt, zr
 
@@ -178,13 +206,12 @@ class _Heads:
 class _GradAccumulator:
     """dH, dW, db of the student head, built chunk by chunk: dh[rows] = dz @ W, dW += dz^T h, db += sum dz.
 
-    Accumulators are fp32 (fp64 for fp64 input). The first chunk writes dW / db with beta = 0 (its
+    Accumulators are in the math dtype `acc` (fp32, or fp64). The first chunk writes dW / db with beta = 0 (its
     input is ignored, NaN included), so a [V, D] buffer is never zero-filled only to be overwritten;
     rows of a padded W beyond the vocabulary are zeroed once. One that is not needed is None.
     """
 
-    def __init__(self, hs, ws, bs, need_h, need_w, need_b):
-        acc = torch.float64 if ws.dtype == torch.float64 else torch.float32
+    def __init__(self, hs, ws, bs, need_h, need_w, need_b, acc):
         self.acc, self.ws = acc, ws
         # Every row of dh is written by exactly one chunk (the chunks tile [0, N)).
         self.dh = torch.empty_like(hs) if need_h else None
@@ -246,6 +273,7 @@ def _tensor_core_grads(dz, hs_chunk, ws):
 
 class FusedLinearRows(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
@@ -257,19 +285,20 @@ class FusedLinearRows(torch.autograd.Function):
                 stats[:, rows] = stats_c
         finally:
             heads.release()
-        stats = _stats_buffer(stats, None, n, hs)
+        stats = _stats_buffer(stats, None, n, heads)
         ctx.cfg, ctx.vocab, ctx.chunk = cfg, vocab, chunk
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats)
         ctx.mark_non_differentiable(stats)
         return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g_lp, g_loss, _g_stats):
         hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats = ctx.saved_tensors
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, ctx.vocab)
         g_lp, g_loss = _grad_or_zeros(g_lp, stats[0]), _grad_or_zeros(g_loss, stats[0])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
+        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b, heads.dtype)
         try:
             for rows in _chunks(targets.shape[0], ctx.chunk):
                 zs, zt, zr = heads.logits(rows)
@@ -294,14 +323,15 @@ class FusedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int,
                 objective, scale: float, known_grads=None):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
-        dtype = torch.float64 if hs.dtype == torch.float64 else torch.float32
+        dtype = heads.dtype
         stats = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b)
+        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b, dtype)
         total = torch.zeros((), dtype=dtype, device=hs.device)
         try:
             need_grads = need_h or need_w or need_b
@@ -333,7 +363,7 @@ class FusedLinearLoss(torch.autograd.Function):
         finally:
             heads.release()
         dh, dw, db = grads.result()
-        stats = _stats_buffer(stats, None, n, hs)
+        stats = _stats_buffer(stats, None, n, heads)
         # Kept on ctx, not saved for backward, so that backward can hand these very tensors to autograd,
         # which then adopts them as .grad without a copy (a saved tensor has a second owner, and a
         # [V, D] copy at that point would be the step's peak memory).
@@ -343,6 +373,7 @@ class FusedLinearLoss(torch.autograd.Function):
         return total, stats
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g_total, _g_stats):
         if ctx.grads is None:
             raise RuntimeError(

@@ -239,7 +239,7 @@ def test_gradient_accumulator_overwrites_its_uninitialised_buffers():
     n, v, d = 10, 13, 6
     h, w, b = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g), torch.randn(v, generator=g)
     dz = torch.randn(n, v, generator=g)
-    acc = _GradAccumulator(h, w, b, True, True, True)
+    acc = _GradAccumulator(h, w, b, True, True, True, torch.float32)
     for buf in (acc.dh, acc.dw, acc.db):
         buf.fill_(float("nan"))
     for rows in (slice(0, 4), slice(4, 8), slice(8, 10)):
@@ -248,7 +248,7 @@ def test_gradient_accumulator_overwrites_its_uninitialised_buffers():
     torch.testing.assert_close(dh, dz @ w)
     torch.testing.assert_close(dw, dz.t() @ h)
     torch.testing.assert_close(db, dz.sum(0))
-    empty = _GradAccumulator(h[:0], w, b, True, True, True)
+    empty = _GradAccumulator(h[:0], w, b, True, True, True, torch.float32)
     for buf in (empty.dw, empty.db):
         buf.fill_(float("nan"))
     assert all((x == 0).all() for x in empty.result())
