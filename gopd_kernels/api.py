@@ -190,7 +190,8 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
                            ref_bias=None, teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
                            old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
                            dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
-                           num_items_in_batch=None, backend="auto", chunk_size=None) -> GOPDOutput:
+                           num_items_in_batch=None, backend="auto", chunk_size=None,
+                           vocab_parallel_group=None) -> GOPDOutput:
     """G-OPD loss from final hidden states and LM-head weights; never holds [N, V] logits.
 
     student_hidden: [..., D_s] with student_weight [V, D_s] (student_bias [V]); teacher / reference
@@ -203,6 +204,12 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     (bf16 hidden states from torch.autocast with an fp32 head, a bf16 teacher, ...); the logits are
     computed in fp32 (fp64 if any input is fp64) with autocast off, and each gradient comes back in
     its input's dtype.
+
+    vocab_parallel_group: a torch.distributed process group over which every head's vocabulary is split
+    (gopd_kernels/vocab_parallel.py): each weight (and bias) is this rank's contiguous slice of rows, in
+    rank order, the same rows for the three heads; hidden states and targets (global ids) are the same on
+    every rank. Every rank gets the same loss and diagnostics, the full student_hidden gradient and the
+    gradient of its own weight slice. Every rank must make the call.
     """
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
@@ -227,8 +234,10 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
                            per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
                                                  old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
     _check_chunk(chunk_size)
-    check.targets_in_range(targets, vocab, ignore_index)
     module = backends.get(backends.resolve(backend, student_hidden.device))
+    cfg, global_vocab = _row_config(module, lam, temps, ignore_index, vocab, student_hidden.device,
+                                    vocab_parallel_group, [w for w in (teacher_weight, ref_weight) if w is not None])
+    check.targets_in_range(targets, global_vocab, ignore_index)
 
     def flat(h):
         return None if h is None else h.reshape(-1, h.shape[-1])
@@ -237,7 +246,6 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     n = y.shape[0]
     n_heads = 1 + (teacher_hidden is not None) + (ref_hidden is not None)
     chunk = chunk_size or default_chunk_size(n, vocab, n_heads, student_hidden.device)
-    cfg = RowConfig(module, lam, temps, ignore_index)
     valid = y != ignore_index
     dt = check.math_dtype(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                           teacher_bias, ref_hidden, ref_weight, ref_bias)
@@ -278,14 +286,31 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     return _in_dtype(_finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch), dt)
 
 
+def _row_config(module, lam, temps, ignore_index, vocab, device, group, other_weights):
+    """(RowConfig, global vocabulary size): a plain one, or a vocab-parallel one over `group`."""
+    if group is None:
+        return RowConfig(module, lam, temps, ignore_index), vocab
+    from . import vocab_parallel
+
+    vocab_parallel.check_group(group)
+    for w in other_weights:
+        if w.shape[0] != vocab:
+            raise ValueError(f"vocab_parallel_group: every head's weight must hold this rank's slice of the same "
+                             f"vocabulary rows; the student's has {vocab} rows and another head's {w.shape[0]} "
+                             "(padded vocabularies are not supported with a split vocabulary)")
+    start, global_vocab = vocab_parallel.shard_layout(group, vocab, device)
+    cfg = vocab_parallel.VocabParallelRowConfig(module, lam, temps, ignore_index, group, start, vocab)
+    return cfg, global_vocab
+
+
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None, ignore_index=-100,
-                          backend="auto", chunk_size=None) -> torch.Tensor:
+                          backend="auto", chunk_size=None, vocab_parallel_group=None) -> torch.Tensor:
     """log softmax(hidden @ weight.T (+ bias) / temperature)[target] per token, without [N, V] logits.
 
     hidden: [..., D], weight: [V, D], targets: [...]; returns [...] in the math dtype (fp32, or fp64 if
     any input is fp64; dtypes may mix, see gopd_loss),
     0 at masked tokens, differentiable w.r.t. hidden, weight and bias (used for teacher / reference
-    scoring and for the policy's own log-probs).
+    scoring and for the policy's own log-probs). vocab_parallel_group: as fused_linear_gopd_loss.
     """
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
@@ -294,12 +319,13 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
     _check_chunk(chunk_size)
     vocab = weight.shape[0]
-    check.targets_in_range(targets, vocab, ignore_index)
     check.same_device("hidden", hidden, targets=targets)
     module = backends.get(backends.resolve(backend, hidden.device))
+    cfg, global_vocab = _row_config(module, 1.0, (float(temperature),) * 3, ignore_index, vocab, hidden.device,
+                                    vocab_parallel_group, [])
+    check.targets_in_range(targets, global_vocab, ignore_index)
     y = targets.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_size or default_chunk_size(y.shape[0], vocab, 1, hidden.device)
-    cfg = RowConfig(module, 1.0, (float(temperature),) * 3, ignore_index)
     lp, _full, _stats = FusedLinearRows.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None,
                                               None, None, None, None, y, cfg, vocab, chunk)
     return lp.reshape(lead).to(check.math_dtype(hidden, weight, bias))

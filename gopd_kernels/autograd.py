@@ -44,6 +44,10 @@ class RowConfig:
         return self.backend.rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, self.lam, self.ts, self.tt,
                                                   self.tr, self.ignore_index, out)
 
+    def reduce_hidden_grad(self, dh):
+        """The hidden-state gradient once every chunk is in (a vocab-parallel config sums it over ranks)."""
+        return dh
+
 
 def no_autocast(device):
     """Autocast off for our own GEMMs and row math: under torch.autocast a matmul would run (and round
@@ -307,6 +311,7 @@ class FusedLinearRows(torch.autograd.Function):
         finally:
             heads.release()
         dh, dw, db = grads.result()
+        dh = ctx.cfg.reduce_hidden_grad(dh)
         return (dh, None if dw is None else dw.to(ws.dtype),
                 None if db is None else db.to(bs.dtype)) + (None,) * 10
 
@@ -363,6 +368,7 @@ class FusedLinearLoss(torch.autograd.Function):
         finally:
             heads.release()
         dh, dw, db = grads.result()
+        dh = cfg.reduce_hidden_grad(dh)
         stats = _stats_buffer(stats, None, n, heads)
         # Kept on ctx, not saved for backward, so that backward can hand these very tensors to autograd,
         # which then adopts them as .grad without a copy (a saved tensor has a second owner, and a
