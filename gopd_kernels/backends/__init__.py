@@ -36,6 +36,9 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
         p(v)  = exp(z_s(v) / ts - lse_s)
         c(v)  = log p_s(v) - lam * log p_t(v) - (1 - lam) * log p_r(v)
         out(v) = ( g_loss_i * p(v) * (c(v) - L_i) + g_lp_i * ([v == y_i] - p(v)) ) / ts
+    A backend may instead sum L_i = sum_v p(v) c(v) over the row it is given (the C++ CPU kernel does,
+    for fp32 / 16-bit rows: c - L is then exactly consistent); on a whole row the two agree, and the
+    vocab-parallel path (gopd_kernels/vocab_parallel.py) is written so that either gives its gradient.
     A term whose coefficient is 0 (lam, 1 - lam, g_loss_i, or p(v)) is 0 even when the log is
     -inf; a model that is None drops its term (zr None happens only with lam == 1). Masked rows
     get out = 0. A backend may write an entry whose magnitude is below 2^-100 (~7.9e-31; for fp64
