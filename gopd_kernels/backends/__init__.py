@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import importlib
 
-import torch
+import torch as _torch  # not `torch`: that name is the submodule gopd_kernels.backends.torch
 
 # Row indices of the stats tensor returned by rows_forward.
 LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
@@ -90,7 +90,7 @@ def is_available(name: str) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_torch.compiler.assume_constant_result
 def resolve(name: str, device) -> str:
     """Map backend="auto" to a concrete backend for tensors on `device`, and check it can run here.
 
