@@ -41,6 +41,15 @@ def common_dtype(*tensors):
     return out
 
 
+def compiling() -> bool:
+    """True while torch.compile traces. A check that reads a tensor's values (bool(), .item()) would
+    break the graph there, so under compile such checks become torch._assert_async: the same
+    condition, evaluated when the compiled step runs, raising RuntimeError with a shorter message (on
+    CUDA at a later synchronisation, and it leaves the CUDA context unusable: run a failing step
+    eagerly to get the full error). Checks on shapes, dtypes and Python values run unchanged."""
+    return torch.compiler.is_compiling()
+
+
 def _is_dtensor(x):
     # A DTensor exists only once its module is imported; importing it here would cost seconds.
     module = sys.modules.get("torch.distributed.tensor")
@@ -116,6 +125,9 @@ def scalars(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap,
     if num_items_in_batch is not None:
         if reduction != "mean":
             raise ValueError(f"num_items_in_batch is only used with reduction='mean', got reduction={reduction!r}")
+        if isinstance(num_items_in_batch, torch.Tensor) and compiling():
+            torch._assert_async(num_items_in_batch > 0, "num_items_in_batch: expected a positive token count")
+            return
         value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
         if not isinstance(value, Real) or not value > 0:
             raise ValueError(f"num_items_in_batch: expected a positive token count, got {num_items_in_batch!r}")
@@ -150,6 +162,10 @@ def targets_in_range(targets, vocab_size, ignore_index):
         return
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= vocab_size))
+    if compiling():
+        torch._assert_async(~bad.any(), f"targets: a token id is out of range [0, {vocab_size}) and is not "
+                                        f"ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = targets[bad][0].item()
         raise ValueError(f"targets: token id {first} is out of range [0, {vocab_size}) and is not "

@@ -256,9 +256,12 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     heads = (flat(student_hidden), student_weight, student_bias, flat(teacher_hidden), teacher_weight,
              teacher_bias, flat(ref_hidden), ref_weight, ref_bias)
 
-    if reduction != "none":
+    if reduction != "none" and not check.compiling():
         # Gradient in forward: the objective is row-local, so each chunk's per-token gradients are
-        # known once its statistics are; backward only scales by the upstream scalar.
+        # known once its statistics are; backward only scales by the upstream scalar. Not under
+        # torch.compile: the hand-over of a gradient computed in forward (and the autograd.grad that
+        # builds it) cannot be traced, so a compiled graph takes the per-token path below, which
+        # recomputes each chunk's logits in backward, and reduces.
         if reduction == "mean":
             denom = _denominator(valid, num_items_in_batch, torch.zeros((), dtype=dt, device=y.device))
             scale = 1.0 / float(denom)

@@ -15,7 +15,8 @@ import functools
 import torch
 
 from . import _workspace
-from ._validate import math_dtype
+from ._compile import torch_backend_ops
+from ._validate import compiling, math_dtype
 from .backends import LP_S, NSTATS
 from .objective import full_loss_from_stats
 
@@ -24,6 +25,8 @@ class RowConfig:
     """Scalars every row kernel call needs."""
 
     def __init__(self, backend, lam, temperatures, ignore_index):
+        if compiling() and backend.__name__ == "gopd_kernels.backends.torch":
+            backend = torch_backend_ops  # its data-dependent row loops as opaque ops (gopd_kernels._compile)
         self.backend = backend
         self.lam = float(lam)
         self.ts, self.tt, self.tr = temperatures
@@ -167,6 +170,8 @@ class _Heads:
             return None
         if w.dtype == self.dtype:
             return w
+        if compiling():  # a traced graph plans its own memory (see _one)
+            return w.to(self.dtype)
         if self._w_up_key != key:
             if self._w_up is None:  # sized for the widest head, so it serves every head
                 d_max = max(head[1].shape[1] for head in (self.s, self.t, self.r) if head[1] is not None)
@@ -180,7 +185,9 @@ class _Heads:
         if h is None:
             return None
         h = h[rows]
-        if h.device.type != "cpu":
+        if h.device.type != "cpu" or compiling():
+            # Under torch.compile the CPU path too: the pooled buffers (a lock, out= GEMMs into reused
+            # storage) are eager-mode memory management that a traced graph does for itself.
             return linear_logits(h, w, b, self.vocab, self.dtype)
         w = self.cpu_weight(key)
         h = h.to(w.dtype)
@@ -202,8 +209,9 @@ class _Heads:
         return self._one("s", rows), zt, zr
 
     def release(self):
-        _workspace.give_back(list(self._buffers.values()))
-        self._buffers.clear()
+        if self._buffers:
+            _workspace.give_back(list(self._buffers.values()))
+            self._buffers.clear()
         self._w_up, self._w_up_key = None, None
 
 

@@ -57,11 +57,14 @@ from __future__ import annotations
 
 import importlib
 
+import torch as _torch  # not `torch`: that name is the submodule gopd_kernels.backends.torch
+
 # Row indices of the stats tensor returned by rows_forward.
 LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
 NSTATS = 9
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+_MODULES: dict = {}  # name -> module, filled by get (a dict lookup is what torch.compile traces)
 
 _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` (or `make test`)"
 
@@ -70,10 +73,12 @@ def get(name: str):
     """Return the backend module `name`, or raise a ValueError saying why it cannot run here."""
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
-    try:
-        module = importlib.import_module(f"gopd_kernels.backends.{name}")
-    except ImportError as exc:  # a backend whose module or dependency is missing
-        raise ValueError(f"backend={name!r} is not available here: {exc}") from exc
+    module = _MODULES.get(name)
+    if module is None:
+        try:
+            module = _MODULES[name] = importlib.import_module(f"gopd_kernels.backends.{name}")
+        except ImportError as exc:  # a backend whose module or dependency is missing
+            raise ValueError(f"backend={name!r} is not available here: {exc}") from exc
     ok, why = module.available()
     if not ok:
         raise ValueError(f"backend={name!r} is not available here: {why}")
@@ -88,8 +93,13 @@ def is_available(name: str) -> bool:
     return True
 
 
+@_torch.compiler.assume_constant_result
 def resolve(name: str, device) -> str:
-    """Map backend="auto" to a concrete backend for tensors on `device`."""
+    """Map backend="auto" to a concrete backend for tensors on `device`, and check it can run here.
+
+    Under torch.compile this runs once, eagerly, while tracing (its answer is fixed for the given
+    name and device: availability is probed once per process), so the probes (imports of the
+    extension or of triton) never enter the graph."""
     if name != "auto":
         get(name)  # raises with a clear message if unknown / not built
         return name

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _compile
+
 _NOT_BUILT = "the C++ extension is not built: run `pip install --no-build-isolation -e .`"
 _state: dict = {}
 
@@ -21,6 +23,7 @@ def available():
             from gopd_kernels import _C  # noqa: F401  (importing registers torch.ops.gopd.* for CPU)
 
             torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
+            _compile.register_fakes()  # so that torch.compile can trace the ops
             _state["ok"], _state["why"] = True, ""
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _state["ok"], _state["why"] = False, f"{_NOT_BUILT} ({type(exc).__name__}: {exc})"

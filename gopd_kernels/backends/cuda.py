@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _compile
+
 _BUILD = "build the extension with `pip install --no-build-isolation -e .` on a machine whose torch has CUDA and nvcc"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict = {}
@@ -33,6 +35,7 @@ def _probe():
         torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
     except (AttributeError, RuntimeError) as exc:
         return False, f"torch.ops.gopd.rows_forward is not registered ({exc}); {_BUILD}"
+    _compile.register_fakes()
     return True, ""
 
 
