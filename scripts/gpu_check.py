@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Kernel tests that run natively when a GPU is present (they use CUDA tensors where torch sees one).
 GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_cuda_backend.py", "tests/test_backends.py",
-             "tests/test_errors.py", "tests/test_mixed_precision.py"]
+             "tests/test_errors.py", "tests/test_mixed_precision.py", "tests/test_compile.py"]
 BENCH = "benchmarks/bench_loss.py"
 # Seconds each step may take: the whole run stays under 8 minutes (3 with --quick) on an H100.
 LIMITS = {"env": 60, "wheels": 60, "build": 240, "tests": 150, "bench": 270}
