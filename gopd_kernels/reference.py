@@ -16,6 +16,10 @@ full (exact token-level G-OPD over the vocabulary):
     c(v)      = log p_s(v) - lam log p_t(v) - (1 - lam) log p_r(v)
     loss_i    = w_i * sum_v p_s(v) c(v);  reward_i = lam * E_ps[log p_t - log p_r];
     kl_i      = KL(p_s || p_r);  (loss_i = w_i * (kl_i - reward_i))
+topk (a teacher known by its top-k ids S_i and log-probs, k + 1 buckets: each id, and the tail):
+    P_m(b)    = sum_{v in b} p_m(v) for the student and reference; P_t = the given top-k probabilities
+                and the tail max(1 - their sum, TAIL_FLOOR) (gopd_kernels.topk documents the rule)
+    loss_i    = w_i * sum_b P_s(b) [log P_s(b) - lam log P_t(b) - (1 - lam) log P_r(b)]
 
 Without a reference (allowed only at lam == 1, where pi_r cancels) the reference is the student
 itself, detached: kl = 0 and reward = -(unweighted loss). A teacher / reference vocabulary wider
@@ -27,6 +31,8 @@ number of valid tokens (at least 1, so an all-masked batch gives 0).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,11 +51,37 @@ def _safe_times(coef, logp):
     return torch.where(coef == 0, torch.zeros_like(logp), coef * logp)
 
 
+def _topk_buckets(logp_s, logp_r, ids, lp_t, lam):
+    """(loss, reward, kl) [n] of mode="topk" by explicit bucket sums: P(b) = scatter_add of p(v) over v's bucket."""
+    from .topk import TAIL_FLOOR
+
+    n, vocab = logp_s.shape
+    k = ids.shape[1]
+    bucket = torch.full((n, vocab), k, dtype=torch.long, device=ids.device)
+    bucket.scatter_(1, ids, torch.arange(k, device=ids.device).expand(n, k))
+
+    def mass(logp):
+        return torch.zeros(n, k + 1, dtype=logp.dtype, device=logp.device).scatter_add(1, bucket, logp.exp())
+
+    p_s, p_r = mass(logp_s), mass(logp_r.detach())
+    q_t = lp_t.exp()
+    p_t = torch.cat([q_t, (1 - q_t.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], 1)
+    live = p_s > 0
+    log_s = torch.log(torch.where(live, p_s, torch.ones_like(p_s)))   # log 0 never enters the graph
+    log_t, log_r = torch.log(p_t), torch.log(p_r)
+    c = log_s - _safe_times(lam, log_t) - _safe_times(1.0 - lam, log_r)
+    zero = torch.zeros_like(c)
+    loss = (p_s * torch.where(live, c, zero)).sum(-1)
+    reward = lam * (p_s * torch.where(live, log_t - log_r, zero)).sum(-1)
+    kl = (p_s * torch.where(live, log_s - log_r, zero)).sum(-1)
+    return loss, reward.detach(), kl.detach()
+
+
 def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
               teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
               old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
               dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
-              num_items_in_batch=None) -> GOPDOutput:
+              num_items_in_batch=None, teacher_topk_ids=None, teacher_topk_logprobs=None) -> GOPDOutput:
     """Reference G-OPD loss; arguments as :func:`gopd_kernels.gopd_loss` (no validation here)."""
     lead = targets.shape
     vocab = student_logits.shape[-1]
@@ -74,7 +106,8 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
     logp_r = log_probs(ref_logits, tr).detach() if ref_logits is not None else None
     if ref_logits is None and ref_logprobs is None:
         logp_r = logp_s.detach()  # lam == 1: any reference cancels; the student's own is the natural one
-    lp_t = at_target(logp_t) if logp_t is not None else teacher_logprobs.reshape(-1).to(dtype)
+    lp_t = at_target(logp_t) if logp_t is not None else (
+        None if teacher_logprobs is None else teacher_logprobs.reshape(-1).to(dtype))
     lp_r = at_target(logp_r) if logp_r is not None else ref_logprobs.reshape(-1).to(dtype)
 
     lp_old = old_logprobs.reshape(-1).to(dtype) if old_logprobs is not None else lp_s.detach()
@@ -93,6 +126,16 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
         if dual_clip is not None:
             pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
         per_token = w * pg
+    elif mode == "topk":
+        k = teacher_topk_ids.shape[-1]
+        ids = teacher_topk_ids.reshape(-1, k)
+        lps = teacher_topk_logprobs.reshape(-1, k).to(dtype)
+        # Masked rows may hold anything: give them harmless ids / log-probs (they count for nothing).
+        ids = torch.where(valid[:, None], ids, torch.arange(k, device=ids.device).expand_as(ids))
+        lps = torch.where(valid[:, None], lps, torch.full_like(lps, -math.log(vocab)))
+        loss_b, reward, kl = _topk_buckets(logp_s, logp_r, ids, lps, lam)
+        adv = None
+        per_token = w * loss_b
     else:
         c = logp_s - _safe_times(lam, logp_t) - _safe_times(1.0 - lam, logp_r)
         # Mask c (not p_s * c): a where() over p_s * (-inf) would send NaN into the backward pass.

@@ -41,7 +41,7 @@ def call(**overrides):
     (dict(temperature=0.0), ValueError, "temperature: the student temperature must be"),
     (dict(temperature=(1.0, -1.0, 1.0)), ValueError, "temperature: the teacher temperature must be"),
     (dict(temperature=(1.0, 1.0)), ValueError, "temperature: expected a float or a (student, teacher"),
-    (dict(mode="topk"), ValueError, "mode: expected one of ('sampled', 'full'), got 'topk'"),
+    (dict(mode="sparse"), ValueError, "mode: expected one of ('sampled', 'full', 'topk'), got 'sparse'"),
     (dict(reduction="avg"), ValueError, "reduction: expected one of"),
     (dict(lam=math.nan), ValueError, "lam: expected a finite number"),
     (dict(clip_eps=1.5), ValueError, "clip_eps: expected a number in [0, 1)"),

@@ -1,4 +1,4 @@
-"""Command line: ``gopd train | eval | demo`` (also ``python -m gopd``)."""
+"""Command line: ``gopd train | eval | demo | serve`` (also ``python -m gopd``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,37 @@ def _add_config_args(p):
                    help="override a config key (value parsed as YAML); repeatable")
 
 
+def _add_serve_parser(sub):
+    p = sub.add_parser("serve", help="serve a model's prompt log-probs over HTTP (a vLLM-compatible teacher)")
+    p.add_argument("--model", required=True,
+                   help="model spec, parsed as YAML: a path, 'smollm2' or '{tiny: {...}, seed: 1}'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the bound one is printed)")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as 'model'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-logprobs", type=int, default=20, help="the largest prompt_logprobs k accepted")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's max positions")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="prompt tokens per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="after a request, wait this long for others to join its forward pass")
+
+
+def _serve(args, model_error) -> int:
+    import yaml
+
+    from .server import run
+
+    try:
+        spec = yaml.safe_load(args.model)
+        run(spec, host=args.host, port=args.port, name=args.served_model_name, device=args.device,
+            max_logprobs=args.max_logprobs, max_batch_tokens=args.max_batch_tokens,
+            max_model_len=args.max_model_len, batch_wait_s=args.batch_wait_ms / 1000)
+    except (model_error, yaml.YAMLError, OSError) as e:
+        print(f"gopd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gopd", description="Generalized On-Policy Distillation trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,12 +55,16 @@ def main(argv=None) -> int:
     _add_config_args(p_eval)
     p_demo = sub.add_parser("demo", help="OPD vs ExOPD on SmolLM2-135M-Instruct (the main job)")
     _add_config_args(p_demo)
+    _add_serve_parser(sub)
     args = parser.parse_args(argv)
 
     from . import config as config_mod
     from .data import DataError
     from .models import ModelError
+    from .served_teacher import ServedTeacherError
 
+    if args.command == "serve":
+        return _serve(args, ModelError)
     try:
         if args.command == "demo":
             from .demo import demo_config
@@ -57,7 +92,7 @@ def main(argv=None) -> int:
             from .demo import run_demo
 
             run_demo(cfg)
-    except (config_mod.ConfigError, DataError, ModelError) as e:
+    except (config_mod.ConfigError, DataError, ModelError, ServedTeacherError) as e:
         print(f"gopd: error: {e}", file=sys.stderr)
         return 2
     return 0

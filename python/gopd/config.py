@@ -5,6 +5,8 @@ Model specs (``student``, ``teacher``, values of ``teachers``, ``reference``) ar
     "path/to/model_dir"           a transformers checkpoint directory
     "path/to/file.gguf"           a GGUF file (dequantised by transformers' gguf loader)
     {"tiny": {...}, "seed": 0}    a randomly initialised Llama built from a config dict (tests, smoke runs)
+A teacher (``teacher`` or a value of ``teachers``, not the reference) may instead be served over HTTP:
+    {"url": "http://host:port", "top_k": k}   see gopd.served_teacher (gopd serve, or a vLLM server)
 """
 
 from __future__ import annotations
@@ -138,9 +140,31 @@ def validate(cfg: Config) -> None:
     if cfg.vllm and cfg.rollout_engine != "vllm":
         raise ConfigError(f"vllm options {sorted(cfg.vllm)} are set but rollout_engine is "
                           f"{cfg.rollout_engine!r}; set rollout_engine: vllm or remove them")
+    _validate_served(cfg)
     reserved = sorted(set(cfg.vllm) & VLLM_RESERVED)
     if reserved:
         raise ConfigError(f"vllm: {reserved} are set by the engine itself (the seed comes from `seed`)")
+
+
+def _validate_served(cfg: Config) -> None:
+    """Served teachers: well-formed specs; only where the loss can use per-token log-probs at temperature 1."""
+    from .served_teacher import check_spec, is_served
+
+    named = [("teacher", cfg.teacher)] + [(f"teachers.{d}", s) for d, s in cfg.teachers.items()]
+    served = [(n, s) for n, s in named if is_served(s)]
+    for name, spec in served:
+        try:
+            check_spec(name, spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if is_served(cfg.reference) or is_served(cfg.student):
+        raise ConfigError("only teachers can be served over HTTP; the student and the reference are loaded")
+    if served and cfg.mode != "sampled":
+        raise ConfigError(f"{served[0][0]} is served: mode {cfg.mode!r} needs the teacher's full distribution; "
+                          "use mode: sampled")
+    if served and cfg.temperature != 1.0:
+        raise ConfigError(f"{served[0][0]} is served: a server reports prompt log-probs at temperature 1, so "
+                          f"temperature must be 1.0, got {cfg.temperature}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -41,6 +41,7 @@ from .models import Codec, check_same_vocab, freeze, frozen_copy, lm_head, load_
 from .progress import note, progress_bar
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
+from .served_teacher import ServedTeacher, is_served
 
 DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
 
@@ -89,6 +90,8 @@ class Trainer:
         loaded: Dict[str, torch.nn.Module] = {}
 
         def frozen(spec, name):
+            if is_served(spec):  # a teacher behind an HTTP server: scored per token, nothing loaded here
+                return ServedTeacher.from_spec(spec, vocab=lm_head(self.student)[0].shape[0])
             if spec is None or repr(spec) == repr(cfg.student):
                 return initial_copy()
             key = repr(spec)
@@ -256,15 +259,20 @@ class Trainer:
                 h_s = response_hidden(self.student, [prompts[i] for i in idx], resp, self.codec.pad_id)
                 if g not in frozen_states:
                     with torch.no_grad():
-                        h_t = response_hidden(teacher, [self.teacher_prompt(batch[i]) for i in idx], resp,
-                                              self.codec.pad_id)
+                        t_prompts = [self.teacher_prompt(batch[i]) for i in idx]
+                        if isinstance(teacher, ServedTeacher):
+                            h_t = self._served_logprobs(teacher, t_prompts, resp)
+                        else:
+                            h_t = response_hidden(teacher, t_prompts, resp, self.codec.pad_id)
                         h_r = None
                         if self.reference is not None:
                             h_r = response_hidden(self.reference, [prompts[i] for i in idx], resp,
                                                   self.codec.pad_id)
                     frozen_states[g] = (h_t, h_r)
             h_t, h_r = frozen_states[g]
-            w_t, b_t = lm_head(teacher)
+            served = isinstance(teacher, ServedTeacher)
+            # A served teacher's h_t is its per-token log-probs [n] (sampled mode; config refuses others).
+            w_t, b_t = (None, None) if served else lm_head(teacher)
             ref_kw = {}
             if h_r is not None:
                 w_r, b_r = lm_head(self.reference)
@@ -272,7 +280,8 @@ class Trainer:
             sampled = cfg.mode == "sampled"
             rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
             out = gk.fused_linear_gopd_loss(
-                h_s.to(w_s.dtype), w_s, y, h_t.to(w_t.dtype), w_t, student_bias=b_s, teacher_bias=b_t, **ref_kw,
+                h_s.to(w_s.dtype), w_s, y, None if served else h_t.to(w_t.dtype), w_t, student_bias=b_s,
+                teacher_bias=b_t, teacher_logprobs=h_t if served else None, **ref_kw,
                 lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
                 old_logprobs=old_lp[g] if (sampled and old_lp is not None) else None,
                 clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
@@ -290,6 +299,13 @@ class Trainer:
         bar.close()
         return loss_total, finite, sums, lp_now
 
+    def _served_logprobs(self, teacher: ServedTeacher, t_prompts, resp) -> torch.Tensor:
+        """[n] the served teacher's log p_t of each response token of a micro-batch, in batch order (the
+        layout of targets_of); empty responses are not sent."""
+        keep = [i for i, r in enumerate(resp) if r]
+        scores = teacher.score([t_prompts[i] for i in keep], [resp[i] for i in keep])
+        return torch.cat([s.actual for s in scores]).to(self.device)
+
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
         self._sync_engine()
@@ -301,6 +317,8 @@ class Trainer:
         out = {}
         for dom in sorted({ex.domain for ex in self.eval_set}):
             subset = [ex for ex in self.eval_set if ex.domain == dom]
+            if isinstance(self.teacher_for(dom), ServedTeacher):
+                continue  # a served teacher is scored, not sampled from, by this trainer
             out[dom] = evaluate(self.teacher_for(dom), self.codec, self.engine, subset,
                                 max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
                                 desc=f"eval teacher[{dom}]", prompt_fn=self.teacher_prompt)

@@ -1,0 +1,80 @@
+"""Prompt log-probs of a causal LM: what a served teacher computes for ``prompt_logprobs: k``.
+
+For a prompt x_0..x_{L-1} and each position j >= 1, with z_{j-1} = the logits the model predicts x_j from
+and log p = log_softmax(z_{j-1}) (temperature 1, as vLLM reports prompt log-probs):
+    actual_j = log p(x_j),  rank_j = 1 + #{v : log p(v) > log p(x_j)},
+    top-k    = the k largest log p(v), ids [k] and log-probs [k] in descending order.
+Position 0 has nothing before it (vLLM answers null there).
+
+Logits are computed ``chunk`` positions at a time from the final hidden states and the LM head, so a
+batch never holds more than [chunk, V] of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from .models import lm_head
+from .scoring import base_model
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt of length L: tensors over positions 1..L-1 (L - 1 rows)."""
+
+    actual: torch.Tensor      # [L-1] float32, log p(x_j)
+    rank: torch.Tensor        # [L-1] int64, 1-based rank of x_j
+    topk_ids: torch.Tensor    # [L-1, k] int64
+    topk_logprobs: torch.Tensor  # [L-1, k] float32, descending
+
+
+@torch.no_grad()
+def prompt_logprobs(model, prompts: List[List[int]], k: int, pad_id: int = 0, chunk: int = 256
+                    ) -> List[PromptLogprobs]:
+    """Scores a batch of prompts in one forward pass (right padding); see the module docstring."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[i, :len(p)] = 1
+    hidden = base_model(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    weight, bias = lm_head(model)
+    out = []
+    for i, p in enumerate(prompts):
+        n = len(p) - 1
+        h = hidden[i, :n].float()
+        nxt = ids[i, 1:len(p)]
+        actual = torch.empty(n, dtype=torch.float32, device=device)
+        rank = torch.empty(n, dtype=torch.long, device=device)
+        top_ids = torch.empty(n, k, dtype=torch.long, device=device)
+        top_lp = torch.empty(n, k, dtype=torch.float32, device=device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            z = h[a:b] @ weight.float().t()
+            if bias is not None:
+                z = z + bias.float()
+            logp = torch.log_softmax(z, dim=-1)
+            act = logp.gather(1, nxt[a:b, None])
+            actual[a:b] = act.squeeze(1)
+            rank[a:b] = 1 + (logp > act).sum(-1)
+            if k:
+                v, j = logp.topk(k, dim=-1)
+                top_lp[a:b], top_ids[a:b] = v, j
+        out.append(PromptLogprobs(actual.cpu(), rank.cpu(), top_ids.cpu(), top_lp.cpu()))
+    return out
+
+
+@torch.no_grad()
+def next_token_logits(model, prompt: List[int]) -> torch.Tensor:
+    """[V] float32 logits of the token after `prompt` (used to generate max_tokens tokens)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    h = base_model(model)(input_ids=ids).last_hidden_state[0, -1].float()
+    weight, bias = lm_head(model)
+    z = weight.float() @ h
+    return z + bias.float() if bias is not None else z
