@@ -53,3 +53,9 @@ bench: $(BIN)/.installed-test
 
 clean:
 	rm -rf build $(VENV) *.egg-info gopd_kernels/_C*.so
+
+# One command for a fresh CUDA machine, no venv needed (issue 16): build with CUDA, GPU tests, benchmarks.
+#   make gpu-check ARGS="OUT [--quick] [--liger WHEELS]"   make gpu-check --dry-run   (any machine: checks each step)
+.PHONY: gpu-check
+gpu-check:
+	+$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)

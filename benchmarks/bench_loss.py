@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of the G-OPD loss: triton vs torch vs torch.compile vs Liger.
 
-Variants (full mode; lam = 1.25 with three heads, lam = 1 = reverse KL with two heads):
+Variants (full mode by default, --modes full,sampled for both; lam = 1.25 with three heads, lam = 1 =
+reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full mode only):
   logits/triton        gopd_loss on materialised [N, V] logits, backend="triton" (logit-level kernel);
                        its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
                        device's copy bandwidth measured in the same run.
@@ -25,6 +26,8 @@ benchmarks/results/loss_<device>.json.
 
     python benchmarks/bench_loss.py            # GPU, full sweep
     python benchmarks/bench_loss.py --quick    # tiny shapes, CPU interpreter or GPU
+    python benchmarks/bench_loss.py --shapes qwen3-4b:2048,qwen3-4b:8192 --modes full,sampled
+    python benchmarks/bench_loss.py ... --dry-run   # parse and print the plan, run nothing (any machine)
 """
 
 from __future__ import annotations
@@ -56,9 +59,27 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 LAM = 1.25
 
+MODELS = {"qwen3-4b": (151936, 2560), "smollm2-135m": (49152, 576)}  # name -> (V, D)
 FULL_SHAPES = [("qwen3-4b", n, 151936, 2560) for n in (2048, 8192, 16384)] + \
               [("smollm2-135m", n, 49152, 576) for n in (2048, 8192, 16384)]
 QUICK_SHAPES = [("tiny", 16, 300, 32), ("tiny", 24, 1000, 48)]
+VARIANT_GROUPS = ("triton", "eager", "compile", "liger", "floor")
+MODES = ("full", "sampled")
+
+
+def parse_shapes(text):
+    """"qwen3-4b:2048,qwen3-4b:8192" -> [(model, N, V, D)]; a model is a name of MODELS or "name=V:D"."""
+    shapes = []
+    for item in text.split(","):
+        model, _, n = item.strip().rpartition(":")
+        name, _, vd = model.partition("=")
+        if vd:
+            v, _, d = vd.partition(":")
+            MODELS[name] = (int(v), int(d))
+        if name not in MODELS or not n.isdigit():
+            raise ValueError(f"--shapes: expected MODEL:N with MODEL in {sorted(MODELS)}, got {item!r}")
+        shapes.append((name, int(n), *MODELS[name]))
+    return shapes
 
 
 def device_name():
@@ -120,16 +141,17 @@ def _backward(loss, *params):
     return loss.detach()
 
 
-def eager_loss(hs, ws, ht, wt, hr, wr, y):
+def eager_loss(hs, ws, ht, wt, hr, wr, y, mode="full"):
     """What a user writes without fused kernels: fp32 logits for every head, then the loss."""
     zs = (hs @ ws.T).float()
     zt = (ht @ wt.T).float()
     zr = None if hr is None else (hr @ wr.T).float()
-    return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode="full").loss
+    return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode=mode).loss
 
 
-def variants(h, w, y, n, v, d, which):
-    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that."""
+def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
+    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that.
+    The GEMM floor does not depend on the mode: with_floor=False leaves it out (timed for one mode only)."""
     hs = h[0].detach().requires_grad_(True)
     ws = w[0].detach().requires_grad_(True)
     ht, wt, hr, wr = h[1], w[1], h[2], w[2]
@@ -137,11 +159,11 @@ def variants(h, w, y, n, v, d, which):
 
     if "triton" in which:
         def fused3():
-            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode="full", backend="triton")
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="triton")
             return _backward(out3.loss, hs, ws)
 
         def fused2():
-            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode="full", backend="triton")
+            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode=mode, backend="triton")
             return _backward(out2.loss, hs, ws)
 
         out["fused/triton-3h"] = (fused3, {})
@@ -155,7 +177,7 @@ def variants(h, w, y, n, v, d, which):
             zs = zs0.requires_grad_(True)
 
             def logits():
-                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode="full", backend="triton").loss, zs)
+                return _backward(gk.gopd_loss(zs, y, zt, zr, lam=LAM, mode=mode, backend="triton").loss, zs)
 
             return logits, {"bytes_moved": 4 * n * v * zs.element_size()}
 
@@ -163,7 +185,7 @@ def variants(h, w, y, n, v, d, which):
 
     if "eager" in which or "compile" in which:
         def eager():
-            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y), hs, ws)
+            return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
 
         if "eager" in which:
             out["eager/torch-3h"] = (eager, {})
@@ -171,11 +193,11 @@ def variants(h, w, y, n, v, d, which):
             compiled = torch.compile(eager_loss)
 
             def comp():
-                    return _backward(compiled(hs, ws, ht, wt, hr, wr, y), hs, ws)
+                    return _backward(compiled(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
 
             out["compile/torch-3h"] = (comp, {})
 
-    if "liger" in which:
+    if "liger" in which and mode == "full":
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         except ImportError as exc:
@@ -190,7 +212,7 @@ def variants(h, w, y, n, v, d, which):
 
             out["liger/jsd-2h"] = (liger_fn, {})
 
-    if "floor" in which:
+    if "floor" in which and with_floor:
         def gemms(heads):
             def run():
                 g = None
@@ -207,7 +229,7 @@ def variants(h, w, y, n, v, d, which):
     return out
 
 
-def run(shapes, which, reps, dtype):
+def run(shapes, which, reps, dtype, modes=("full",)):
     rows = []
     for model, n, v, d in shapes:
         torch.manual_seed(0)
@@ -216,8 +238,10 @@ def run(shapes, which, reps, dtype):
         except torch.OutOfMemoryError:
             rows.append(dict(model=model, n=n, v=v, d=d, error="OOM allocating inputs"))
             continue
-        for name, spec in variants(h, w, y, n, v, d, which).items():
-            row = dict(model=model, variant=name, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
+        specs = [(mode, name, spec) for mode in modes
+                 for name, spec in variants(h, w, y, n, v, d, which, mode, with_floor=mode == modes[0]).items()]
+        for mode, name, spec in specs:
+            row = dict(model=model, variant=name, mode=mode, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
             try:
                 fn, facts = spec() if callable(spec) else spec
             except torch.OutOfMemoryError:
@@ -255,18 +279,26 @@ def run(shapes, which, reps, dtype):
 def summarize(rows, copy_gb_per_s):
     """Per shape, the ratios the performance goals are stated in (None where a variant is missing)."""
     by_shape = {}
+    floors = {}
     for r in rows:
         if r.get("seconds"):
-            by_shape.setdefault((r["model"], r["n"], r["v"], r["d"]), {})[r["variant"]] = r
+            by_shape.setdefault((r["model"], r["n"], r["v"], r["d"], r.get("mode", "full")), {})[r["variant"]] = r
+            if r["variant"].startswith("floor/"):
+                floors.setdefault((r["model"], r["n"], r["v"], r["d"]), {})[r["variant"]] = r
+    for key, got in by_shape.items():  # the GEMM floor (timed once per shape) serves every mode
+        for name, r in floors.get(key[:4], {}).items():
+            got.setdefault(name, r)
 
     def ratio(a, b):
         return a["seconds"] / b["seconds"] if a and b else None
 
     out = []
-    for (model, n, v, d), got in by_shape.items():
+    for (model, n, v, d, mode), got in by_shape.items():
+        if set(got) <= set(floors.get((model, n, v, d), {})) and len(by_shape) > 1:
+            continue  # a mode whose only rows are the floor's
         logits = got.get("logits/triton")
         out.append(dict(
-            model=model, n=n, v=v, d=d,
+            model=model, n=n, v=v, d=d, mode=mode,
             fused3h_over_gemm_floor=ratio(got.get("fused/triton-3h"), got.get("floor/gemm-3h")),
             liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
             eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
@@ -283,20 +315,38 @@ def main(argv=None):
                    help="comma list of: triton, eager, compile, liger, floor")
     p.add_argument("--reps", type=int, default=3, help="timer repetitions without a GPU")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/loss_<device>.json)")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma list of MODEL:N, MODEL in {sorted(MODELS)} or NAME=V:D (default: the full sweep)")
+    p.add_argument("--modes", default="full", help="comma list of: full, sampled")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and print the plan as JSON; run nothing (any machine)")
     args = p.parse_args(argv)
+    which = set(args.variants.split(","))
+    modes = args.modes.split(",")
+    if not which <= set(VARIANT_GROUPS):
+        p.error(f"--variants: unknown {sorted(which - set(VARIANT_GROUPS))}; expected some of {VARIANT_GROUPS}")
+    if not set(modes) <= set(MODES) or not modes:
+        p.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.dry_run:
+        print(json.dumps(dict(plan="bench_loss", shapes=shapes, variants=sorted(which), modes=modes,
+                              gpu=ON_GPU, out=args.out)))
+        return
     if not ON_GPU and not args.quick:
         p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
-    which = set(args.variants.split(","))
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     dtype = torch.bfloat16
 
     result = dict(device=device_name(), gpu=ON_GPU, quick=args.quick, torch=torch.__version__,
-                  triton=triton.__version__, lam=LAM, mode="full", timer="triton.testing.do_bench median"
+                  triton=triton.__version__, lam=LAM, timer="triton.testing.do_bench median"
                   if ON_GPU else "perf_counter median under TRITON_INTERPRET=1 (not a performance number)",
                   rows=[])
     if ON_GPU:
         result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
-    result["rows"] = run(shapes, which, args.reps, dtype)
+    result["modes"] = modes
+    result["rows"] = run(shapes, which, args.reps, dtype, modes)
     result["summary"] = summarize(result["rows"], result.get("copy_gb_per_s"))
     print(json.dumps(result["summary"], indent=1))
 
