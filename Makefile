@@ -66,15 +66,14 @@ test: $(BIN)/.installed-test
 cuda-check: $(BIN)/.venv-ready
 	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh
 
-# On a CUDA machine with torch, triton, nvcc, cmake and ninja (no venv needed): build, GPU tests, GPU benchmark.
-#   make gpu-check GPU_OUT=results-dir GPU_ARGS="--quick --wheels wheel-dir"    (GPU_ARGS=--dry-run: any machine)
-GPU_OUT  ?= gpu-check-results
-GPU_ARGS ?=
-gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(GPU_OUT) $(GPU_ARGS)
-
 bench: $(BIN)/.installed-test
 	$(BIN)/python benchmarks/bench_cpu.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info gopd_kernels/_C*.so
+
+# One command for a fresh CUDA machine, no venv needed (issue 16): build with CUDA, GPU tests, benchmarks.
+#   make gpu-check ARGS="OUT [--quick] [--liger WHEELS]"   make gpu-check --dry-run   (any machine: checks each step)
+.PHONY: gpu-check
+gpu-check:
+	+$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)

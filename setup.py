@@ -7,7 +7,8 @@ build_ext that runs cmake + ninja) against the torch that is already installed, 
 
 (build isolation would download a separate multi-GB torch and build against the wrong one).
 Environment knobs: GOPD_BUILD_CUDA=0/1 forces the CUDA part off/on (default: on when torch has CUDA
-and nvcc is found), GOPD_CUDA_ARCHS (default "80;90"), MAX_JOBS (parallel compile jobs, default 2),
+and nvcc is found), GOPD_CUDA_ARCHS (e.g. "80;90"; default: TORCH_CUDA_ARCH_LIST if set, else
+"80;90"; handed to torch's CMake as TORCH_CUDA_ARCH_LIST), MAX_JOBS (parallel compile jobs, default 2),
 GOPD_BUILD_TYPE (default Release).
 """
 
@@ -101,7 +102,8 @@ class CMakeBuild(build_ext):
             f"-DGOPD_VERSION={read_version()}",
             f"-DGOPD_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DGOPD_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
-            f"-DGOPD_CUDA_ARCHS={os.environ.get('GOPD_CUDA_ARCHS', '80;90')}",
+            # Empty: TORCH_CUDA_ARCH_LIST from the environment if set, else 80;90 (CMakeLists.txt).
+            f"-DGOPD_CUDA_ARCHS={os.environ.get('GOPD_CUDA_ARCHS', '')}",
         ]
         if with_cuda:
             cmake_args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")

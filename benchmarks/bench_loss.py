@@ -1,16 +1,15 @@
 """Forward+backward time and peak memory of the G-OPD loss: triton vs torch vs torch.compile vs Liger.
 
-Variants (lam = 1.25 with three heads, lam = 1 = reverse KL with two heads; --modes full,sampled):
+Variants (full mode by default, --modes full,sampled for both; lam = 1.25 with three heads, lam = 1 =
+reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full mode only):
   logits/triton        gopd_loss on materialised [N, V] logits, backend="triton" (logit-level kernel);
                        its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
                        device's copy bandwidth measured in the same run.
   fused/triton-3h      fused_linear_gopd_loss, backend="triton", student + teacher + reference heads
   fused/triton-2h      the same with student + teacher only (lam = 1), Liger's setting
-  fused/cuda-3h        fused_linear_gopd_loss, backend="cuda" (when the extension has its CUDA kernels)
   eager/torch-3h       logits = (h @ W.T).float() per head, then gopd_kernels.reference.gopd_loss
   compile/torch-3h     torch.compile of that eager function
   liger/jsd-2h         Liger's LigerFusedLinearJSDLoss(beta=1, soft loss only), student + teacher heads
-                       (full mode only: Liger has no sampled-token estimator)
   floor/gemm-3h, -2h   the GEMMs alone (forward logits of every head, dH and dW of the student) timed in
                        the same run: the time no fused-linear loss can beat.
 
@@ -27,7 +26,8 @@ benchmarks/results/loss_<device>.json.
 
     python benchmarks/bench_loss.py            # GPU, full sweep
     python benchmarks/bench_loss.py --quick    # tiny shapes, CPU interpreter or GPU
-    python benchmarks/bench_loss.py --model qwen3-4b --n 2048 8192 --modes full,sampled   # make gpu-check
+    python benchmarks/bench_loss.py --shapes qwen3-4b:2048,qwen3-4b:8192 --modes full,sampled
+    python benchmarks/bench_loss.py ... --dry-run   # parse and print the plan, run nothing (any machine)
 """
 
 from __future__ import annotations
@@ -53,17 +53,33 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import gopd_kernels as gk  # noqa: E402
-from gopd_kernels import backends  # noqa: E402
 from gopd_kernels import reference as R  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 LAM = 1.25
-VARIANTS = ("triton", "cuda", "eager", "compile", "liger", "floor")
 
+MODELS = {"qwen3-4b": (151936, 2560), "smollm2-135m": (49152, 576)}  # name -> (V, D)
 FULL_SHAPES = [("qwen3-4b", n, 151936, 2560) for n in (2048, 8192, 16384)] + \
               [("smollm2-135m", n, 49152, 576) for n in (2048, 8192, 16384)]
 QUICK_SHAPES = [("tiny", 16, 300, 32), ("tiny", 24, 1000, 48)]
+VARIANT_GROUPS = ("triton", "eager", "compile", "liger", "floor")
+MODES = ("full", "sampled")
+
+
+def parse_shapes(text):
+    """"qwen3-4b:2048,qwen3-4b:8192" -> [(model, N, V, D)]; a model is a name of MODELS or "name=V:D"."""
+    shapes = []
+    for item in text.split(","):
+        model, _, n = item.strip().rpartition(":")
+        name, _, vd = model.partition("=")
+        if vd:
+            v, _, d = vd.partition(":")
+            MODELS[name] = (int(v), int(d))
+        if name not in MODELS or not n.isdigit():
+            raise ValueError(f"--shapes: expected MODEL:N with MODEL in {sorted(MODELS)}, got {item!r}")
+        shapes.append((name, int(n), *MODELS[name]))
+    return shapes
 
 
 def device_name():
@@ -133,8 +149,9 @@ def eager_loss(hs, ws, ht, wt, hr, wr, y, mode="full"):
     return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode=mode).loss
 
 
-def variants(h, w, y, n, v, d, which, mode="full"):
-    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that."""
+def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
+    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that.
+    The GEMM floor does not depend on the mode: with_floor=False leaves it out (timed for one mode only)."""
     hs = h[0].detach().requires_grad_(True)
     ws = w[0].detach().requires_grad_(True)
     ht, wt, hr, wr = h[1], w[1], h[2], w[2]
@@ -166,16 +183,6 @@ def variants(h, w, y, n, v, d, which, mode="full"):
 
         out["logits/triton"] = logits_variant
 
-    if "cuda" in which:
-        if not backends.is_available("cuda"):
-            out["fused/cuda-3h"] = (None, {"error": "cuda backend not available"})
-        else:
-            def fused_cuda():
-                out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="cuda")
-                return _backward(out3.loss, hs, ws)
-
-            out["fused/cuda-3h"] = (fused_cuda, {})
-
     if "eager" in which or "compile" in which:
         def eager():
             return _backward(eager_loss(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
@@ -186,7 +193,7 @@ def variants(h, w, y, n, v, d, which, mode="full"):
             compiled = torch.compile(eager_loss)
 
             def comp():
-                return _backward(compiled(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
+                    return _backward(compiled(hs, ws, ht, wt, hr, wr, y, mode), hs, ws)
 
             out["compile/torch-3h"] = (comp, {})
 
@@ -201,11 +208,11 @@ def variants(h, w, y, n, v, d, which, mode="full"):
                                             compiled=ON_GPU)
 
             def liger_fn():
-                return _backward(liger(hs, ws, ht, wt, y), hs, ws)
+                    return _backward(liger(hs, ws, ht, wt, y), hs, ws)
 
             out["liger/jsd-2h"] = (liger_fn, {})
 
-    if "floor" in which:
+    if "floor" in which and with_floor:
         def gemms(heads):
             def run():
                 g = None
@@ -224,14 +231,16 @@ def variants(h, w, y, n, v, d, which, mode="full"):
 
 def run(shapes, which, reps, dtype, modes=("full",)):
     rows = []
-    for (model, n, v, d), mode in [(shape, mode) for shape in shapes for mode in modes]:
+    for model, n, v, d in shapes:
         torch.manual_seed(0)
         try:
             h, w, y = make_inputs(n, v, d, dtype)
         except torch.OutOfMemoryError:
             rows.append(dict(model=model, n=n, v=v, d=d, error="OOM allocating inputs"))
             continue
-        for name, spec in variants(h, w, y, n, v, d, which, mode).items():
+        specs = [(mode, name, spec) for mode in modes
+                 for name, spec in variants(h, w, y, n, v, d, which, mode, with_floor=mode == modes[0]).items()]
+        for mode, name, spec in specs:
             row = dict(model=model, variant=name, mode=mode, n=n, v=v, d=d, dtype=str(dtype).replace("torch.", ""))
             try:
                 fn, facts = spec() if callable(spec) else spec
@@ -270,20 +279,27 @@ def run(shapes, which, reps, dtype, modes=("full",)):
 def summarize(rows, copy_gb_per_s):
     """Per shape, the ratios the performance goals are stated in (None where a variant is missing)."""
     by_shape = {}
+    floors = {}
     for r in rows:
         if r.get("seconds"):
             by_shape.setdefault((r["model"], r["n"], r["v"], r["d"], r.get("mode", "full")), {})[r["variant"]] = r
+            if r["variant"].startswith("floor/"):
+                floors.setdefault((r["model"], r["n"], r["v"], r["d"]), {})[r["variant"]] = r
+    for key, got in by_shape.items():  # the GEMM floor (timed once per shape) serves every mode
+        for name, r in floors.get(key[:4], {}).items():
+            got.setdefault(name, r)
 
     def ratio(a, b):
         return a["seconds"] / b["seconds"] if a and b else None
 
     out = []
     for (model, n, v, d, mode), got in by_shape.items():
+        if set(got) <= set(floors.get((model, n, v, d), {})) and len(by_shape) > 1:
+            continue  # a mode whose only rows are the floor's
         logits = got.get("logits/triton")
         out.append(dict(
             model=model, n=n, v=v, d=d, mode=mode,
             fused3h_over_gemm_floor=ratio(got.get("fused/triton-3h"), got.get("floor/gemm-3h")),
-            cuda3h_over_gemm_floor=ratio(got.get("fused/cuda-3h"), got.get("floor/gemm-3h")),
             liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
             eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
             compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),
@@ -296,38 +312,40 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes (the only option without a GPU)")
     p.add_argument("--variants", default="triton,eager,compile,liger,floor",
-                   help="comma list of: " + ", ".join(VARIANTS))
-    p.add_argument("--model", choices=sorted({m for m, *_ in FULL_SHAPES}), default=None,
-                   help="only this model's shapes (GPU runs)")
-    p.add_argument("--n", type=int, nargs="+", default=None, help="only these token counts (GPU runs)")
-    p.add_argument("--modes", default="full", help="comma list of: full, sampled")
-    p.add_argument("--check-args", action="store_true", help="parse the arguments, print the plan and exit")
+                   help="comma list of: triton, eager, compile, liger, floor")
     p.add_argument("--reps", type=int, default=3, help="timer repetitions without a GPU")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/loss_<device>.json)")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma list of MODEL:N, MODEL in {sorted(MODELS)} or NAME=V:D (default: the full sweep)")
+    p.add_argument("--modes", default="full", help="comma list of: full, sampled")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and print the plan as JSON; run nothing (any machine)")
     args = p.parse_args(argv)
-    if not ON_GPU and not args.quick and not args.check_args:
-        p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
     which = set(args.variants.split(","))
     modes = args.modes.split(",")
-    for bad in sorted(which - set(VARIANTS)):
-        p.error(f"--variants: unknown variant {bad!r}; expected some of {', '.join(VARIANTS)}")
-    for bad in sorted(set(modes) - {"full", "sampled"}):
-        p.error(f"--modes: unknown mode {bad!r}; expected full and / or sampled")
-    shapes = QUICK_SHAPES if args.quick else [s for s in FULL_SHAPES if (args.model in (None, s[0])) and
-                                              (args.n is None or s[1] in args.n)]
-    if not shapes:
-        p.error(f"--model {args.model} --n {args.n}: no such shape; the shapes are {FULL_SHAPES}")
-    if args.check_args:
-        print(json.dumps(dict(shapes=shapes, modes=modes, variants=sorted(which))))
+    if not which <= set(VARIANT_GROUPS):
+        p.error(f"--variants: unknown {sorted(which - set(VARIANT_GROUPS))}; expected some of {VARIANT_GROUPS}")
+    if not set(modes) <= set(MODES) or not modes:
+        p.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.dry_run:
+        print(json.dumps(dict(plan="bench_loss", shapes=shapes, variants=sorted(which), modes=modes,
+                              gpu=ON_GPU, out=args.out)))
         return
+    if not ON_GPU and not args.quick:
+        p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
     dtype = torch.bfloat16
 
     result = dict(device=device_name(), gpu=ON_GPU, quick=args.quick, torch=torch.__version__,
-                  triton=triton.__version__, lam=LAM, modes=modes, timer="triton.testing.do_bench median"
+                  triton=triton.__version__, lam=LAM, timer="triton.testing.do_bench median"
                   if ON_GPU else "perf_counter median under TRITON_INTERPRET=1 (not a performance number)",
                   rows=[])
     if ON_GPU:
         result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
+    result["modes"] = modes
     result["rows"] = run(shapes, which, args.reps, dtype, modes)
     result["summary"] = summarize(result["rows"], result.get("copy_gb_per_s"))
     print(json.dumps(result["summary"], indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from numbers import Real
 
@@ -125,10 +126,18 @@ def scalars(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap,
     if num_items_in_batch is not None:
         if reduction != "mean":
             raise ValueError(f"num_items_in_batch is only used with reduction='mean', got reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor) and compiling():
-            torch._assert_async(num_items_in_batch > 0, "num_items_in_batch: expected a positive token count")
-            return
-        value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch: expected one token count, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            if compiling():
+                torch._assert_async(num_items_in_batch > 0, "num_items_in_batch: expected a positive token count")
+                return
+            if not _reads_device_values(num_items_in_batch):
+                return  # its value stays on the device: reading it would synchronise every call
+            value = num_items_in_batch.item()
+        else:
+            value = num_items_in_batch
         if not isinstance(value, Real) or not value > 0:
             raise ValueError(f"num_items_in_batch: expected a positive token count, got {num_items_in_batch!r}")
 
@@ -156,9 +165,18 @@ def vocab(name, v_other, v_student):
                          "the teacher / reference vocabulary must cover the student's (padding beyond it is cut)")
 
 
+def _reads_device_values(x) -> bool:
+    """Whether a check may read `x`'s values on the host: always for CPU tensors; for GPU tensors only
+    with GOPD_SYNC_CHECKS=1 (each read is a host synchronisation, on every call)."""
+    return x.device.type == "cpu" or os.environ.get("GOPD_SYNC_CHECKS") == "1"
+
+
 def targets_in_range(targets, vocab_size, ignore_index):
-    """Token ids must be in [0, V) or equal ignore_index (an out-of-range id would read out of bounds)."""
-    if targets.numel() == 0:
+    """Token ids must be in [0, V) or equal ignore_index. Checked on the host for CPU tensors (and for
+    GPU tensors with GOPD_SYNC_CHECKS=1); on a GPU the check would synchronise every call, so there an
+    out-of-range id instead gives its token NaN statistics (log-probs, loss): no kernel reads out of
+    bounds."""
+    if targets.numel() == 0 or not _reads_device_values(targets):
         return
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= vocab_size))

@@ -29,12 +29,17 @@ _GPU_CHUNK_BYTES = 2 << 30
 
 def default_chunk_size(n_tokens: int, vocab: int, n_heads: int, device: torch.device) -> int:
     """Tokens per fused-linear chunk: as many as the fp32 logits of all heads fit in the budget (320 MiB
-    on CPU, rounded down to a multiple of 64 rows; on CUDA min(2 GiB, a quarter of free memory),
-    rounded down to a power of two), at most n_tokens."""
+    on CPU, rounded down to a multiple of 64 rows; on CUDA min(2 GiB, a quarter of what the allocator can
+    give), rounded down to a power of two), at most n_tokens.
+
+    What the allocator can give is the device's free memory plus what torch's caching allocator holds
+    but does not use (reserved - allocated): mem_get_info alone counts the cache as used, so a warm
+    training process would get ever smaller chunks."""
     budget = _CPU_CHUNK_BYTES
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        budget = min(_GPU_CHUNK_BYTES, free // 4)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(_GPU_CHUNK_BYTES, (free + max(cached, 0)) // 4)
     rows = max(1, budget // max(1, 4 * vocab * n_heads))
     if device.type != "cuda" and rows >= 64:
         rows -= rows % 64
@@ -294,8 +299,8 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
         # builds it) cannot be traced, so a compiled graph takes the per-token path below, which
         # recomputes each chunk's logits in backward, and reduces.
         if reduction == "mean":
-            denom = _denominator(valid, num_items_in_batch, torch.zeros((), dtype=dt, device=y.device))
-            scale = 1.0 / float(denom)
+            # A 0-dim tensor on the device, not a Python float: reading it would synchronise every call.
+            scale = 1.0 / _denominator(valid, num_items_in_batch, torch.zeros((), dtype=dt, device=y.device))
         else:
             scale = 1.0
 

@@ -97,10 +97,39 @@ class LogitRows(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
-# torch.mm(..., out_dtype=float32): a bf16 / fp16 GEMM with fp32 output (CUDA, recent torch).
-_HAS_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.aten.mm, "dtype")
-# torch.addmm(..., out_dtype=float32, out=...): accumulate a bf16 / fp16 GEMM into an fp32 buffer (CUDA).
-_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+_GEMM_ERRORS = (RuntimeError, TypeError, NotImplementedError, ValueError)
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_out_dtype_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, bool]:
+    """(mm, addmm): whether this torch *runs*, on `device`, a `dtype` x `dtype` GEMM with fp32 output
+    as torch.mm(a, b, out_dtype=float32), and as torch.addmm(acc, a, b, out_dtype=float32, out=acc)
+    accumulating into an fp32 buffer -- checked by running both once on tiny matrices (results
+    compared), not by looking for the overloads: torch 2.8 / 2.9 have them, but their addmm kernel
+    requires `acc` to have the matrices' dtype and raises; CPU builds raise NotImplementedError. Cached
+    per (device, dtype); the probe synchronises once."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False, False
+    return _probe_gemm_out_dtype(device, dtype)
+
+
+def _probe_gemm_out_dtype(device, dtype, mm=torch.mm, addmm=torch.addmm):
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device).to(dtype)
+    b = torch.tensor([[0.5, -1.0], [2.0, 0.25]], device=device).to(dtype)
+    want = torch.tensor([[4.5, -0.5], [9.5, -2.0]])
+    mm_ok = addmm_ok = False
+    try:
+        out = mm(a, b.t().contiguous().t(), out_dtype=torch.float32)
+        mm_ok = out.dtype == torch.float32 and torch.equal(out.cpu(), want)
+    except _GEMM_ERRORS:
+        pass
+    try:
+        acc = torch.full((2, 2), 1.0, dtype=torch.float32, device=device)
+        addmm(acc, a, b, beta=1.0, out_dtype=torch.float32, out=acc)
+        addmm_ok = acc.dtype == torch.float32 and torch.equal(acc.cpu(), want + 1.0)
+    except _GEMM_ERRORS:
+        pass
+    return bool(mm_ok), bool(addmm_ok)
 
 
 def linear_logits(hidden, weight, bias, vocab, dtype):
@@ -111,8 +140,8 @@ def linear_logits(hidden, weight, bias, vocab, dtype):
     mixes are up-cast to `dtype` first (16-bit hidden states beside an fp32 head: an fp32 GEMM).
     """
     weight = weight[:vocab]
-    if (hidden.is_cuda and _HAS_MM_OUT_DTYPE and dtype == torch.float32 and hidden.dtype == weight.dtype
-            and hidden.dtype in (torch.float16, torch.bfloat16)):
+    if (dtype == torch.float32 and hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16)
+            and gemm_out_dtype_support(hidden.device, hidden.dtype)[0]):
         logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     else:
         logits = hidden.to(dtype) @ weight.to(dtype).t()
@@ -279,8 +308,8 @@ class _GradAccumulator:
 
 
 def _tensor_core_grads(dz, hs_chunk, ws):
-    return (dz.is_cuda and _HAS_ADDMM_OUT_DTYPE and hs_chunk.dtype in (torch.bfloat16, torch.float16)
-            and ws.dtype == hs_chunk.dtype)
+    return (hs_chunk.dtype in (torch.bfloat16, torch.float16) and ws.dtype == hs_chunk.dtype
+            and gemm_out_dtype_support(dz.device, hs_chunk.dtype)[1])
 
 
 class FusedLinearRows(torch.autograd.Function):
@@ -403,8 +432,9 @@ class FusedLinearLoss(torch.autograd.Function):
             if not needed or grad is None:
                 out.append(None)
                 continue
-            if bool(g_total != 1):
-                grad.mul_(g_total.to(grad.dtype))  # ours alone: scaled in place
+            # Scaled in place (ours alone), always: testing g_total != 1 first would synchronise with
+            # the device on every step, for a pass over dW that costs about a millisecond on a GPU.
+            grad.mul_(g_total.to(grad.dtype))
             out.append(grad.to(dtype))
         del grads
         return (*out, *(None,) * 13)

@@ -46,9 +46,12 @@ def token_objective(lp_s, full_loss, stats, valid, *, mode, lam, has_ref_logits,
         weight = torch.clamp(torch.exp(lp_old - rollout_logprobs), max=is_cap)
 
     if mode == "sampled":
-        reward = lam * (lp_t - lp_r)
+        reward = scaled(lam, lp_t - lp_r)
         kl = stats[LP_S] - lp_r
-        advantage = torch.where(valid, reward - kl, zero)  # masked tokens: 0, not NaN from -inf
+        # A = reward - kl = lam lp_t + (1 - lam) lp_r - lp_s, written so that a model whose coefficient
+        # is 0 is not read (lp_r at lam = 1 cancels even when it is -inf; see reference.py, non-finite
+        # inputs). Masked tokens: 0, not NaN from -inf.
+        advantage = torch.where(valid, scaled(lam, lp_t) + scaled(1.0 - lam, lp_r) - stats[LP_S], zero)
         ratio = torch.exp(lp_s - lp_old)
         eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         pg = torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high))

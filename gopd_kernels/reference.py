@@ -28,6 +28,26 @@ than the student's (padding) is cut to the student's V. Masked tokens contribute
 Reduction: "none" -> per-token [...]; "sum" -> sum_i loss_i; "mean" -> sum_i loss_i / D with
 D = num_items_in_batch if given (the global token count under gradient accumulation) else the
 number of valid tokens (at least 1, so an all-masked batch gives 0).
+
+Non-finite inputs (+-inf, NaN): one rule for every backend and for this reference
+1. Masked tokens are not read: a token whose target is ignore_index adds 0 to the loss and gets a
+   zero gradient row and zero diagnostics, whatever its logits and per-token inputs hold.
+2. A logit of -inf means probability 0 (a masked vocabulary entry) and is exact: 0 * log 0 = 0, never
+   NaN. A column where the student is -inf adds nothing to any sum over the vocabulary and gets
+   gradient 0. A teacher / reference -inf gives log p = -inf there, which counts only where it is
+   weighted: where p_s > 0 in full mode, at the target in sampled mode.
+3. A model whose coefficient is 0 is not read by the loss or its gradient: the teacher at lam = 0, the
+   reference at lam = 1 (the sampled-mode advantage is lam lp_t + (1 - lam) lp_r - lp_s with
+   0 * x = 0 for any x, so lp_r = -inf cancels at lam = 1; the reward lam * (...) is 0 at lam = 0).
+   The diagnostics that show such a model (lp_t, lp_r, kl) still show its values, finite or not.
+4. Anything else is IEEE arithmetic, and no NaN is ever dropped: a NaN logit, a +inf logit (not a
+   distribution: that model's log-probabilities are NaN), a row that is -inf everywhere, a weighted
+   -inf log-probability (2.), or a non-finite per-token input (teacher_logprobs, ref_logprobs,
+   old_logprobs, rollout_logprobs) that reaches the formula make that token's loss what the formula
+   gives: +-inf where it gives an infinity (e.g. +inf for the KL to a teacher that rules out a token
+   the student can emit, or for a sampled token the teacher rules out), NaN otherwise. A token whose
+   loss is not finite gets a gradient row that is NaN in every entry (not a mix of +-inf, NaN and
+   finite entries); other tokens are unaffected (a "mean" / "sum" loss is then non-finite too).
 """
 
 from __future__ import annotations
@@ -90,17 +110,30 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
     y = targets.reshape(-1)
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y))
+    nan = torch.full((), float("nan"), dtype=dtype, device=student_logits.device)
+    undefined = []  # [N] bool, set below: tokens whose loss is not finite (rule 4)
+
+    def rows(z):
+        # Masked tokens are not read (rule 1): their logits are replaced by zeros before any math.
+        z = z.reshape(-1, z.shape[-1])[:, :vocab].to(dtype)
+        return torch.where(valid[:, None], z, torch.zeros((), dtype=dtype, device=z.device))
 
     def log_probs(z, temp):
-        return torch.log_softmax(z.reshape(-1, z.shape[-1])[:, :vocab].to(dtype) / temp, dim=-1)
+        return torch.log_softmax(rows(z) / temp, dim=-1)
+
+    def student_log_probs(z, temp):
+        z = rows(z)
+        if z.requires_grad:  # rule 4: the row of a token whose loss is not finite is NaN throughout
+            z.register_hook(lambda g: None if g is None else torch.where(undefined[0][:, None], nan, g))
+        return torch.log_softmax(z / temp, dim=-1)
 
     def at_target(logp):
         return logp.gather(1, y_safe[:, None]).squeeze(1)
 
-    logp_s = log_probs(student_logits, ts)
+    logp_s = student_log_probs(student_logits, ts)
     p_s = logp_s.exp()
     lp_s = at_target(logp_s)
-    entropy = -torch.where(p_s > 0, p_s * logp_s, torch.zeros_like(p_s)).sum(-1).detach()
+    entropy = -torch.where(p_s != 0, p_s * logp_s, torch.zeros_like(p_s)).sum(-1).detach()
 
     logp_t = log_probs(teacher_logits, tt).detach() if teacher_logits is not None else None
     logp_r = log_probs(ref_logits, tr).detach() if ref_logits is not None else None
@@ -117,9 +150,10 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
         w = torch.ones_like(lp_s)
 
     if mode == "sampled":
-        reward = lam * (lp_t - lp_r)
+        reward = _safe_times(lam, lp_t - lp_r)
         kl = lp_s.detach() - lp_r
-        adv = (reward - kl).detach()
+        # reward - kl, written so that a model with coefficient 0 is not read (rule 3)
+        adv = (_safe_times(lam, lp_t) + _safe_times(1.0 - lam, lp_r) - lp_s).detach()
         ratio = torch.exp(lp_s - lp_old)
         eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high))
@@ -139,15 +173,16 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
     else:
         c = logp_s - _safe_times(lam, logp_t) - _safe_times(1.0 - lam, logp_r)
         # Mask c (not p_s * c): a where() over p_s * (-inf) would send NaN into the backward pass.
-        full = (p_s * torch.where(p_s > 0, c, torch.zeros_like(c))).sum(-1)
-        e_pt = torch.where(p_s > 0, p_s * logp_t, torch.zeros_like(p_s)).sum(-1)
-        e_pr = torch.where(p_s > 0, p_s * logp_r, torch.zeros_like(p_s)).sum(-1)
-        reward = (lam * (e_pt - e_pr)).detach()
+        full = (p_s * torch.where(p_s != 0, c, torch.zeros_like(c))).sum(-1)
+        e_pt = torch.where(p_s != 0, p_s * logp_t, torch.zeros_like(p_s)).sum(-1)
+        e_pr = torch.where(p_s != 0, p_s * logp_r, torch.zeros_like(p_s)).sum(-1)
+        reward = _safe_times(lam, e_pt - e_pr).detach()
         kl = (-entropy - e_pr).detach()
         adv = None
         per_token = w * full
 
     zero = torch.zeros((), dtype=dtype, device=per_token.device)
+    undefined.append(valid & ~torch.isfinite(per_token.detach()))
     per_token = torch.where(valid, per_token, zero)
     if reduction == "none":
         loss = per_token.reshape(lead)

@@ -9,8 +9,17 @@
 # ships c10/cuda headers but not the one CMake generates, c10/cuda/impl/cuda_cmake_macros.h; a
 # one-line stand-in is written for this check.)
 #
+# Then, with that Python, the extension's real CMake configure step runs with its CUDA part on
+# (GOPD_WITH_CUDA=ON, GOPD_CUDA_ARCHS="80;90", this nvcc) against that torch, without a GPU: the nvcc
+# command line CMake generates for csrc/cuda/rows.cu must target exactly sm_80 and sm_90, and that
+# object is then built through it. (A CPU wheel of torch does not run torch's CUDA CMake, which is what
+# reads TORCH_CUDA_ARCH_LIST in a CUDA wheel; CMakeLists.txt then runs torch's own architecture
+# selection, torch_cuda_get_nvcc_gencode_flag, on the same list, so the list takes the same path.
+# Linking the CUDA extension needs a CUDA build of torch: that is left to a GPU machine.)
+#
 # Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), NVCC_FLAGS (extra flags),
-# GOPD_PYTHON (a python that imports torch; unset: the bindings check is skipped with a message).
+# GOPD_PYTHON (a python that imports torch; unset: the bindings check and the CMake configure are
+# skipped with a message), CMAKE (default: cmake next to GOPD_PYTHON, else on PATH).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -106,10 +115,54 @@ print('-D_GLIBCXX_USE_CXX11_ABI=%d' % int(torch._C._GLIBCXX_USE_CXX11_ABI))")
   done
 fi
 
+if [[ -n "$py" ]] && "$py" -c "import torch" >/dev/null 2>&1; then
+  pybin="$(cd "$(dirname "$py")" && pwd)"  # absolute: CMake runs the tools from other directories
+  cmake_bin="${CMAKE:-}"
+  if [[ -z "$cmake_bin" ]]; then
+    if [[ -x "$pybin/cmake" ]]; then cmake_bin="$pybin/cmake"; else cmake_bin="$(command -v cmake || true)"; fi
+  fi
+  ninja_bin="$pybin/ninja"
+  [[ -x "$ninja_bin" ]] || ninja_bin="$(command -v ninja || true)"
+  if [[ -z "$cmake_bin" || -z "$ninja_bin" ]]; then
+    echo "cuda-check: cmake or ninja not found: skipping the CMake configure of the CUDA extension"
+  else
+    echo "== CMake configure with GOPD_WITH_CUDA=ON, GOPD_CUDA_ARCHS=80;90 ($("$cmake_bin" --version | head -n 1))"
+    bdir="$tmp/cmake"
+    start=$SECONDS
+    if ! "$cmake_bin" -S "$root" -B "$bdir" -G Ninja -DCMAKE_MAKE_PROGRAM="$ninja_bin" -DGOPD_WITH_CUDA=ON \
+        -DGOPD_CUDA_ARCHS="80;90" -DCMAKE_CUDA_COMPILER="$nvcc" -DPython3_EXECUTABLE="$pybin/$(basename "$py")" \
+        -DCMAKE_PREFIX_PATH="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+        >"$tmp/configure.log" 2>&1; then
+      tail -n 40 "$tmp/configure.log"
+      echo "cuda-check: FAILED: CMake configure with the CUDA part" >&2
+      status=1
+    else
+      grep -E "gopd: CUDA architectures" "$tmp/configure.log" | sed 's/^-- /  /'
+      obj="CMakeFiles/gopd_ext.dir/csrc/cuda/rows.cu.o"
+      cmd="$("$ninja_bin" -C "$bdir" -t commands "$obj" | tail -n 1)"
+      archs="$(grep -Eo 'arch=compute_[0-9]+[af]?,code=[a-z_0-9]+' <<<"$cmd" | sort -u | tr '\n' ' ')"
+      echo "  nvcc targets from CMake: $archs"
+      if [[ "$archs" != "arch=compute_80,code=sm_80 arch=compute_90,code=sm_90 " ]]; then
+        echo "cuda-check: FAILED: CMake's nvcc command for rows.cu does not target exactly sm_80 + sm_90:" >&2
+        echo "$cmd" >&2
+        status=1
+      elif ! "$ninja_bin" -C "$bdir" "$obj" >"$tmp/build.log" 2>&1; then
+        tail -n 40 "$tmp/build.log"
+        echo "cuda-check: FAILED: building rows.cu through the CMake build" >&2
+        status=1
+      else
+        echo "  rows.cu built through CMake in $((SECONDS - start)) s (configure included)"
+      fi
+    fi
+  fi
+else
+  echo "cuda-check: GOPD_PYTHON with torch not given: skipping the CMake configure of the CUDA extension"
+fi
+
 if [[ $status -ne 0 ]]; then
   exit 1
 fi
 if [[ $spills -ne 0 ]]; then
   exit 1
 fi
-echo "cuda-check: OK (${#sources[@]} kernel file(s), sm_80 + sm_90, zero spills; ${#bindings[@]} host binding file(s))"
+echo "cuda-check: OK (${#sources[@]} kernel file(s), sm_80 + sm_90, zero spills; ${#bindings[@]} host binding file(s); CMake configure)"

@@ -1,28 +1,37 @@
-"""One command that proves gopd on a CUDA machine: build, GPU tests, GPU benchmark, a short table.
+#!/usr/bin/env python3
+"""`make gpu-check`: one command that proves gopd on a fresh CUDA machine (issue 16, part 1).
 
-    python3 scripts/gpu_check.py OUT_DIR [--quick] [--wheels DIR] [--dry-run]      (or: make gpu-check OUT=DIR)
+The machine needs a CUDA build of torch, triton, nvcc, cmake and ninja; no internet and no copy of our
+virtual environment (it runs with the Python it is started with). Steps, in order; a failing step is
+recorded and the next one still runs:
 
-Written for a fresh GPU machine that has torch, triton, nvcc, cmake, ninja, pytest and hypothesis but no
-internet and no copy of our venv. Steps, each a subprocess with its own time limit, logged to
-OUT_DIR/gpu_check.log:
+  env     the machine: GPU and driver (nvidia-smi), torch / CUDA / triton versions, nvcc / cmake / ninja,
+          and whether this torch runs the bf16 GEMMs with fp32 output that the tensor-core dH / dW path
+          uses (gopd_kernels.autograd.gemm_out_dtype_support: probed by running them)
+  build   the extension with its CUDA kernels against this torch: setup.py build_ext --inplace with
+          GOPD_BUILD_CUDA=1 and GOPD_CUDA_ARCHS = this GPU's architecture only (a shorter compile)
+  tests   the GPU tests, natively: the CUDA and Triton backends against the torch backend and the
+          reference (logits and fused-linear, fp32 / bf16 / fp16, ragged shapes, non-finite inputs,
+          the logit-offset precision test, the bf16 tensor-core dH / dW path); JUnit XML kept
+  bench   benchmarks/bench_loss.py at Qwen3-4B shapes (N in {2048, 8192}, V = 151936, D = 2560, bf16,
+          three heads, full and sampled) against eager torch, torch.compile of the reference, Liger's
+          chunked JSD (importable, or from the wheels in --liger DIR) and the GEMM floor measured in the
+          same run, plus the copy bandwidth
 
-  env     the device, driver, torch / CUDA / triton / nvcc versions
-  wheels  (--wheels DIR) extra wheels (Liger-Kernel, say) installed with pip --no-index into OUT_DIR/site,
-          which then goes on PYTHONPATH; a missing or broken wheel folder only drops the variants that need it
-  build   the extension with its CUDA kernels against this machine's torch, in place
-          (setup.py build_ext --inplace, GOPD_BUILD_CUDA=1, TORCH_CUDA_ARCH_LIST = this GPU's capability)
-  tests   the kernel tests natively on the GPU (the files in GPU_TESTS: the Triton and CUDA backends, the
-          backend contract, the public API's errors, logits and fused-linear, fp32 / bf16 / fp16)
-  bench   benchmarks/bench_loss.py at Qwen3 shapes (V=151936, D=2560, bf16, N in {2048, 8192}, full and
-          sampled) against eager torch, torch.compile of the reference, Liger's chunked JSD (when importable)
-          and the GEMM floor of the same run, plus the copy bandwidth
+Outputs, in the folder given as the first argument: gpu_check.json (device name, versions, each
+step's status and time, test counts, the benchmark summary), gpu_check.log (every step's output),
+tests.xml and bench_loss.json; a short table is printed last.
 
-Everything lands in OUT_DIR (at most six files: gpu_check.json with the device name and each step's status
-and seconds, gpu_check.log, tests.xml, loss.json, and the wheels' site folder); the table is printed last.
---quick runs a subset meant to fit in 3 minutes (N=2048 only, the Triton and CUDA backend tests only); the full run is meant
-to fit in 8 minutes on an H100. --dry-run runs on any machine (CI runs it): it checks that every file a
-step uses exists, every Python file compiles, the benchmark's and pytest's arguments parse and the tests
-collect, and prints the commands it would run, without building or running anything on a GPU.
+    python3 scripts/gpu_check.py OUT                 # everything (budget: 8 minutes on an H100)
+    python3 scripts/gpu_check.py OUT --quick         # a subset (budget: 3 minutes)
+    python3 scripts/gpu_check.py OUT --liger WHEELS  # Liger from a folder of wheels (no pip needed)
+    python3 scripts/gpu_check.py OUT --dry-run       # any machine, CPU included (CI): check every step
+    make gpu-check ARGS="OUT --quick"                # the same through make; `make gpu-check --dry-run`
+
+--dry-run runs nothing heavy: it checks that each step's programs and files exist and parse (Python
+files compile; pytest collects the step's test selection; bench_loss.py accepts the step's arguments
+with --dry-run; setup.py and CMakeLists.txt are there; the tools are found, a missing nvcc only warned
+about off a GPU) and writes the same JSON with "dry_run": true.
 """
 
 from __future__ import annotations
@@ -30,188 +39,312 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Kernel tests that run natively when a GPU is present (they use CUDA tensors where torch sees one).
-GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_cuda_backend.py", "tests/test_backends.py",
-             "tests/test_errors.py", "tests/test_mixed_precision.py", "tests/test_compile.py"]
-BENCH = "benchmarks/bench_loss.py"
-# Seconds each step may take: the whole run stays under 8 minutes (3 with --quick) on an H100.
-LIMITS = {"env": 60, "wheels": 60, "build": 240, "tests": 150, "bench": 270}
-QUICK_LIMITS = {"env": 60, "wheels": 60, "build": 240, "tests": 60, "bench": 90}
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3 = "qwen3-4b"
+TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_triton_backend.py", "tests/test_backends.py",
+              "tests/test_mixed_precision.py", "tests/test_compile.py"]
+# --quick: every CUDA / Triton test, and of the cross-backend file the ones that involve them.
+QUICK_K = "cuda or triton or gemm_out_dtype or tensor_core"
 
 
-def gpu_capability() -> str | None:
-    """'9.0' for an H100 / H200, from torch; None without a visible GPU."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}"
-
-
-def plan(out: Path, quick: bool, wheels: Path | None) -> list[dict]:
-    """The steps as {name, cmd, env} dicts: the one place that says what a GPU check runs."""
+def plan(args, out: Path, facts):
+    """The steps: name -> dict(argv, env, timeout, files that must exist, python files that must compile)."""
     py = sys.executable
-    site = out / "site"
-    env_code = ("import json, platform, torch, triton; "
-                "print(json.dumps(dict(python=platform.python_version(), torch=torch.__version__, "
-                "cuda=torch.version.cuda, triton=triton.__version__, gpu=torch.cuda.is_available(), "
-                "device=torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
-                "capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)))")
-    steps = [dict(name="env", cmd=[py, "-c", env_code]),
-             dict(name="env-tools", cmd=["bash", "-c", "nvidia-smi -L; nvcc --version | tail -n 2; "
-                                                       "cmake --version | head -n 1; ninja --version"])]
-    found = sorted(wheels.glob("*.whl")) if wheels is not None else []
-    if found:
-        steps.append(dict(name="wheels", cmd=[py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                                              "--no-compile", "--target", str(site),
-                                              *map(str, found)]))
-    cap = gpu_capability() or "9.0"
-    steps.append(dict(name="build", cmd=[py, "setup.py", "-q", "build_ext", "--inplace"],
-                      env={"GOPD_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": cap,
-                           "GOPD_CUDA_ARCHS": cap.replace(".", ""), "MAX_JOBS": str(os.cpu_count() or 4)}))
-    test_cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}",
-                "-o", "junit_family=xunit2", *(GPU_TESTS[:2] if quick else GPU_TESTS)]
-    steps.append(dict(name="tests", cmd=test_cmd))
-    bench_cmd = [py, BENCH, "--model", "qwen3-4b", "--n", *(["2048"] if quick else ["2048", "8192"]),
-                 "--modes", "full,sampled", "--variants", "triton,cuda,eager,compile,liger,floor",
-                 "--out", str(out / "loss.json")]
-    steps.append(dict(name="bench", cmd=bench_cmd))
-    return steps
+    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", f"--junitxml={out / 'tests.xml'}",
+             *TEST_FILES]
+    if args.quick:
+        tests += ["-k", QUICK_K]
+    bench = ["benchmarks/bench_loss.py", "--out", str(out / "bench_loss.json")]
+    if args.quick:
+        bench += ["--shapes", f"{QWEN3}:2048", "--modes", "full", "--variants", "triton,eager,floor"]
+    else:
+        bench += ["--shapes", f"{QWEN3}:2048,{QWEN3}:8192", "--modes", "full,sampled",
+                  "--variants", "triton,eager,compile,liger,floor"]
+    build_env = {"GOPD_BUILD_CUDA": "1", "GOPD_CUDA_ARCHS": native_arch(facts) or "80;90",
+                 "MAX_JOBS": str(os.cpu_count() or 4)}
+    bench_env = {}
+    wheels = liger_wheels(args.liger)
+    if wheels:
+        bench_env["PYTHONPATH"] = os.pathsep.join(map(str, wheels))
+    return {
+        "build": dict(argv=[py, "setup.py", "build_ext", "--inplace"], env=build_env, timeout=300 if args.quick else 360,
+                      files=["setup.py", "CMakeLists.txt", "csrc/cuda/rows.cu", "csrc/cuda/bindings.cpp"],
+                      compile=["setup.py"]),
+        "tests": dict(argv=[py, *tests], env={}, timeout=150 if args.quick else 300, files=TEST_FILES,
+                      compile=TEST_FILES + ["tests/cuda_emulation.py", "tests/helpers.py"]),
+        "bench": dict(argv=[py, *bench], env=bench_env, timeout=150 if args.quick else 420,
+                      files=["benchmarks/bench_loss.py"], compile=["benchmarks/bench_loss.py"]),
+    }
 
 
-def run_step(step: dict, log, limit: float, pythonpath: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, **step.get("env", {}))
-    log.write(f"\n===== {step['name']}: {' '.join(step['cmd'])}\n")
-    log.flush()
-    t0 = time.time()
+def native_arch(facts):
+    """This GPU's architecture as GOPD_CUDA_ARCHS wants it ("90" on an H100), or None without one."""
+    cap = facts.get("capability")
+    return cap.replace(".", "") if cap else None
+
+
+def liger_wheels(folder):
+    """The liger-kernel wheels (pure Python: importable from the .whl itself) in `folder`, newest last."""
+    if not folder:
+        return []
+    path = Path(folder)
+    found = sorted(path.glob("liger_kernel*.whl")) + sorted(path.glob("liger-kernel*.whl")) if path.is_dir() else []
+    return found[-1:]
+
+
+def tool_version(argv):
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return None
     try:
-        proc = subprocess.run(step["cmd"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=limit)
-        text, rc = proc.stdout, proc.returncode
-        status = "ok" if rc == 0 else f"failed (exit {rc})"
-    except subprocess.TimeoutExpired as exc:
-        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        status = f"timed out after {limit:.0f} s"
-    seconds = time.time() - t0
-    log.write(text)
-    log.write(f"\n===== {step['name']}: {status} in {seconds:.1f} s\n")
+        res = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"error: {exc}"
+    lines = [line for line in (res.stdout + res.stderr).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if argv[0] == "nvcc" and lines else (lines[0].strip() if lines else "")
+
+
+_TORCH_FACTS = r"""
+import json, sys
+facts = {}
+try:
+    import torch
+    facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        facts["device"] = torch.cuda.get_device_name()
+        facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        facts["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        from gopd_kernels.autograd import gemm_out_dtype_support
+        mm, addmm = gemm_out_dtype_support(torch.device("cuda"), torch.bfloat16)
+        facts["bf16_mm_out_fp32"], facts["bf16_addmm_into_fp32"] = mm, addmm
+    else:
+        facts["device"] = "no CUDA GPU visible to torch"
+except Exception as exc:
+    facts["torch_error"] = f"{type(exc).__name__}: {exc}"
+try:
+    import triton
+    facts["triton"] = triton.__version__
+except Exception as exc:
+    facts["triton_error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(facts))
+"""
+
+
+def environment(log):
+    """Facts about the machine (never raises: what failed is written down instead)."""
+    facts = {"python": sys.version.split()[0], "nproc": os.cpu_count()}
+    for name, argv in (("nvcc", ["nvcc", "--version"]), ("cmake", ["cmake", "--version"]),
+                       ("ninja", ["ninja", "--version"]), ("nvidia_smi", ["nvidia-smi", "-L"])):
+        facts[name] = tool_version(argv)
+    if facts["cmake"] is None or facts["ninja"] is None:  # the PyPI wheels' copies, next to this Python
+        for name in ("cmake", "ninja"):
+            exe = Path(sys.executable).parent / name
+            if facts[name] is None and exe.exists():
+                facts[name] = tool_version([str(exe), "--version"])
+    # torch / triton facts from a child process: this one never holds a CUDA context (its memory would
+    # be missing from the benchmarks' GPU for the whole run).
+    res = subprocess.run([sys.executable, "-c", _TORCH_FACTS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    try:
+        facts.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        facts["torch_error"] = f"probe failed (rc {res.returncode}): {res.stderr[-1500:]}"
+    log.write(json.dumps(facts, indent=1) + "\n")
+    return facts
+
+
+def run_step(name, step, log):
+    """Runs one step, its output streamed to the terminal and the log; returns its record."""
+    env = dict(os.environ, **step["env"])
+    if "PYTHONPATH" in step["env"] and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = step["env"]["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
+    header = f"\n== {name}: {' '.join(step['argv'])}" + (f"  [{' '.join(f'{k}={v}' for k, v in step['env'].items())}]"
+                                                        if step["env"] else "")
+    print(header, flush=True)
+    log.write(header + "\n")
     log.flush()
-    tail = "\n".join(text.strip().splitlines()[-3:])
-    print(f"[gpu-check] {step['name']}: {status} in {seconds:.1f} s" + (f"\n{tail}" if status != "ok" else ""),
-          flush=True)
-    return dict(name=step["name"], status=status, seconds=round(seconds, 1), output_tail=text[-2000:])
+    start = time.monotonic()
+    tail = []
+    try:
+        proc = subprocess.Popen(step["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+    except OSError as exc:
+        return dict(name=name, status="error", rc=None, seconds=0.0, detail=str(exc))
+    timed_out = False
+    deadline = start + step["timeout"]
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-20:]
+            if time.monotonic() > deadline:
+                timed_out = True
+                proc.kill()
+                break
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    seconds = time.monotonic() - start
+    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
+    log.write(f"== {name}: {status} (rc {proc.returncode}) in {seconds:.1f} s\n")
+    log.flush()
+    return dict(name=name, status=status, rc=proc.returncode, seconds=round(seconds, 1), tail=tail[-5:])
 
 
-def dry_run(steps: list[dict], out: Path) -> int:
-    """Check every step without a GPU: files exist, Python compiles, arguments parse, tests collect."""
-    problems = []
-    for path in [*GPU_TESTS, BENCH, "setup.py", "CMakeLists.txt"]:
-        if not (ROOT / path).exists():
-            problems.append(f"missing {path}")
-    for path in [*GPU_TESTS, BENCH, "setup.py", *map(str, (ROOT / "gopd_kernels").rglob("*.py"))]:
-        try:
-            compile((ROOT / path).read_text(), str(path), "exec")
-        except (SyntaxError, OSError) as exc:
-            problems.append(f"{path} does not compile: {exc}")
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
+def dry_check(name, step, args):
+    """What --dry-run checks for one step; returns its record (status ok / failed, with the problems)."""
+    problems, notes = [], []
+    for f in step["files"]:
+        if not (ROOT / f).exists():
+            problems.append(f"missing {f}")
+    for f in step["compile"]:
+        try:  # parse and compile in memory (no .pyc written)
+            compile((ROOT / f).read_text(), str(ROOT / f), "exec")
+        except (SyntaxError, ValueError, OSError) as exc:
+            problems.append(f"{f} does not compile: {exc}")
+    env = dict(os.environ, **step["env"])
+    if name == "build":
+        for tool in ("cmake", "ninja"):
+            if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():
+                problems.append(f"{tool} not found")
+        if shutil.which("nvcc") is None:
+            notes.append("nvcc not found here (needed on the GPU machine)")
+    elif name == "tests":
+        argv = [a for a in step["argv"] if not a.startswith("--junitxml")] + ["--collect-only"]
+        res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        collected = [line for line in res.stdout.splitlines() if "::" in line]
+        if res.returncode != 0 or not collected:
+            problems.append(f"pytest --collect-only failed (rc {res.returncode}): {res.stdout[-800:]}{res.stderr[-800:]}")
+        else:
+            notes.append(f"{len(collected)} tests collected")
+    elif name == "bench":
+        res = subprocess.run(step["argv"] + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        if res.returncode != 0:
+            problems.append(f"bench_loss.py rejects the arguments: {res.stderr[-800:]}")
+        else:
             try:
-                __import__(tool)  # the PyPI wheels of cmake / ninja
-            except ImportError:
-                problems.append(f"{tool} not found (the build step needs it)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python")]))
-    bench = next(s for s in steps if s["name"] == "bench")
-    checks = [("bench arguments", [*bench["cmd"], "--check-args"]),
-              ("tests collect", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                                 *GPU_TESTS])]
-    for what, cmd in checks:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
-            problems.append(f"{what}: exit {proc.returncode}: {proc.stdout[-1500:]}")
-    for step in steps:
-        print(f"[gpu-check --dry-run] {step['name']}: {' '.join(step['cmd'])}")
-    result = dict(dry_run=True, steps=[dict(name=s["name"], cmd=s["cmd"]) for s in steps], problems=problems)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
-    for p in problems:
-        print(f"[gpu-check --dry-run] PROBLEM: {p}")
-    print(f"[gpu-check --dry-run] {'OK' if not problems else 'FAILED'}: {len(steps)} steps checked")
-    return 1 if problems else 0
+                planned = json.loads(res.stdout.strip().splitlines()[-1])
+                notes.append(f"{len(planned['shapes'])} shape(s) x modes {planned['modes']} x {planned['variants']}")
+            except (ValueError, IndexError, KeyError) as exc:
+                problems.append(f"bench_loss.py --dry-run printed no plan: {exc}")
+        if args.liger and not liger_wheels(args.liger):
+            problems.append(f"--liger {args.liger}: no liger_kernel*.whl there")
+    return dict(name=name, status="failed" if problems else "ok", rc=None, seconds=0.0,
+                detail="; ".join(problems + notes))
 
 
-def table(bench_json: Path) -> list[str]:
-    """The short table printed last: seconds per variant and the goals' ratios, from the benchmark's JSON."""
-    if not bench_json.exists():
-        return ["(no benchmark results)"]
-    data = json.loads(bench_json.read_text())
-    lines = [f"device: {data.get('device')}   copy bandwidth: {data.get('copy_gb_per_s') or 0:.0f} GB/s",
-             f"{'shape':<22} {'mode':<8} {'variant':<18} {'ms':>9} {'peak MiB':>9}"]
-    for r in data.get("rows", []):
-        shape = f"{r.get('model')} N={r.get('n')}"
-        ms = f"{r['seconds'] * 1e3:.1f}" if r.get("seconds") else r.get("error", "-")[:9]
-        peak = r.get("peak_extra_mib")
-        lines.append(f"{shape:<22} {r.get('mode', ''):<8} {r.get('variant', ''):<18} {ms:>9} "
-                     f"{'' if peak is None else peak:>9}")
-    for s in data.get("summary", []):
-        goals = {k: v for k, v in s.items() if k not in ("model", "n", "v", "d", "mode") and v is not None}
-        lines.append(f"{s['model']} N={s['n']} {s.get('mode', '')}: " +
-                     ", ".join(f"{k} {v:.2f}" for k, v in goals.items()))
-    return lines
+def test_counts(xml_path: Path):
+    if not xml_path.exists():
+        return None
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError:
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    total["passed"] = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    return total
 
 
-def main(argv=None) -> int:
+def table(report):
+    """The short table printed last."""
+    env = report["env"]
+    lines = [f"gpu-check{' (dry run)' if report['dry_run'] else ''}{' --quick' if report['quick'] else ''} on "
+             f"{env.get('device', '?')}: torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+             f"triton {env.get('triton')}, nvcc {env.get('nvcc')}",
+             f"  bf16 GEMM with fp32 output: mm {env.get('bf16_mm_out_fp32', '-')}, "
+             f"addmm into fp32 {env.get('bf16_addmm_into_fp32', '-')}",
+             f"{'step':<7} {'status':<8} {'seconds':>8}  detail"]
+    for s in report["steps"]:
+        detail = s.get("detail", "")
+        if s["name"] == "tests" and report.get("tests"):
+            t = report["tests"]
+            detail = f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
+        lines.append(f"{s['name']:<7} {s['status']:<8} {s['seconds']:>8.1f}  {detail[:150]}")
+    rows = (report.get("bench") or {}).get("rows") or []
+    if rows:
+        names = [("fused/triton-3h", "fused3h"), ("fused/triton-2h", "fused2h"), ("logits/triton", "logits"),
+                 ("eager/torch-3h", "eager3h"), ("compile/torch-3h", "compile3h"), ("liger/jsd-2h", "liger2h"),
+                 ("floor/gemm-3h", "floor3h")]
+        lines.append("bench, ms per forward + backward (bf16):")
+        lines.append(f"  {'shape':<26}" + "".join(f"{short:>10}" for _, short in names))
+        keys = sorted({(r.get("model"), r.get("n"), r.get("mode", "full")) for r in rows if r.get("variant")},
+                      key=lambda k: (k[0], k[1], k[2]))
+        for model, n, mode in keys:
+            got = {r["variant"]: r for r in rows if (r.get("model"), r.get("n"), r.get("mode", "full")) == (model, n, mode)}
+            cells = []
+            for name, _ in names:
+                r = got.get(name)
+                cells.append("-" if r is None else ("OOM" if r.get("error") == "OOM" else
+                                                    "err" if r.get("seconds") is None else f"{r['seconds'] * 1e3:.1f}"))
+            lines.append(f"  {f'{model} N={n} {mode}':<26}" + "".join(f"{c:>10}" for c in cells))
+        for s in (report["bench"].get("summary") or []):
+            def fmt(x):
+                return "-" if x is None else f"{x:.2f}"
+            lines.append(f"  {s['model']} N={s['n']} {s.get('mode', 'full')}: fused3h / GEMM floor "
+                         f"{fmt(s.get('fused3h_over_gemm_floor'))}, Liger2h / fused2h {fmt(s.get('liger2h_over_fused2h'))}, "
+                         f"eager3h / fused3h {fmt(s.get('eager3h_over_fused3h'))}, logits bandwidth / copy "
+                         f"{fmt(s.get('logits_bandwidth_fraction_of_copy'))}")
+        if report["bench"].get("copy_gb_per_s"):
+            lines.append(f"  copy bandwidth {report['bench']['copy_gb_per_s']:.0f} GB/s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="folder for the JSON, the log and the benchmark results")
-    p.add_argument("--quick", action="store_true", help="the subset that fits in 3 minutes")
-    p.add_argument("--wheels", type=Path, default=None, help="a folder of extra wheels (e.g. Liger-Kernel)")
-    p.add_argument("--dry-run", action="store_true", help="check every step on any machine; run nothing on a GPU")
+    p.add_argument("out", nargs="?", default=str(ROOT / "gpu-check-out"),
+                   help="folder for gpu_check.json, gpu_check.log, tests.xml, bench_loss.json (default: ./gpu-check-out)")
+    p.add_argument("--quick", action="store_true", help="the subset that fits ~3 minutes")
+    p.add_argument("--liger", default=None, help="a folder of wheels holding liger-kernel (imported from the wheel)")
+    p.add_argument("--dry-run", action="store_true", help="check that every step exists and parses; run nothing")
+    p.add_argument("--skip", default="", help="comma list of steps to leave out (build, tests, bench)")
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out.resolve()
-    wheels = args.wheels.resolve() if args.wheels else None
-    if wheels is not None and not wheels.is_dir():
-        p.error(f"--wheels {args.wheels}: not a folder")
-    if wheels is not None and not any(wheels.glob("*.whl")):
-        print(f"[gpu-check] --wheels {args.wheels}: no .whl files there; Liger's variant will say it is missing")
-    steps = plan(out, args.quick, wheels)
-    if args.dry_run:
-        return dry_run(steps, out)
-    if gpu_capability() is None:
-        p.error("no CUDA GPU visible to torch: run with --dry-run to check the steps on this machine")
-
-    limits = QUICK_LIMITS if args.quick else LIMITS
-    pythonpath = os.pathsep.join([str(out / "site"), str(ROOT), str(ROOT / "python"),
-                                  os.environ.get("PYTHONPATH", "")])
+    out = Path(args.out).resolve()
+    skip = {s for s in args.skip.split(",") if s}
+    if not skip <= {"build", "tests", "bench"}:
+        p.error(f"--skip: unknown step(s) {sorted(skip - {'build', 'tests', 'bench'})}")
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    record = dict(host=platform.node(), quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                                  time.gmtime()), steps=[])
+    report = dict(dry_run=args.dry_run, quick=args.quick, out=str(out), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  steps=[], tests=None, bench=None)
     with open(out / "gpu_check.log", "w") as log:
-        for step in steps:
-            result = run_step(step, log, limits.get(step["name"].split("-")[0], 120), pythonpath)
-            record["steps"].append(result)
-            if step["name"] == "env" and result["status"] == "ok":
-                record["env"] = json.loads(result["output_tail"].strip().splitlines()[-1])
-            if step["name"] == "build" and result["status"] != "ok":
-                break  # nothing after it can run without the extension
-    record["seconds"] = round(time.time() - started, 1)
-    record["device"] = (record.get("env") or {}).get("device")
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
-    print()
-    for line in table(out / "loss.json"):
-        print(line)
-    print("\nsteps: " + ", ".join(f"{s['name']} {s['status']} ({s['seconds']} s)" for s in record["steps"]))
-    print(f"total {record['seconds']} s; results in {out}")
-    return 0 if all(s["status"] == "ok" for s in record["steps"]) else 1
+        t0 = time.monotonic()
+        report["env"] = environment(log)
+        steps = plan(args, out, report["env"])
+        ok_env = report["env"].get("cuda_available") or args.dry_run
+        report["steps"].append(dict(name="env", status="ok" if ok_env and "torch_error" not in report["env"] else "failed",
+                                    rc=None, seconds=round(time.monotonic() - t0, 1),
+                                    detail=report["env"].get("device", report["env"].get("torch_error", ""))))
+        for name, step in steps.items():
+            if name in skip:
+                report["steps"].append(dict(name=name, status="skipped", rc=None, seconds=0.0, detail="--skip"))
+                continue
+            t1 = time.monotonic()
+            record = dry_check(name, step, args) if args.dry_run else run_step(name, step, log)
+            record["seconds"] = round(time.monotonic() - t1, 1)
+            report["steps"].append(record)
+            if not args.dry_run and name == "tests":
+                report["tests"] = test_counts(out / "tests.xml")
+            if not args.dry_run and name == "bench" and (out / "bench_loss.json").exists():
+                report["bench"] = json.loads((out / "bench_loss.json").read_text())
+    report["seconds"] = round(time.time() - started, 1)
+    report["device"] = report["env"].get("device")
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(report)
+    with open(out / "gpu_check.log", "a") as log:
+        log.write("\n" + text + "\n")
+    print("\n" + text, flush=True)
+    failed = [s["name"] for s in report["steps"] if s["status"] not in ("ok", "skipped")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -380,3 +380,302 @@ def test_nan_logits_give_nan_not_a_finite_loss(backend, mode):
     assert out.loss[:3].isnan().all(), out.loss
     assert torch.isfinite(out.loss[3:]).all()
     assert torch.equal(g.isnan().any(-1).cpu(), g_ref.isnan().any(-1).cpu()), (g.isnan().sum(-1), g_ref.isnan().sum(-1))
+
+
+# ---- the CUDA backend's row math through the public API where there is no GPU ----------------------
+# "cuda-emulated": the kernels' own row code compiled for the host (tests/cuda_emulation.py), plugged in
+# as backend "cuda" for one call, so the tests below judge the CUDA kernels' algebra too.
+ALL = BACKENDS + ([] if "cuda" in BACKENDS else ["cuda-emulated"])
+
+
+@pytest.fixture
+def use_backend(request, monkeypatch):
+    """use_backend(name) -> (backend argument for the public API, device)."""
+
+    def pick(name):
+        if name != "cuda-emulated":
+            return name, device_for(name)
+        emu = request.getfixturevalue("emulated_cuda")
+        real_get, real_resolve = backends.get, backends.resolve
+        monkeypatch.setattr(backends, "get", lambda n: emu if n == "cuda" else real_get(n))
+        monkeypatch.setattr(backends, "resolve", lambda n, d: "cuda" if n == "cuda" else real_resolve(n, d))
+        return "cuda", "cpu"
+
+    return pick
+
+
+def _offset_problem(near, seed=0):
+    """fp64 logits: independent N(0, 2^2) rows (N=4, V=1000), or teacher / reference = student + N(0, 1)
+    (N=4, V=129: the rows are near one-hot at large offsets, as a distilled student's are)."""
+    g = torch.Generator().manual_seed(seed)
+    n, v = (4, 129) if near else (4, 1000)
+    zs = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    if near:
+        zt = zs + torch.randn(n, v, generator=g, dtype=torch.float64)
+        zr = zs + torch.randn(n, v, generator=g, dtype=torch.float64)
+    else:
+        zt = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+        zr = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    return zs, zt, zr, torch.randint(0, v, (n,), generator=g)
+
+
+def _relative_grad_error(fn, zs, zt, zr, y, device, **kw):
+    """max |g - g_true| / max |g_true| of the student-logit gradient; truth: the reference in fp64 on the
+    very same (fp32-rounded) inputs."""
+    z64 = zs.double().requires_grad_(True)
+    (g_true,) = torch.autograd.grad(R.gopd_loss(z64, y, zt.double(), zr.double(), **kw).loss, z64)
+    z = zs.to(device).requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(z, y.to(device), zt.to(device), zr.to(device), **kw).loss, z)
+    return float((g.cpu().double() - g_true).abs().max() / g_true.abs().max())
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+@pytest.mark.parametrize("near", [False, True], ids=["random", "near-student"])
+def test_gradient_error_does_not_grow_with_a_logit_offset(use_backend, backend, mode, near):
+    """Cut-Cross-Entropy's precision test (issue 18.3): adding one constant to every logit leaves the
+    exact answer unchanged, so the fp32 gradient's relative error at offsets 30 ... 1e4 must stay at the
+    level of plain fp32 torch's own error at offset 0 (4x, as the other low-precision tests allow). An
+    fp32 lse of size 1e4 is only good to ~5e-4: a backend that keeps one, and recomputes log-probs as
+    z - lse in the backward, had errors 2.7e-5 at 1e3 and 2.4e-4 at 1e4."""
+    name, device = use_backend(backend)
+    zs0, zt0, zr0, y = _offset_problem(near)
+    kw = dict(lam=1.25, mode=mode)
+    z32 = [z.float() for z in (zs0, zt0, zr0)]
+    base = _relative_grad_error(R.gopd_loss, *z32, y, "cpu", **kw)  # plain fp32 torch at offset 0
+    offsets = (-1e4, 1e4) if near else (0.0, 30.0, 100.0, 1e3, 1e4)
+    errors = {}
+    for off in offsets:
+        zs, zt, zr = ((z + off).float() for z in (zs0, zt0, zr0))
+        errors[off] = _relative_grad_error(lambda *a, **k: gk.gopd_loss(*a, backend=name, **k), zs, zt, zr, y,
+                                           device, **kw)
+    assert max(errors.values()) <= 4 * base + 1e-7, f"{backend}: {errors} vs plain fp32 torch's {base:.2g}"
+
+
+# ---- non-finite inputs: one rule (gopd_kernels.reference's docstring) for every backend ---------------
+INF, NAN = float("inf"), float("nan")
+
+
+def _set(t, row, col, value):
+    if col is None:  # a per-token input
+        t[row] = value
+    else:
+        t[row, col] = value
+
+
+# name: (loss kwargs, edit(zs, zt, zr, y, extras) putting the case's non-finite input into row 0, expected
+# row-0 loss: "finite" | "+inf" | "-inf" | "nan"). Row 3 is masked; "served" passes the teacher and the
+# reference as per-token log-probs, "rollout" adds rollout_logprobs.
+_NONFINITE_CASES = {
+    # 2. -inf = probability 0, exact
+    "student -inf off target": (dict(mode="full", lam=1.25), lambda zs, zt, zr, y, x: _set(zs, 0, 5, -INF), "finite"),
+    "student -inf off target, sampled": (dict(mode="sampled", lam=1.25),
+                                         lambda zs, zt, zr, y, x: _set(zs, 0, 5, -INF), "finite"),
+    "student and teacher -inf, full": (dict(mode="full", lam=1.25),
+                                       lambda zs, zt, zr, y, x: (_set(zs, 0, 5, -INF), _set(zt, 0, 5, -INF)),
+                                       "finite"),
+    "teacher -inf where p_s > 0, full": (dict(mode="full", lam=1.25),
+                                         lambda zs, zt, zr, y, x: _set(zt, 0, 5, -INF), "+inf"),
+    "teacher -inf off target, sampled": (dict(mode="sampled", lam=1.25),
+                                         lambda zs, zt, zr, y, x: _set(zt, 0, 5, -INF), "finite"),
+    "teacher -inf at target, sampled": (dict(mode="sampled", lam=1.25),
+                                        lambda zs, zt, zr, y, x: _set(zt, 0, int(y[0]), -INF), "+inf"),
+    "reference -inf at target, lam 0.5": (dict(mode="sampled", lam=0.5),
+                                          lambda zs, zt, zr, y, x: _set(zr, 0, int(y[0]), -INF), "+inf"),
+    "reference -inf at target, lam 2": (dict(mode="sampled", lam=2.0),
+                                        lambda zs, zt, zr, y, x: _set(zr, 0, int(y[0]), -INF), "-inf"),
+    "student -inf at target, sampled": (dict(mode="sampled", lam=1.25),
+                                        lambda zs, zt, zr, y, x: _set(zs, 0, int(y[0]), -INF), "nan"),
+    "student -inf at target, full": (dict(mode="full", lam=1.25),
+                                     lambda zs, zt, zr, y, x: _set(zs, 0, int(y[0]), -INF), "finite"),
+    "student -inf everywhere": (dict(mode="full", lam=1.25),
+                                lambda zs, zt, zr, y, x: _set(zs, 0, slice(None), -INF), "nan"),
+    # 3. a model whose coefficient is 0 is not read
+    "reference -inf at target, lam 1, sampled": (dict(mode="sampled", lam=1.0),
+                                                 lambda zs, zt, zr, y, x: _set(zr, 0, int(y[0]), -INF), "finite"),
+    "reference -inf where p_s > 0, lam 1, full": (dict(mode="full", lam=1.0),
+                                                  lambda zs, zt, zr, y, x: _set(zr, 0, 5, -INF), "finite"),
+    "teacher nan, lam 0, full": (dict(mode="full", lam=0.0), lambda zs, zt, zr, y, x: _set(zt, 0, 5, NAN), "finite"),
+    "teacher nan, lam 0, sampled": (dict(mode="sampled", lam=0.0),
+                                    lambda zs, zt, zr, y, x: _set(zt, 0, 5, NAN), "finite"),
+    # 4. everything else: IEEE, no NaN dropped, a non-finite loss gives a NaN gradient row
+    "student nan": (dict(mode="full", lam=1.25), lambda zs, zt, zr, y, x: _set(zs, 0, 7, NAN), "nan"),
+    "student nan, sampled": (dict(mode="sampled", lam=1.25), lambda zs, zt, zr, y, x: _set(zs, 0, 7, NAN), "nan"),
+    "student +inf": (dict(mode="full", lam=1.25), lambda zs, zt, zr, y, x: _set(zs, 0, 7, INF), "nan"),
+    "teacher +inf, full": (dict(mode="full", lam=1.25), lambda zs, zt, zr, y, x: _set(zt, 0, 5, INF), "nan"),
+    "teacher +inf, sampled": (dict(mode="sampled", lam=1.25), lambda zs, zt, zr, y, x: _set(zt, 0, 5, INF), "nan"),
+    "reference nan, full": (dict(mode="full", lam=1.25), lambda zs, zt, zr, y, x: _set(zr, 0, 9, NAN), "nan"),
+    "teacher_logprobs -inf": (dict(mode="sampled", lam=1.25, served=True),
+                              lambda zs, zt, zr, y, x: _set(x["teacher_logprobs"], 0, None, -INF), "+inf"),
+    "teacher_logprobs nan, lam 0": (dict(mode="sampled", lam=0.0, served=True),
+                                    lambda zs, zt, zr, y, x: _set(x["teacher_logprobs"], 0, None, NAN), "finite"),
+    "rollout_logprobs nan": (dict(mode="full", lam=1.25, rollout=True),
+                             lambda zs, zt, zr, y, x: _set(x["rollout_logprobs"], 0, None, NAN), "nan"),
+    "rollout_logprobs -inf (weight capped)": (dict(mode="sampled", lam=1.25, rollout=True),
+                                              lambda zs, zt, zr, y, x: _set(x["rollout_logprobs"], 0, None, -INF),
+                                              "finite"),
+}
+
+
+def _classify(x):
+    x = float(x)
+    return "nan" if x != x else "+inf" if x == INF else "-inf" if x == -INF else "finite"
+
+
+def _nonfinite_inputs(name):
+    kw, edit, expect = _NONFINITE_CASES[name]
+    kw = dict(kw)
+    zs, zt, zr, _ = make_problem(4, 33, seed=31, dtype=torch.float32, scale=2.0, mask_frac=0.0)
+    y = torch.tensor([11, 20, 3, -100])
+    extras = {}
+    if kw.pop("served", False):
+        extras["teacher_logprobs"] = torch.log_softmax(zt.double(), -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        extras["ref_logprobs"] = torch.log_softmax(zr.double(), -1).gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+    if kw.pop("rollout", False):
+        extras["rollout_logprobs"] = torch.full((4,), -3.0, dtype=torch.float64)
+    edit(zs, zt, zr, y, extras)
+    extras = {k: t.float() for k, t in extras.items()}
+    # The masked row 3 holds garbage that must never be read (rule 1).
+    zs[3, :5], zt[3, 7], zr[3, 9] = NAN, INF, -INF
+    for t in extras.values():
+        t[3] = NAN
+    if "teacher_logprobs" in extras:
+        zt, zr = None, None
+    models = [zs, zt, zr]
+    return models, y, {**kw, **extras}, expect
+
+
+def _run_nonfinite(fn, models, y, kw, device, **more):
+    zs, zt, zr = (None if z is None else z.to(device) for z in models)
+    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    z = zs.clone().requires_grad_(True)
+    out = fn(z, y.to(device), zt, zr, reduction="none", **kw, **more)
+    (g,) = torch.autograd.grad((out.loss * torch.tensor([-1.0, 0.5, 1.0, 2.0], device=device)).sum(), z)
+    return out, g.cpu()
+
+
+def _same(a, b, tol):
+    """Equal up to tol where finite, and non-finite in the same places with the same values."""
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    if not torch.equal(a.isnan(), b.isnan()) or not torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)) \
+            or not torch.equal(a.isinf() & (a < 0), b.isinf() & (b < 0)):
+        return False
+    fin = torch.isfinite(a)
+    return bool(((a[fin] - b[fin]).abs() <= tol * (1 + b[fin].abs())).all())
+
+
+@pytest.mark.parametrize("case", list(_NONFINITE_CASES))
+@pytest.mark.parametrize("backend", ["reference"] + ALL)
+def test_non_finite_inputs_follow_one_rule(use_backend, backend, case):
+    """Issue 18.4: the rule in gopd_kernels.reference's docstring. Row 0 holds the case's non-finite
+    input and must give the expected loss class (finite, +inf, -inf or NaN); a non-finite loss gives a
+    gradient row that is NaN in every entry, a finite one a finite row equal to the reference's; rows 1
+    and 2 are untouched, and the masked row 3 (full of NaN / inf) gives loss 0 and a zero gradient."""
+    models, y, kw, expect = _nonfinite_inputs(case)
+    if backend == "reference":
+        fn, device = R.gopd_loss, "cpu"
+        more = {}
+    else:
+        name, device = use_backend(backend)
+        fn, more = gk.gopd_loss, dict(backend=name)
+    out, g = _run_nonfinite(fn, models, y, kw, device, **more)
+    loss = out.loss.cpu()
+    assert _classify(loss[0]) == expect, f"{case}: loss {loss.tolist()}"
+    if expect == "finite":
+        assert torch.isfinite(g[0]).all(), f"{case}: gradient row {g[0]}"
+    else:
+        assert g[0].isnan().all(), f"{case}: gradient row must be NaN everywhere, got {g[0]}"
+    assert torch.isfinite(loss[1:3]).all() and torch.isfinite(g[1:3]).all(), case
+    assert loss[3] == 0 and (g[3] == 0).all(), f"{case}: the masked row was read"
+    # Finite values and the diagnostics agree with the reference (in fp64 on the same fp32 inputs).
+    ref, g_ref = _run_nonfinite(R.gopd_loss, [None if z is None else z.double() for z in models], y,
+                                {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}, "cpu")
+    assert _same(loss, ref.loss, 1e-4), (loss, ref.loss)
+    assert _same(g, g_ref, 1e-4), case
+    for diag in DIAGS:
+        a, b = getattr(out, diag), getattr(ref, diag)
+        assert (a is None) == (b is None), diag
+        if a is not None:
+            assert _same(a, b, 1e-4), f"{case}: {diag} {a.tolist()} vs the reference's {b.tolist()}"
+
+
+def test_gemm_out_dtype_is_probed_by_running_it_not_by_its_overload():
+    """Issue 18.6: the bf16 tensor-core dH / dW path needs torch.addmm(fp32 acc, bf16, bf16,
+    out_dtype=float32, out=acc). torch 2.8 / 2.9 have the overload but raise (their kernel wants acc in
+    bf16), and CPU builds have it but no kernel: the capability is probed by running it."""
+    from gopd_kernels import autograd
+
+    assert "dtype_out" in torch.ops.aten.addmm.overloads()  # the overload exists on this torch ...
+    cpu = torch.device("cpu")
+    assert autograd._probe_gemm_out_dtype(cpu, torch.bfloat16) == (False, False)  # ... but does not run here
+    assert autograd.gemm_out_dtype_support(cpu, torch.bfloat16) == (False, False)
+
+    def mm_fp32(a, b, out_dtype):
+        return a.float() @ b.float()
+
+    def addmm_fp32(acc, a, b, beta, out_dtype, out):
+        return out.copy_(beta * acc + a.float() @ b.float())
+
+    def addmm_torch_2_9(acc, a, b, beta, out_dtype, out):  # what torch 2.8 / 2.9 do
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    def addmm_rounds_to_bf16(acc, a, b, beta, out_dtype, out):  # a kernel that does not keep fp32
+        return out.copy_((beta * acc + a.float() @ b.float()).bfloat16().float() + 2 ** -9)
+
+    for addmm, want in ((addmm_fp32, True), (addmm_torch_2_9, False), (addmm_rounds_to_bf16, False)):
+        assert autograd._probe_gemm_out_dtype(cpu, torch.bfloat16, mm=mm_fp32, addmm=addmm) == (True, want)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL if b in ("torch", "triton", "cuda-emulated")])
+def test_out_of_range_targets_give_nan_and_read_nothing(use_backend, backend):
+    """On a GPU the targets are not range-checked on the host (that would synchronise every call,
+    issue 18.10): the backends that run there must not read out of bounds for such a target and give
+    that token NaN log-probs instead; the other tokens are unaffected."""
+    name, device = use_backend(backend)
+    zs, zt, zr, _ = make_problem(3, 50, seed=2, dtype=torch.float32, device=device)
+    y = torch.tensor([4, 50 + 10**6, -7], device=device)
+    module = backends.get(backends.resolve(name, torch.device(device)))
+    stats = module.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, -100).cpu()
+    assert stats[[3, 4, 5]][:, 1:].isnan().all(), stats
+    assert torch.isfinite(stats[:, 0]).all()
+    ok = torch_backend_rows(zs[:1], zt[:1], zr[:1], y[:1])
+    torch.testing.assert_close(stats[:, 0].double(), ok[:, 0].double(), rtol=1e-5, atol=1e-5)
+
+
+def torch_backend_rows(zs, zt, zr, y):
+    from gopd_kernels.backends import torch as torch_backend
+
+    return torch_backend.rows_forward(zs.cpu(), zt.cpu(), zr.cpu(), y.cpu(), 1.0, 1.0, 1.0, -100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core dH / dW path runs on a CUDA GPU")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_bf16_tensor_core_grads_match_the_reference(backend, reduction):
+    """bf16 heads on a GPU: logits from the GEMM's fp32 output, dH / dW from bf16 GEMMs accumulated in
+    fp32 (torch.addmm(..., out_dtype=float32) where gemm_out_dtype_support finds it runs), against the
+    reference on fp64 copies; the error must stay at bf16's level (the gradient is rounded to bf16 once)."""
+    from gopd_kernels.autograd import gemm_out_dtype_support
+
+    g = torch.Generator().manual_seed(41)
+    n, v, d = 300, 1031, 96
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(torch.bfloat16).cuda()  # noqa: E731
+    hs, ws, ht, wt, hr, wr = mk(n, d), mk(v, d, sc=0.3), mk(n, d), mk(v, d, sc=0.3), mk(n, d), mk(v, d, sc=0.3)
+    y = torch.randint(0, v, (n,), generator=g).cuda()
+    y[::7] = -100
+    params = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    out = gk.fused_linear_gopd_loss(*params, y, ht, wt, hr, wr, lam=1.25, mode="full", reduction=reduction,
+                                    backend=backend, chunk_size=128)
+    up = torch.linspace(-1, 2, n, device="cuda")
+    loss = (out.loss * up).sum() if reduction == "none" else out.loss
+    grads = torch.autograd.grad(loss, params)
+    ref_params = [p.detach().double().requires_grad_(True) for p in (hs, ws)]
+    ref = R.gopd_loss(ref_params[0] @ ref_params[1].T, y, ht.double() @ wt.double().T, hr.double() @ wr.double().T,
+                      lam=1.25, mode="full", reduction=reduction)
+    ref_loss = (ref.loss * up.double()).sum() if reduction == "none" else ref.loss
+    ref_grads = torch.autograd.grad(ref_loss, ref_params)
+    assert max_err(loss, ref_loss) <= 1e-3 * (1 + abs(float(ref_loss)))
+    for name, a, b in zip(("dh", "dW"), grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        assert max_err(a, b) <= 2e-2 * float(b.abs().max()), name
+    print("tensor-core path used:", gemm_out_dtype_support(torch.device("cuda"), torch.bfloat16))

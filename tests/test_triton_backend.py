@@ -79,7 +79,7 @@ def _check_against_oracle(zs, zt, zr, y, temps, lam, block_v, seed, factor=4.0):
     same_stats, same_grad = _run_torch(zs, zt, zr, y, temps, lam, g_lp.to(acc), g_loss.to(acc))
     stats, grad = _run_ours(zs, zt, zr, y, temps, lam, g_lp.to(acc), g_loss.to(acc), block_v)
 
-    assert stats.shape == (NSTATS, n) and stats.dtype == acc
+    assert stats.shape == (NSTATS, n) and stats.dtype == torch.float64  # fp64 statistics for every input
     assert grad.dtype == zs.dtype and grad.shape == zs.shape
     names = ["LSE_S", "LSE_T", "LSE_R", "LP_S", "LP_T", "LP_R", "E_S", "E_T", "E_R"]
     for k, name in enumerate(names):
@@ -230,20 +230,21 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from gopd_kernels.triton import rows as K
-common = {"V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_r": "i32", "params_ptr": "*fp32",
+common = {"V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_r": "i32", "params_ptr": "*fp64",
           "ignore_index": "i32", "HAS_T": "constexpr", "HAS_R": "constexpr", "ACC": "constexpr",
           "BLOCK_V": "constexpr"}
 for has_t, has_r in ((True, True), (False, False)):
-    const = {"HAS_T": has_t, "HAS_R": has_r, "ACC": tl.float32, "BLOCK_V": 4096}
-    fwd = dict(zs_ptr="*bf16", zt_ptr="*bf16", zr_ptr="*bf16", y_ptr="*i64", stats_ptr="*fp32",
+    fwd = dict(zs_ptr="*bf16", zt_ptr="*bf16", zr_ptr="*bf16", y_ptr="*i64", stats_ptr="*fp64",
                stride_stat="i32", **common)
-    bwd = dict(zs_ptr="*bf16", zt_ptr="*bf16", zr_ptr="*bf16", y_ptr="*i64", stats_ptr="*fp32",
-               glp_ptr="*fp32", gloss_ptr="*fp32", out_ptr="*bf16", stride_o="i32", stride_stat="i32", **common)
-    for kernel, sig in ((K._rows_forward_kernel, fwd), (K._rows_backward_kernel, bwd)):
+    bwd = dict(zs_ptr="*bf16", zt_ptr="*bf16", zr_ptr="*bf16", y_ptr="*i64", stats_ptr="*fp64",
+               glp_ptr="*fp64", gloss_ptr="*fp64", out_ptr="*bf16", stride_o="i32", stride_stat="i32", **common)
+    for kernel, sig, block in ((K._rows_forward_kernel, fwd, K._FWD_BLOCK), (K._rows_backward_kernel, bwd, K._BWD_BLOCK)):
+        const = {"HAS_T": has_t, "HAS_R": has_r, "ACC": tl.float32, "BLOCK_V": block}
         order = list(kernel.arg_names)
         sig = {name: sig[name] for name in order}
         k = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 8})
+                           options={"num_warps": K._forward_warps(block) if kernel is K._rows_forward_kernel
+                                    else K._block_and_warps(1 << 20, block)[1]})
         assert "ptx" in k.asm
 print("compiled")
 """
@@ -286,3 +287,22 @@ def test_fused_linear_with_triton_matches_the_reference(mode, lam):
         grads.append((loss.detach(),) + torch.autograd.grad(loss, (h, w)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_v", [16, 64])
+@pytest.mark.parametrize("who", ["teacher", "reference"])
+def test_a_minus_inf_expectation_survives_a_jump_of_the_student_max(block_v, who):
+    """A teacher (reference) -inf where the student has weight makes A_t (A_r) -inf; when the student's
+    running max later jumps by more than ~104, the old sums are scaled by exp(-huge) = 0, and
+    -inf * 0 must not become NaN: the old mass is now negligible, as in the torch backend (issue 18.2)."""
+    n, v = 2, 64
+    zs = torch.zeros(n, v)
+    zs[:, :32] = -200.0
+    zt, zr = torch.randn(n, v, generator=torch.Generator().manual_seed(4)), torch.zeros(n, v)
+    (zt if who == "teacher" else zr)[0, 3] = float("-inf")
+    y = torch.tensor([40, 50])
+    args = [z.to(DEVICE) for z in (zs, zt, zr)] + [y.to(DEVICE)]
+    ours = K.rows_forward(*args, 1.0, 1.0, 1.0, IGNORE, block_v=block_v).cpu()
+    want = torch_backend.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, IGNORE)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(ours.double(), want.double(), rtol=1e-5, atol=1e-5)

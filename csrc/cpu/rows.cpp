@@ -585,6 +585,14 @@ void backward_one_row(Isa isa, const scalar_t* zs, const scalar_t* zt, const sca
   if (c.use_t) loss -= c.lam * row[E_T];
   if (c.use_r) loss -= (1.0 - c.lam) * row[E_R];
   b.loss = static_cast<acc_t>(loss);
+  // A row whose gradient is undefined is NaN in every column (the non-finite rule of
+  // gopd_kernels.reference): non-finite upstream gradients, a non-finite L that g_loss reaches, or a
+  // student row that is not a distribution (lse_s not finite).
+  if (!std::isfinite(static_cast<double>(g_lp)) || !std::isfinite(static_cast<double>(g_loss)) ||
+      (g_loss != 0 && !std::isfinite(loss)) || !std::isfinite(row[LSE_S])) {
+    std::fill(out, out + v, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
 #if GOPD_HAVE_AVX2_PATH
   if (simd_backward<scalar_t, acc_t>(isa, zs, zt, zr, out, v, y, b, c.itt, c.itr)) return;  // rows_simd.h
   if (isa != Isa::kBaseline) {  // the generic kernel's AVX2 build (fp64)

@@ -83,7 +83,7 @@ at::Tensor rows_forward_cuda(const at::Tensor& zs, const c10::optional<at::Tenso
   TORCH_CHECK(ts > 0 && tt > 0 && tr > 0, "gopd cuda backend: temperatures must be > 0");
   const c10::cuda::CUDAGuard guard(zs.device());
   const int64_t n = zs.size(0), v = zs.size(1);
-  auto stats = at::empty({kNumStats, n}, zs.options().dtype(at::kFloat));
+  auto stats = at::empty({kNumStats, n}, zs.options().dtype(at::kDouble));
   if (n == 0) return stats;
   const at::Tensor y = targets.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(zs.device().index()).stream();
@@ -93,7 +93,7 @@ at::Tensor rows_forward_cuda(const at::Tensor& zs, const c10::optional<at::Tenso
     err = gopd::cuda::gopd_rows_forward_launch<T>(
         reinterpret_cast<const T*>(zs.data_ptr()), row_stride(zs), ptr_or_null<T>(zt), stride_or_zero<T>(zt),
         ptr_or_null<T>(zr), stride_or_zero<T>(zr), y.data_ptr<int64_t>(), n, v, static_cast<float>(ts),
-        static_cast<float>(tt), static_cast<float>(tr), ignore_index, stats.data_ptr<float>(), stream);
+        static_cast<float>(tt), static_cast<float>(tr), ignore_index, stats.data_ptr<double>(), stream);
   });
   TORCH_CHECK(err == cudaSuccess, "gopd cuda backend: rows_forward launch failed: ", cudaGetErrorString(err));
   return stats;
@@ -114,7 +114,7 @@ void rows_backward_cuda(const at::Tensor& zs, const c10::optional<at::Tensor>& z
               "gopd cuda backend: stats must be [", kNumStats, ", N] on ", zs.device());
   if (n == 0 || v == 0) return;
   const c10::cuda::CUDAGuard guard(zs.device());
-  const at::Tensor st = stats.to(at::kFloat).contiguous();
+  const at::Tensor st = stats.to(at::kDouble).contiguous();
   const at::Tensor glp = contiguous_f32(g_lp, zs, n, "g_lp");
   const at::Tensor gl = contiguous_f32(g_loss, zs, n, "g_loss");
   const at::Tensor y = targets.contiguous();
@@ -124,7 +124,7 @@ void rows_backward_cuda(const at::Tensor& zs, const c10::optional<at::Tensor>& z
     using T = decltype(tag);
     err = gopd::cuda::gopd_rows_backward_launch<T>(
         reinterpret_cast<const T*>(zs.data_ptr()), row_stride(zs), ptr_or_null<T>(zt), stride_or_zero<T>(zt),
-        ptr_or_null<T>(zr), stride_or_zero<T>(zr), y.data_ptr<int64_t>(), st.data_ptr<float>(),
+        ptr_or_null<T>(zr), stride_or_zero<T>(zr), y.data_ptr<int64_t>(), st.data_ptr<double>(),
         glp.data_ptr<float>(), gl.data_ptr<float>(), n, v, static_cast<float>(lam), static_cast<float>(ts),
         static_cast<float>(tt), static_cast<float>(tr), ignore_index, reinterpret_cast<T*>(out.data_ptr()),
         row_stride(out), stream);

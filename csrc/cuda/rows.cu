@@ -1,22 +1,31 @@
 // G-OPD row kernels for CUDA: one vocabulary pass per row for the forward statistics, one pass
 // per row for the student-logit gradient. See rows.cuh for the contract.
 //
-// Forward, per row, with a_k(v) = z_k(v) / T_k for the present models k (student s = 0 first):
+// Forward, per row, with a_k(v) = z_k(v) * (1 / T_k) for the present models k (student s = 0 first;
+// 1 / T_k is rounded to fp32 once, and the product is rounded on its own, never fused into an FMA, so
+// the forward and backward see the same a_k(v)):
 //   M_k  running max of a_k,  S_k = sum_v exp(a_k(v) - M_k)            -> lse_k = M_k + log S_k
 //   w(v) = exp(a_s(v) - M_s)  (the student's unnormalised weight)
-//   W_s  = sum_v w(v) (a_s(v) - M_s)                                    -> E_s = W_s / S_s + (M_s - lse_s)
+//   W_s  = sum_v w(v) (a_s(v) - M_s)                                    -> E_s = W_s / S_s - log S_s
 //   W_k  = sum_v w(v) (a_k(v) - R_k),  R_k = a_k at the student's running argmax
-//        -> E_k = sum_v p_s(v) log p_k(v) = W_k / S_s + (R_k - lse_k).
+//        -> E_k = sum_v p_s(v) log p_k(v) = W_k / S_s + (R_k - M_k) - log S_k.
 // Keeping every W relative to the student's argmax column (instead of summing p_s * a_k and
 // subtracting lse at the end) avoids cancelling two ~1e4 numbers for large logits, and when p_s is
-// (numerically) one-hot, W_k is exactly 0, so E_k is exactly log p_k(argmax) as torch rounds it and
-// the backward's c(v) - L cancels exactly there. When the student's max grows from M to M' the sums
+// (numerically) one-hot, W_k is exactly 0. When the student's max grows from M to M' the sums
 // scale by f = exp(M - M'); W_s gains S_s (M - M') and W_k gains S_s (R_k - R_k') before scaling.
 // A model's own max only rescales its S_k. The same rescale merges the partial states of two threads
-// (warp shuffles, then shared memory).
+// (warp shuffles, then shared memory). The final combination is in fp64 and the statistics are fp64:
+// an fp32 lse of magnitude ~1e4 is only good to ~5e-4, and every log-probability the backward
+// recomputes from it would carry that error. The backward splits each lse into hi + lo floats and
+// computes log p_k(v) = (a_k(v) - hi) - lo.
 //
 // -inf columns: a column with a_s = -inf has p_s = 0 and contributes nothing to any W (never
 // 0 * -inf); a model whose column is -inf where p_s > 0 gets W = -inf (its E is -inf, as in torch).
+// NaN: a NaN logit never becomes a running max (x > m is false), so it sits in a partial state whose
+// max may later jump by so much that exp(M - M') = 0; that emptying keeps NaN (never drops it). A +inf
+// logit makes its model's statistics NaN (inf - inf), as does a row that is -inf everywhere.
+// A row whose gradient is undefined (non-finite upstream gradients, a non-finite L with g_loss != 0,
+// or a non-finite lse_s) gets NaN in every column: the non-finite rule of gopd_kernels.reference.
 #include "rows.cuh"
 
 #include <cmath>
@@ -59,18 +68,37 @@ struct VecWidth {
   static constexpr int value = 16 / static_cast<int>(sizeof(T));
 };
 
-// Load VEC consecutive elements (16 bytes, 16-byte aligned) as floats.
+// 16 bytes of one model's row (VEC elements).
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&x)[VecWidth<T>::value]) {
-  constexpr int VEC = VecWidth<T>::value;
-  union {
-    uint4 raw;
-    T elem[VEC];
-  } u;
-  u.raw = __ldg(reinterpret_cast<const uint4*>(p));
+union Vec16 {
+  uint4 raw;
+  T elem[VecWidth<T>::value];
+};
+
+// Load VEC consecutive elements: one 16-byte load where the model's rows are 16-byte aligned, else
+// VEC scalar loads (decided per model: one misaligned model does not slow the others down).
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, bool aligned, Vec16<T>& u) {
+  if (aligned) {
+    u.raw = __ldg(reinterpret_cast<const uint4*>(p));
+  } else {
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) x[j] = to_float(u.elem[j]);
+    for (int j = 0; j < VecWidth<T>::value; ++j) u.elem[j] = p[j];
+  }
 }
+
+// x * inv_t rounded on its own: on the device never contracted into an FMA with a later subtraction,
+// so every kernel (and the host emulation) sees the same scaled logit.
+GOPD_HD float scale(float x, float inv_t) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(x, inv_t);
+#else
+  return x * inv_t;
+#endif
+}
+
+GOPD_HD bool finite(float x) { return fabsf(x) <= 3.402823466e38f; }   // false for +-inf and NaN
+GOPD_HD bool finite(double x) { return fabs(x) <= 1.7976931348623157e308; }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&x)[VecWidth<T>::value]) {
@@ -111,10 +139,13 @@ struct RowState {
   // about to be) is not shifted; this keeps inf - inf out.
   GOPD_HD void rescale_student(float mn0, const float (&refn)[NM]) {
     const float f = (mn0 == m[0]) ? 1.f : ((m[0] == -INFINITY) ? 0.f : expf(m[0] - mn0));
-    if (f == 0.f) {  // nothing (or only underflowing mass) so far: the state is empty
-      s[0] = 0.f;
+    if (f == 0.f) {  // nothing (or only underflowing mass) so far: the state is empty ...
+      // ... except for a NaN, which must survive (a NaN never becomes the running max, so it is
+      // usually in a state whose max is about to move; 0 * NaN would keep it, but 0 * -inf must not
+      // make one, hence the selects).
+      s[0] = s[0] != s[0] ? s[0] : 0.f;
 #pragma unroll
-      for (int k = 0; k < NM; ++k) w[k] = 0.f;
+      for (int k = 0; k < NM; ++k) w[k] = w[k] != w[k] ? w[k] : 0.f;
     } else {
       if (mn0 != m[0]) w[0] = f * (w[0] + s[0] * (m[0] - mn0));
 #pragma unroll
@@ -217,31 +248,30 @@ struct RowState {
   }
 };
 
-// Final statistics of one row from its reduced state; zy[k] = a_k(target). Absent models get 0.
+// Final statistics of one row from its reduced state, in fp64; zy[k] = a_k(target). Absent models get 0.
 template <int NM>
-GOPD_HD void write_row_stats(const RowState<NM>& st, const float (&zy)[NM], const int (&ids)[NM], float* stats,
+GOPD_HD void write_row_stats(const RowState<NM>& st, const float (&zy)[NM], const int (&ids)[NM], double* stats,
                              int64_t n, int64_t row) {
   unsigned present = 0;
 #pragma unroll
   for (int k = 0; k < NM; ++k) {
     const int id = ids[k];
     present |= 1u << id;
-    const float log_sk = logf(st.s[k]);
-    const float lse = st.m[k] + log_sk;
-    stats[static_cast<int64_t>(kLse + id) * n + row] = lse;
-    stats[static_cast<int64_t>(kLp + id) * n + row] = zy[k] - lse;
-    // E_k = w_k / S_s + (R_k - lse_k) with R_s = M_s and lse_k as stored (rounded to fp32): the
-    // backward's log p_k(v) = a_k(v) - lse_k then carries the same rounding of lse_k, which cancels
-    // in c(v) - L as it does in torch; when p_s is one-hot, E_k is exactly log p_k(argmax).
-    const float r = k == 0 ? st.m[0] : st.ref[k];
-    stats[static_cast<int64_t>(kE + id) * n + row] = st.w[k] / st.s[0] + (r - lse);
+    const double log_sk = log(static_cast<double>(st.s[k]));
+    const double m = st.m[k];
+    stats[static_cast<int64_t>(kLse + id) * n + row] = m + log_sk;
+    stats[static_cast<int64_t>(kLp + id) * n + row] = (static_cast<double>(zy[k]) - m) - log_sk;
+    // E_k = w_k / S_s + (R_k - M_k) - log S_k with R_s = M_s (R_k - M_k exact in fp64).
+    const double r = k == 0 ? st.m[0] : st.ref[k];
+    stats[static_cast<int64_t>(kE + id) * n + row] =
+        static_cast<double>(st.w[k]) / static_cast<double>(st.s[0]) + (r - m) - log_sk;
   }
 #pragma unroll
   for (int id = 1; id < 3; ++id) {
     if (!(present & (1u << id))) {
-      stats[static_cast<int64_t>(kLse + id) * n + row] = 0.f;
-      stats[static_cast<int64_t>(kLp + id) * n + row] = 0.f;
-      stats[static_cast<int64_t>(kE + id) * n + row] = 0.f;
+      stats[static_cast<int64_t>(kLse + id) * n + row] = 0.0;
+      stats[static_cast<int64_t>(kLp + id) * n + row] = 0.0;
+      stats[static_cast<int64_t>(kE + id) * n + row] = 0.0;
     }
   }
 }
@@ -251,14 +281,27 @@ template <typename T, int NM>
 struct Models {
   const T* z[NM];
   int64_t stride[NM];
-  float temp[NM];
+  float inv_temp[NM];  // 1 / T_k, rounded to fp32 once
   int id[NM];
 };
+
+// The present models' scaled columns of 16-byte chunks u[k] into the online state.
+template <typename T, int NM>
+__device__ __forceinline__ void update_chunk(RowState<NM>& st, const Vec16<T> (&u)[NM], const float (&inv)[NM]) {
+  constexpr int VEC = VecWidth<T>::value;
+  float x[NM][VEC];
+#pragma unroll
+  for (int k = 0; k < NM; ++k) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) x[k][j] = scale(to_float(u[k].elem[j]), inv[k]);
+  }
+  st.template update<VEC>(x);
+}
 
 template <typename T, int NM>
 __global__ void __launch_bounds__(kThreads)
     rows_forward_kernel(Models<T, NM> mod, const int64_t* __restrict__ targets, int64_t n, int64_t v,
-                        int64_t ignore_index, float* __restrict__ stats, bool vec, bool warp_per_row) {
+                        int64_t ignore_index, double* __restrict__ stats, unsigned vec_mask, bool warp_per_row) {
   constexpr int VEC = VecWidth<T>::value;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -270,35 +313,49 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t y = targets[row];
 
   if (y == ignore_index) {  // masked row: zero stats, no vocabulary pass
-    if (tid < kNumStats) stats[static_cast<int64_t>(tid) * n + row] = 0.f;
+    if (tid < kNumStats) stats[static_cast<int64_t>(tid) * n + row] = 0.0;
     return;  // uniform over the block (block mode) or the warp (warp mode)
   }
 
   const T* zrow[NM];
+  float inv[NM];
+  bool aligned[NM];
 #pragma unroll
-  for (int k = 0; k < NM; ++k) zrow[k] = mod.z[k] + row * mod.stride[k];
+  for (int k = 0; k < NM; ++k) {
+    zrow[k] = mod.z[k] + row * mod.stride[k];
+    inv[k] = mod.inv_temp[k];
+    aligned[k] = (vec_mask >> k) & 1u;
+  }
 
   RowState<NM> st;
   st.init();
   int64_t col0 = 0;
-  if (vec) {
+  if (vec_mask != 0) {  // 16-byte chunks (vector loads for the aligned models)
     const int64_t nvec = v / VEC;
-    for (int64_t c = tid; c < nvec; c += nthreads) {
-      float x[NM][VEC];
+    int64_t c = tid;
+    // Two chunks per iteration, every load issued before either chunk is processed. The chunks are
+    // processed in the same order as one at a time (c, then c + nthreads).
+    for (; c + nthreads < nvec; c += 2 * static_cast<int64_t>(nthreads)) {
+      Vec16<T> u0[NM], u1[NM];
 #pragma unroll
-      for (int k = 0; k < NM; ++k) {
-        load_vec<T>(zrow[k] + c * VEC, x[k]);
+      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u0[k]);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) x[k][j] = x[k][j] / mod.temp[k];
-      }
-      st.template update<VEC>(x);
+      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + (c + nthreads) * VEC, aligned[k], u1[k]);
+      update_chunk<T, NM>(st, u0, inv);
+      update_chunk<T, NM>(st, u1, inv);
+    }
+    if (c < nvec) {
+      Vec16<T> u0[NM];
+#pragma unroll
+      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u0[k]);
+      update_chunk<T, NM>(st, u0, inv);
     }
     col0 = nvec * VEC;
   }
-  for (int64_t c = col0 + tid; c < v; c += nthreads) {  // scalar path, or the vector path's tail
+  for (int64_t c = col0 + tid; c < v; c += nthreads) {  // scalar path, or the chunked path's tail
     float x[NM][1];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) x[k][0] = to_float(zrow[k][c]) / mod.temp[k];
+    for (int k = 0; k < NM; ++k) x[k][0] = scale(to_float(zrow[k][c]), inv[k]);
     st.template update<1>(x);
   }
 
@@ -334,7 +391,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool y_ok = y >= 0 && y < v;  // out-of-range targets are the caller's error: give NaN, not a stray read
   float zy[NM];
 #pragma unroll
-  for (int k = 0; k < NM; ++k) zy[k] = y_ok ? to_float(zrow[k][y]) / mod.temp[k] : NAN;
+  for (int k = 0; k < NM; ++k) zy[k] = y_ok ? scale(to_float(zrow[k][y]), inv[k]) : NAN;
   write_row_stats<NM>(st, zy, mod.id, stats, n, row);
 }
 
@@ -342,61 +399,76 @@ __global__ void __launch_bounds__(kThreads)
 // teacher, 1 - lam for the reference; a zero coefficient drops the term (even if its log is -inf).
 template <int NM>
 struct RowConst {
-  float lse[NM];
+  float hi, lo;            // lse_s = hi + lo (lo = 0 where lse_s is +-inf; NaN stays NaN)
+  float khi[NM], klo[NM];  // K_k = lse_k + E_k, so that log p_k(v) - E_k = a_k(v) - K_k
   float coef[NM];
-  float loss;   // L = E_S - lam E_T - (1 - lam) E_R
   float g_lp;
   float g_loss;
-  float ts;
+  float inv_ts;
+  bool bad;                // the row's gradient is undefined: NaN in every column
 };
 
+GOPD_HD void split_f64(double x, float& hi, float& lo) {
+  hi = static_cast<float>(x);
+  lo = static_cast<double>(hi) == x ? 0.f : static_cast<float>(x - static_cast<double>(hi));
+}
+
+// c(v) - L = sum_k coef_k (log p_k(v) - E_k) (teacher and reference with a minus sign), and
+// log p_k(v) - E_k = a_k(v) - (lse_k + E_k): with K_k = lse_k + E_k split into two floats, no term of the
+// backward is a difference of two large numbers rounded to fp32. (When p_s is one-hot, K_k is a_k at
+// the argmax to fp64 precision, so c - L vanishes there as it should; an fp32 L would cancel two
+// numbers of the size of log p_t at the argmax.)
 template <int NM>
-GOPD_HD RowConst<NM> make_row_const(const int (&ids)[NM], const float* stats, const float* g_lp,
-                                    const float* g_loss, int64_t n, int64_t row, float lam, float ts) {
+GOPD_HD RowConst<NM> make_row_const(const int (&ids)[NM], const double* stats, const float* g_lp,
+                                    const float* g_loss, int64_t n, int64_t row, float lam, float inv_ts) {
   RowConst<NM> rc;
-  const float* e = stats + static_cast<int64_t>(kE) * n;
-  rc.loss = 0.f;
+  const double lse_s = stats[static_cast<int64_t>(kLse) * n + row];
+  split_f64(lse_s, rc.hi, rc.lo);
+  double loss = 0.0;  // L, only for the rule on undefined rows
 #pragma unroll
   for (int k = 0; k < NM; ++k) {
     const int id = ids[k];
-    rc.lse[k] = stats[static_cast<int64_t>(kLse + id) * n + row];
+    const double e = stats[static_cast<int64_t>(kE + id) * n + row];
+    split_f64(stats[static_cast<int64_t>(kLse + id) * n + row] + e, rc.khi[k], rc.klo[k]);
     rc.coef[k] = id == 0 ? 1.f : (id == 1 ? lam : 1.f - lam);
-    if (rc.coef[k] != 0.f) rc.loss += rc.coef[k] * (id == 0 ? 1.f : -1.f) * e[static_cast<int64_t>(id) * n + row];
+    if (rc.coef[k] != 0.f) loss += (id == 0 ? 1.0 : -static_cast<double>(rc.coef[k])) * e;
   }
   rc.g_lp = g_lp[row];
   rc.g_loss = g_loss[row];
-  rc.ts = ts;
+  rc.inv_ts = inv_ts;
+  rc.bad = !finite(rc.g_lp) || !finite(rc.g_loss) || (rc.g_loss != 0.f && !finite(loss)) || !finite(lse_s);
   return rc;
 }
 
 template <int NM>
 GOPD_HD float column_grad(const RowConst<NM>& rc, const float (&a)[NM], bool is_target) {
-  const float logp_s = a[0] - rc.lse[0];
-  const float p = expf(logp_s);
+  if (rc.bad) return NAN;  // uniform per row
+  const float p = expf((a[0] - rc.hi) - rc.lo);
   float g = rc.g_lp * ((is_target ? 1.f : 0.f) - p);
   if (rc.g_loss != 0.f && p != 0.f) {  // NaN p: NaN gradient, as in torch
-    float c = logp_s;
+    float d = (a[0] - rc.khi[0]) - rc.klo[0];
 #pragma unroll
     for (int k = 1; k < NM; ++k) {
-      if (rc.coef[k] != 0.f) c -= rc.coef[k] * (a[k] - rc.lse[k]);
+      if (rc.coef[k] != 0.f) d -= rc.coef[k] * ((a[k] - rc.khi[k]) - rc.klo[k]);
     }
-    g += rc.g_loss * (p * (c - rc.loss));
+    g += rc.g_loss * (p * d);
   }
-  return g / rc.ts;
+  return g * rc.inv_ts;
 }
 
 // grid.x = rows, grid.y = column tiles. Each thread reads column c of every model, then writes
-// out(c): out may alias zs because no other thread touches that column.
+// out(c): out may alias zs because no other thread touches that column. vec_mask bit 0: zs and out
+// are 16-byte aligned (the chunked path); bit k >= 1: model k's rows are (vector loads).
 template <typename T, int NM>
 __global__ void __launch_bounds__(kThreads)
-    rows_backward_kernel(Models<T, NM> mod, const int64_t* __restrict__ targets, const float* __restrict__ stats,
+    rows_backward_kernel(Models<T, NM> mod, const int64_t* __restrict__ targets, const double* __restrict__ stats,
                          const float* __restrict__ g_lp, const float* __restrict__ g_loss, int64_t n, int64_t v,
-                         float lam, int64_t ignore_index, T* out, int64_t out_stride, bool vec) {
+                         float lam, int64_t ignore_index, T* out, int64_t out_stride, unsigned vec_mask) {
   constexpr int VEC = VecWidth<T>::value;
   const int64_t row = blockIdx.x;
   const int64_t y = targets[row];
   T* orow = out + row * out_stride;
-  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads;  // in columns (scalar) or vectors
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kThreads;  // in columns (scalar) or chunks
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
 
   if (y == ignore_index) {
@@ -405,25 +477,31 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  const RowConst<NM> rc = make_row_const<NM>(mod.id, stats, g_lp, g_loss, n, row, lam, mod.temp[0]);
+  const RowConst<NM> rc = make_row_const<NM>(mod.id, stats, g_lp, g_loss, n, row, lam, mod.inv_temp[0]);
 
   const T* zrow[NM];
+  float inv[NM];
+  bool aligned[NM];
 #pragma unroll
-  for (int k = 0; k < NM; ++k) zrow[k] = mod.z[k] + row * mod.stride[k];
+  for (int k = 0; k < NM; ++k) {
+    zrow[k] = mod.z[k] + row * mod.stride[k];
+    inv[k] = mod.inv_temp[k];
+    aligned[k] = (vec_mask >> k) & 1u;
+  }
 
   int64_t col0 = 0;
-  if (vec) {
+  if (vec_mask & 1u) {
     const int64_t nvec = v / VEC;
     for (int64_t c = first; c < nvec; c += step) {
-      float x[NM][VEC];
+      Vec16<T> u[NM];
 #pragma unroll
-      for (int k = 0; k < NM; ++k) load_vec<T>(zrow[k] + c * VEC, x[k]);
+      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u[k]);
       float g[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float a[NM];
 #pragma unroll
-        for (int k = 0; k < NM; ++k) a[k] = x[k][j] / mod.temp[k];
+        for (int k = 0; k < NM; ++k) a[k] = scale(to_float(u[k].elem[j]), inv[k]);
         g[j] = column_grad<NM>(rc, a, c * VEC + j == y);
       }
       store_vec<T>(orow + c * VEC, g);
@@ -433,7 +511,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = col0 + first; c < v; c += step) {
     float a[NM];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) a[k] = to_float(zrow[k][c]) / mod.temp[k];
+    for (int k = 0; k < NM; ++k) a[k] = scale(to_float(zrow[k][c]), inv[k]);
     orow[c] = from_float<T>(column_grad<NM>(rc, a, c == y));
   }
 }
@@ -467,7 +545,7 @@ cudaError_t with_models(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_
     for (int k = 0; k < count; ++k) {
       m.z[k] = p_[k];
       m.stride[k] = s_[k];
-      m.temp[k] = t_[k];
+      m.inv_temp[k] = static_cast<float>(1.0 / static_cast<double>(t_[k]));
       m.id[k] = id_[k];
     }
   };
@@ -492,24 +570,39 @@ cudaError_t with_models(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_
   }
 }
 
+
+// Bit k: model k (in the present models' order, student first) has 16-byte aligned rows.
+template <typename T>
+unsigned aligned_mask(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_stride, const T* zr, int64_t zr_stride) {
+  unsigned mask = 0;
+  int k = 0;
+  const T* ptr[3] = {zs, zt, zr};
+  const int64_t stride[3] = {zs_stride, zt_stride, zr_stride};
+  for (int id = 0; id < 3; ++id) {
+    if (ptr[id] == nullptr) continue;
+    if (aligned16(ptr[id], stride[id])) mask |= 1u << k;
+    ++k;
+  }
+  return mask;
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t gopd_rows_forward_launch(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_stride,
                                      const T* zr, int64_t zr_stride, const int64_t* targets, int64_t n,
                                      int64_t v, float ts, float tt, float tr, int64_t ignore_index,
-                                     float* stats, cudaStream_t stream) {
+                                     double* stats, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (zs == nullptr) return cudaErrorInvalidValue;
-  const bool vec = aligned16(zs, zs_stride) && (zt == nullptr || aligned16(zt, zt_stride)) &&
-                   (zr == nullptr || aligned16(zr, zr_stride));
+  const unsigned vec_mask = aligned_mask(zs, zs_stride, zt, zt_stride, zr, zr_stride);
   const bool warp_per_row = v <= kWarpRowMaxV;
   const int64_t blocks = warp_per_row ? (n + kWarpsPerBlock - 1) / kWarpsPerBlock : n;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   return with_models(zs, zs_stride, zt, zt_stride, zr, zr_stride, ts, tt, tr, [&](auto m) {
     constexpr int NM = sizeof(m.id) / sizeof(m.id[0]);
     rows_forward_kernel<T, NM><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        m, targets, n, v, ignore_index, stats, vec, warp_per_row);
+        m, targets, n, v, ignore_index, stats, vec_mask, warp_per_row);
     return cudaGetLastError();
   });
 }
@@ -517,7 +610,7 @@ cudaError_t gopd_rows_forward_launch(const T* zs, int64_t zs_stride, const T* zt
 template <typename T>
 cudaError_t gopd_rows_backward_launch(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_stride,
                                       const T* zr, int64_t zr_stride, const int64_t* targets,
-                                      const float* stats, const float* g_lp, const float* g_loss,
+                                      const double* stats, const float* g_lp, const float* g_loss,
                                       int64_t n, int64_t v, float lam, float ts, float tt, float tr,
                                       int64_t ignore_index, T* out, int64_t out_stride,
                                       cudaStream_t stream) {
@@ -525,8 +618,10 @@ cudaError_t gopd_rows_backward_launch(const T* zs, int64_t zs_stride, const T* z
   if (zs == nullptr || out == nullptr) return cudaErrorInvalidValue;
   if (n > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   constexpr int VEC = VecWidth<T>::value;
-  const bool vec = aligned16(zs, zs_stride) && aligned16(static_cast<const T*>(out), out_stride) &&
-                   (zt == nullptr || aligned16(zt, zt_stride)) && (zr == nullptr || aligned16(zr, zr_stride));
+  // Bit 0 (the chunked path) needs zs and out aligned; the other models then load per their own bit.
+  unsigned vec_mask = aligned_mask(zs, zs_stride, zt, zt_stride, zr, zr_stride);
+  if (!aligned16(static_cast<const T*>(out), out_stride)) vec_mask &= ~1u;
+  const bool vec = vec_mask & 1u;
   // Enough column tiles per row that each thread does ~kBwdItersPerThread vector iterations.
   const int64_t per_tile = static_cast<int64_t>(kThreads) * (vec ? VEC : 1) * kBwdItersPerThread;
   int64_t tiles = (v + per_tile - 1) / per_tile;
@@ -535,7 +630,7 @@ cudaError_t gopd_rows_backward_launch(const T* zs, int64_t zs_stride, const T* z
   return with_models(zs, zs_stride, zt, zt_stride, zr, zr_stride, ts, tt, tr, [&](auto m) {
     constexpr int NM = sizeof(m.id) / sizeof(m.id[0]);
     rows_backward_kernel<T, NM><<<grid, kThreads, 0, stream>>>(m, targets, stats, g_lp, g_loss, n, v, lam,
-                                                               ignore_index, out, out_stride, vec);
+                                                               ignore_index, out, out_stride, vec_mask);
     return cudaGetLastError();
   });
 }
@@ -543,9 +638,9 @@ cudaError_t gopd_rows_backward_launch(const T* zs, int64_t zs_stride, const T* z
 #define GOPD_INSTANTIATE(T)                                                                                  \
   template cudaError_t gopd_rows_forward_launch<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, \
                                                    const int64_t*, int64_t, int64_t, float, float, float,   \
-                                                   int64_t, float*, cudaStream_t);                          \
+                                                   int64_t, double*, cudaStream_t);                         \
   template cudaError_t gopd_rows_backward_launch<T>(                                                        \
-      const T*, int64_t, const T*, int64_t, const T*, int64_t, const int64_t*, const float*, const float*,  \
+      const T*, int64_t, const T*, int64_t, const T*, int64_t, const int64_t*, const double*, const float*, \
       const float*, int64_t, int64_t, float, float, float, float, int64_t, T*, int64_t, cudaStream_t);
 
 GOPD_INSTANTIATE(float)

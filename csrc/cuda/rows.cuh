@@ -7,14 +7,16 @@
 //   zs, zt, zr : [n, v] logits of student / teacher / reference, element type T, stride(-1) == 1,
 //                row strides given separately (in elements). zt and/or zr may be nullptr.
 //   targets    : [n] int64, each in [0, v) or == ignore_index.
-//   ts, tt, tr : temperatures (> 0); log p_m = z_m / T_m - lse_m, computed in fp32.
-//   stats      : [9, n] fp32, contiguous, rows
+//   ts, tt, tr : temperatures (> 0); log p_m = z_m * (1 / T_m) - lse_m, computed in fp32.
+//   stats      : [9, n] fp64, contiguous (fp64 so that lse_m keeps its low bits at |z / T| ~ 1e4), rows
 //                LSE_S LSE_T LSE_R LP_S LP_T LP_R E_S E_T E_R
 //                with E_S = sum_v p_s log p_s, E_T = sum_v p_s log p_t, E_R = sum_v p_s log p_r.
 //   Backward writes, for each valid row i and column v,
 //       out(v) = ( g_loss_i * p(v) * (c(v) - L_i) + g_lp_i * ([v == y_i] - p(v)) ) / ts
 //   with p = p_s, c = log p_s - lam log p_t - (1 - lam) log p_r, L = E_S - lam E_T - (1 - lam) E_R;
-//   out may alias zs (same pointer and stride). Masked rows get zeros in stats / out.
+//   out may alias zs (same pointer and stride). Masked rows get zeros in stats / out. A row whose
+//   gradient is undefined (g_lp or g_loss not finite, L not finite with g_loss != 0, or lse_s not
+//   finite) gets NaN in every column.
 #pragma once
 
 #include <cstdint>
@@ -33,12 +35,12 @@ template <typename T>
 cudaError_t gopd_rows_forward_launch(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_stride,
                                      const T* zr, int64_t zr_stride, const int64_t* targets, int64_t n,
                                      int64_t v, float ts, float tt, float tr, int64_t ignore_index,
-                                     float* stats, cudaStream_t stream);
+                                     double* stats, cudaStream_t stream);
 
 template <typename T>
 cudaError_t gopd_rows_backward_launch(const T* zs, int64_t zs_stride, const T* zt, int64_t zt_stride,
                                       const T* zr, int64_t zr_stride, const int64_t* targets,
-                                      const float* stats, const float* g_lp, const float* g_loss,
+                                      const double* stats, const float* g_lp, const float* g_loss,
                                       int64_t n, int64_t v, float lam, float ts, float tt, float tr,
                                       int64_t ignore_index, T* out, int64_t out_stride,
                                       cudaStream_t stream);

@@ -13,20 +13,25 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     zs: [N, V] student logits; zt, zr: [N, V] teacher / reference logits or None. Each has
     stride(-1) == 1 (any row stride: the API may pass a column-slice of a padded vocabulary).
     All three share one dtype (fp16, bf16, fp32, or fp64 where supported). targets: [N] int64,
-    each in [0, V) or == ignore_index. ts, tt, tr: temperatures (python floats > 0).
-    Returns stats: [NSTATS, N], rows named below: float64 if zs is float64, else float32 or float64
-    (a backend may keep its statistics in fp64 for any input: an fp32 lse_m of magnitude |z / T|
-    loses the low bits of every log-probability recomputed from it; the CPU backend does this).
+    each in [0, V) or == ignore_index (the API range-checks them on the host for CPU tensors only; on a
+    GPU an out-of-range target must read nothing and give that row NaN log-probabilities).
+    ts, tt, tr: temperatures (python floats > 0).
+    Returns stats: [NSTATS, N], rows named below: float64 if zs is float64, else float32 or float64.
+    Every backend here returns fp64 for every input: an fp32 lse_m of magnitude |z / T| ~ 1e4 is
+    only good to ~5e-4, and every log-probability the backward recomputes from it would carry that
+    error (tests/test_backends.py, test_gradient_error_does_not_grow_with_a_logit_offset).
     rows_backward receives the stats its own rows_forward returned.
     With log p_m = z_m / T_m - lse_m (computed in fp32 or better, never in the input dtype):
         LSE_S/T/R  lse_m = logsumexp(z_m / T_m)
         LP_S/T/R   log p_m(target)
         E_S        sum_v p_s(v) log p_s(v)        (= -entropy of the student)
         E_T, E_R   sum_v p_s(v) log p_t(v), sum_v p_s(v) log p_r(v)
-    Conventions: a column where p_s(v) == 0 (z_s = -inf) contributes 0 to E_* (never 0 * -inf), but a
-    NaN logit makes its row's stats NaN (the masks test p != 0, not p > 0, so NaN is never dropped);
-    a masked row (target == ignore_index) gets 0 in every stat and costs no vocabulary pass;
-    the stats of a model that is None are 0.
+    Conventions (the non-finite rule of gopd_kernels.reference, at row level): a column where
+    p_s(v) == 0 (z_s = -inf) contributes 0 to E_* (never 0 * -inf); a model that is -inf where
+    p_s > 0 has E = -inf; a NaN or +inf logit, or a row that is -inf everywhere, makes that model's
+    log-probabilities (LP, E; with the student, every E) NaN -- the masks test p != 0, not p > 0, so
+    NaN is never dropped; a masked row (target == ignore_index) gets 0 in every stat and costs no
+    vocabulary pass; the stats of a model that is None are 0.
 
 ``rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out) -> out``
     Writes the gradient w.r.t. zs into ``out`` ([N, V], dtype of zs; ``out`` may BE zs, for an
@@ -41,7 +46,8 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     vocab-parallel path (gopd_kernels/vocab_parallel.py) is written so that either gives its gradient.
     A term whose coefficient is 0 (lam, 1 - lam, g_loss_i, or p(v)) is 0 even when the log is
     -inf; a model that is None drops its term (zr None happens only with lam == 1). Masked rows
-    get out = 0. A backend may write an entry whose magnitude is below 2^-100 (~7.9e-31; for fp64
+    get out = 0. A valid row whose gradient is undefined gets NaN in every column: when g_lp_i or
+    g_loss_i is not finite, when L_i is not finite and g_loss_i != 0, or when lse_s is not finite. A backend may write an entry whose magnitude is below 2^-100 (~7.9e-31; for fp64
     input, the smallest normal double) as 0; the CPU backend does, because such entries put
     subnormals into the dH / dW GEMMs, which x86 runs many-fold slower (csrc/cpu/rows.cpp,
     zero_if_tiny).

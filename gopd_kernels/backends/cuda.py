@@ -4,10 +4,11 @@
 
 Forward: one vocabulary pass per row (a block per row, a warp per row for V <= 2048): online
 logsumexp of z_m / T_m for student / teacher / reference together with the online expectations
-E_S, E_T, E_R under p_s, 16-byte vector loads where rows are aligned, fp32 math. Backward: one pass
-per row writing d/dz_s, may be in place (``out is zs``). Supports float32, bfloat16 and float16
-logits on CUDA tensors (float64: use the ``torch`` or ``cpu`` backend). See ``gopd_kernels.backends``
-for the contract (stats layout [9, N] fp32, -inf columns, masked rows).
+E_S, E_T, E_R under p_s, 16-byte vector loads for the models whose rows are aligned, fp32 math with
+the per-row statistics combined and stored in fp64. Backward: one pass per row writing d/dz_s, may be
+in place (``out is zs``). Supports float32, bfloat16 and float16 logits on CUDA tensors (float64: use
+the ``torch`` or ``cpu`` backend). See ``gopd_kernels.backends`` for the contract (stats layout [9, N]
+fp64, -inf columns, masked rows, undefined rows).
 """
 
 from __future__ import annotations
