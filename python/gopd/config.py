@@ -65,6 +65,8 @@ class Config:
     eval_every: int = 0               # 0: only before and after training
     eval_at_start: bool = True        # evaluate the student (and teachers) before the first step
     eval_max_new_tokens: int = 16
+    verifier: str = "lenient"         # lenient: last number / \boxed{} anywhere; strict: the response is
+                                      # just the answer (gopd.eval)
     n_eval_kl: int = 0                # > 0: at each evaluation, KL(student || teacher) on this many held-out
                                       # questions per domain (gopd.metrics; one sampled response each)
     eval_teachers: bool = True
@@ -127,6 +129,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mode must be 'sampled' or 'full', got {cfg.mode!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):
         raise ConfigError(f"teacher_context must be none | solution | examples, got {cfg.teacher_context!r}")
+    if cfg.verifier not in ("lenient", "strict"):
+        raise ConfigError(f"verifier must be 'lenient' or 'strict', got {cfg.verifier!r}")
     if not isinstance(cfg.n_eval_kl, int) or cfg.n_eval_kl < 0:
         raise ConfigError(f"n_eval_kl must be an int >= 0, got {cfg.n_eval_kl!r}")
     for name in ("steps", "batch_size", "micro_batch_size", "updates_per_batch", "max_new_tokens",

@@ -67,10 +67,10 @@ class Trainer:
 
         self.train_set = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits,
                                        ops=cfg.synthetic_ops, seed=cfg.seed)
-        # Synthetic eval questions are held out: none of them is a training question.
+        # Synthetic eval questions are held out (none is a training question) and distinct.
         self.eval_set = data_mod.load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits,
                                       ops=cfg.synthetic_ops, seed=cfg.seed + 1,
-                                      exclude={ex.user_text() for ex in self.train_set})
+                                      exclude={ex.user_text() for ex in self.train_set}, distinct=True)
         if not self.train_set:
             raise data_mod.DataError("the training set is empty")
         if any(ex.answer is None for ex in self.eval_set):
@@ -298,18 +298,21 @@ class Trainer:
         self._sync_engine()
         return evaluate(self.student, self.codec, self.engine, self.eval_set,
                         max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
-                        desc="eval student")
+                        verifier=self.cfg.verifier, desc="eval student")
 
     def eval_domains(self) -> List[str]:
         return sorted({ex.domain for ex in self.eval_set})
 
     def accuracy_by_domain(self) -> Dict[str, float]:
-        """pass@1 of the student on each domain's held-out questions."""
+        """pass@1 of the student on each domain's held-out questions. The per-question outcomes are kept
+        in self.last_outcomes (domain -> list of bools, in eval-set order) for paired comparisons."""
         self._sync_engine()
+        self.last_outcomes = {dom: [] for dom in self.eval_domains()}
         return {dom: evaluate(self.student, self.codec, self.engine,
                               [ex for ex in self.eval_set if ex.domain == dom],
                               max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
-                              desc=f"eval student[{dom}]")
+                              verifier=self.cfg.verifier, desc=f"eval student[{dom}]",
+                              outcomes=self.last_outcomes[dom])
                 for dom in self.eval_domains()}
 
     def kl_to_teachers(self, teacher_of=None) -> Dict[str, float]:
@@ -346,13 +349,19 @@ class Trainer:
                 row["kl_to_teacher_by_domain"] = kls
         return row
 
-    def evaluate_teachers(self) -> dict:
+    def evaluate_teachers(self, outcomes: Optional[dict] = None) -> dict:
+        """pass@1 of each domain's teacher (with its privileged prompt) on that domain's held-out questions;
+        `outcomes`, a dict, receives domain -> per-question bools."""
         out = {}
-        for dom in sorted({ex.domain for ex in self.eval_set}):
+        for dom in self.eval_domains():
             subset = [ex for ex in self.eval_set if ex.domain == dom]
+            kept = [] if outcomes is not None else None
             out[dom] = evaluate(self.teacher_for(dom), self.codec, self.engine, subset,
                                 max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
-                                desc=f"eval teacher[{dom}]", prompt_fn=self.teacher_prompt)
+                                verifier=self.cfg.verifier, desc=f"eval teacher[{dom}]",
+                                prompt_fn=self.teacher_prompt, outcomes=kept)
+            if outcomes is not None:
+                outcomes[dom] = kept
         return out
 
     def save(self) -> None:
