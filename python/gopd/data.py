@@ -64,21 +64,36 @@ def load_jsonl(path: str) -> List[Example]:
 _OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
 
 
-def synthetic_arithmetic(n: int, digits: int = 2, ops=("add",), seed: int = 0) -> List[Example]:
+def synthetic_arithmetic(n: int, digits: int = 2, ops=("add",), seed: int = 0,
+                         exclude: Optional[set] = None, distinct: bool = False) -> List[Example]:
     """n questions "What is a <op> b?" with a, b of `digits` digits; the domain is the op's name
-    (add / sub / mul), so a mixed set exercises multi-teacher routing."""
+    (add / sub / mul), so a mixed set exercises multi-teacher routing. Questions whose prompt is in
+    `exclude` are skipped (held-out eval sets exclude the training prompts); with `distinct` no question
+    repeats (an eval set then measures n different questions)."""
     for op in ops:
         if op not in _OPS:
             raise DataError(f"unknown synthetic op {op!r}; choose from {sorted(_OPS)}")
+    if not isinstance(digits, int) or isinstance(digits, bool) or digits < 1:
+        raise DataError(f"synthetic_digits must be an int >= 1, got {digits!r}")
+    exclude = set(exclude or ())
     rng = random.Random(seed)
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    possible = (hi - lo + 1) ** 2
     out = []
     for i in range(n):
         op = ops[i % len(ops)]
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         sym, fn = _OPS[op]
-        out.append(Example(prompt=f"What is {a} {sym} {b}? Answer with just the number.",
-                           answer=str(fn(a, b)), domain=op))
+        # A bounded number of redraws: a small question space could be used up by `exclude`.
+        for _ in range(50 * possible):
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            prompt = f"What is {a} {sym} {b}? Answer with just the number."
+            if prompt not in exclude:
+                break
+        else:
+            raise DataError(f"no {digits}-digit '{op}' question is left outside the excluded (training) set")
+        out.append(Example(prompt=prompt, answer=str(fn(a, b)), domain=op))
+        if distinct:
+            exclude.add(prompt)
     return out
 
 
@@ -111,7 +126,10 @@ def _with_user_text(example: Example, edit) -> Example:
     return Example(messages=messages, answer=example.answer, domain=example.domain)
 
 
-def load(spec: str, *, n: int, digits: int, ops, seed: int) -> List[Example]:
+def load(spec: str, *, n: int, digits: int, ops, seed: int, exclude: Optional[set] = None,
+         distinct: bool = False) -> List[Example]:
+    """`exclude` / `distinct`: see synthetic_arithmetic (a JSONL file is taken as it is)."""
     if spec == "synthetic":
-        return synthetic_arithmetic(n, digits=digits, ops=tuple(ops), seed=seed)
+        return synthetic_arithmetic(n, digits=digits, ops=tuple(ops), seed=seed, exclude=exclude,
+                                    distinct=distinct)
     return load_jsonl(spec)

@@ -3,9 +3,10 @@
 The teacher is the student's own initial weights given the solution in its prompt (on-policy context
 distillation): it shares the tokenizer and is measurably better on the task (README, the demo's table).
 Both arms start from the same weights, see the same prompt batches and the same sampling seeds; only
-lam differs. Prints a table (pass@1 with a 95% interval and wall time of: student before, teacher,
-after OPD, after ExOPD; then each one's difference to the student before) and writes demo.png +
-demo.json in the run directory.
+lam differs. Prints a table (pass@1 on the held-out questions with a 95% Wilson interval and wall time
+of: student before, teacher, after OPD, after ExOPD; then each one's difference to the student before
+with its paired 95% interval, the models being scored on the same questions) and writes demo.png
+(held-out pass@1 and KL(student || teacher) over the steps, and the final bars) + demo.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from . import config as config_mod
 from .models import load_model
+from .progress import note
 from .trainer import Trainer
 
 # configs/demo.yaml in a source checkout; an installed package has no configs/ folder and uses
@@ -28,9 +30,9 @@ from .trainer import Trainer
 DEMO_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
 DEMO_DEFAULTS = dict(student="smollm2", teacher=None, teacher_context="solution", reference=None, lam=1.25,
                      mode="full", train_data="synthetic", eval_data="synthetic", synthetic_ops=["add"],
-                     synthetic_digits=2, n_train=512, n_eval=128, max_new_tokens=16, eval_max_new_tokens=16,
-                     steps=8, batch_size=8, micro_batch_size=8, lr=1.0e-5, grad_clip=1.0, eval_every=0,
-                     out_dir="runs/demo", threads=2)
+                     synthetic_digits=1, n_train=32, n_eval=48, verifier="strict", max_new_tokens=8,
+                     eval_max_new_tokens=12, n_eval_kl=16, steps=8, batch_size=8, micro_batch_size=8, lr=3.0e-5,
+                     grad_clip=1.0, eval_every=4, out_dir="runs/demo", threads=2)
 
 
 def demo_config(path: Optional[str] = None, overrides: tuple = ()) -> config_mod.Config:
@@ -49,7 +51,8 @@ def run_demo(cfg: config_mod.Config = None) -> dict:
     model, tok = load_model(cfg.student, cfg.device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t_load = time.perf_counter() - t0
-    results, curves = {}, {}
+    results, curves, outcomes = {}, {}, {}
+    teacher_name = f"teacher ({cfg.teacher_context} in prompt)"
     for arm, lam in (("OPD", 1.0), ("ExOPD", cfg.lam if cfg.lam != 1.0 else 1.25)):
         model.load_state_dict(initial)
         first = not results
@@ -60,37 +63,69 @@ def run_demo(cfg: config_mod.Config = None) -> dict:
                                       reference=cfg.student)
         trainer = Trainer(arm_cfg, student=(model, tok))
         if first:
+            # Both arms start from the same weights: step 0 is measured once and starts both curves.
             t = time.perf_counter()
-            results["student before"] = (trainer.evaluate_student(), time.perf_counter() - t)
+            start = dict(step=0, **trainer.evaluation())
+            results["student before"] = (start["accuracy"], time.perf_counter() - t)
+            note(f"student before: pass@1 {start['accuracy']:.3f}, KL to teacher {start.get('kl_to_teacher')}")
+            outcomes["student before"] = _flat(trainer.last_outcomes)
             t = time.perf_counter()
-            teacher = trainer.evaluate_teachers()
-            results["teacher (solution in prompt)"] = (sum(teacher.values()) / len(teacher), time.perf_counter() - t)
+            per_dom = {}
+            teacher = trainer.evaluate_teachers(outcomes=per_dom)
+            results[teacher_name] = (sum(teacher.values()) / len(teacher), time.perf_counter() - t)
+            outcomes[teacher_name] = _flat(per_dom)
+            note(f"{teacher_name}: pass@1 {results[teacher_name][0]:.3f}")
         t = time.perf_counter()
         rows = trainer.train()
-        results[f"after {arm} (lam={lam:g})"] = (rows[-1]["accuracy"], time.perf_counter() - t)
-        curves[arm] = rows
+        name = f"after {arm} (lam={lam:g})"
+        results[name] = (rows[-1]["accuracy"], time.perf_counter() - t)
+        outcomes[name] = _flat(trainer.last_outcomes)
+        note(f"{name}: pass@1 {results[name][0]:.3f} ({results[name][1]:.0f}s)")
+        curves[arm] = [start] + rows
     total = time.perf_counter() - t0
 
+    n = len(outcomes["student before"])
     lines = [f"G-OPD demo: {cfg.student}, {cfg.synthetic_digits}-digit {'/'.join(cfg.synthetic_ops)}, "
-             f"{cfg.steps} steps x {cfg.batch_size} rollouts, mode={cfg.mode}, lr={cfg.lr:g}, "
-             f"n_eval={cfg.n_eval}, load {t_load:.0f}s",
+             f"{cfg.verifier} verifier, {cfg.steps} steps x {cfg.batch_size} rollouts, mode={cfg.mode}, "
+             f"lr={cfg.lr:g}, {n} held-out questions, load {t_load:.0f}s",
              f"{'model':34s} {'pass@1':>7s} {'95% CI':>13s} {'wall s':>8s}"]
     for name, (acc, sec) in results.items():
-        lo, hi = wilson_interval(acc, cfg.n_eval)
+        lo, hi = wilson_interval(acc, n)
         lines.append(f"{name:34s} {acc:7.3f} {f'[{lo:.2f}, {hi:.2f}]':>13s} {sec:8.1f}")
-    base = results["student before"][0]
-    for name, (acc, _) in list(results.items())[1:]:
-        d, half = acc - base, diff_half_width(acc, base, cfg.n_eval)
+    base = outcomes["student before"]
+    diffs = {}
+    for name in list(results)[1:]:
+        d, half = paired_difference(outcomes[name], base)
+        diffs[name] = dict(diff=d, half_width=half)
         verdict = "better" if d - half > 0 else "worse" if d + half < 0 else "no significant change"
-        lines.append(f"{name} - student before: {d:+.3f} +- {half:.3f} (95%): {verdict}")
+        lines.append(f"{name} - student before: {d:+.3f} +- {half:.3f} (95%, paired): {verdict}")
     lines.append(f"total wall time {total:.0f}s")
     print("\n".join(lines))
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "demo.json"), "w") as fh:
-        json.dump(dict(results={k: dict(accuracy=a, wall_s=s) for k, (a, s) in results.items()},
-                       total_s=total, curves=curves), fh, indent=1)
+        json.dump(dict(results={k: dict(accuracy=a, wall_s=s, ci95=wilson_interval(a, n))
+                                for k, (a, s) in results.items()},
+                       differences_to_student_before=diffs, n_eval=n, total_s=total, load_s=t_load,
+                       config=config_mod.to_dict(cfg), curves=curves, table="\n".join(lines)), fh, indent=1)
     _plot(curves, results, os.path.join(cfg.out_dir, "demo.png"))
     return results
+
+
+def _flat(per_domain: dict) -> list:
+    return [x for dom in sorted(per_domain) for x in per_domain[dom]]
+
+
+def paired_difference(a: list, b: list, z: float = 1.96) -> tuple:
+    """(mean of a_i - b_i, half width of its 95% normal interval) for two models' per-question outcomes
+    (0/1) on the same questions: the paired interval, sd(a_i - b_i) / sqrt(n) with the sample sd."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference: outcome lists must be equally long and non-empty, got "
+                         f"{len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    return mean, z * math.sqrt(var / n)
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple:
@@ -109,19 +144,21 @@ def diff_half_width(p1: float, p2: float, n: int, z: float = 1.96) -> float:
 
 
 def _plot(curves, results, path):
+    """Held-out pass@1 and KL(student || teacher) over the steps of each arm, and the final bars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
     for arm, rows in curves.items():
-        steps = [r for r in rows if "loss" in r]
-        axes[0].plot([r["step"] for r in steps], [r["reward"] for r in steps], marker=".", label=arm)
-        axes[1].plot([r["step"] for r in steps], [r["lp_s"] for r in steps], marker=".", label=arm)
-    axes[0].set_title("reward per token")
-    axes[1].set_title("student log-prob of its samples")
+        for ax, key in ((axes[0], "accuracy"), (axes[1], "kl_to_teacher")):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=arm)
+    axes[0].set_title("held-out pass@1 of the student")
+    axes[1].set_title("KL(student || teacher) per token, held-out")
     names = list(results)
     axes[2].bar(range(len(names)), [results[n][0] for n in names])
     axes[2].set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)

@@ -1,4 +1,13 @@
-"""pass@1 of greedy decoding with a numeric / boxed answer verifier."""
+"""pass@1 of greedy decoding with an answer verifier.
+
+Two verifiers (config `verifier`):
+  lenient  the \\boxed{...} content if present, else the last number anywhere in the response;
+  strict   the whole response (surrounding whitespace and one final period aside) is the answer and
+           nothing else: a bare number, a lone \\boxed{number}, or one equation whose left side is only
+           numbers and + - * / (the question restated) and whose right side is the number ("7 + 1 = 8").
+           "8 apples", "The answer is 8.", "7 + 1 = 8, so 8" or "7 + 1 = 8\\n\\nThis is..." are wrong: no
+           number is taken from inside other text.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,9 @@ from .progress import progress_bar
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_STRICT = re.compile(rf"\s*(?:\\boxed\{{\s*({_NUMBER})\s*\}}|(?:{_NUMBER}(?:\s*[-+*/]\s*{_NUMBER})+\s*=\s*)?({_NUMBER}))\.?\s*")
+VERIFIERS = ("lenient", "strict")
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -31,17 +43,43 @@ def is_correct(text: str, answer: str) -> bool:
         return got.strip() == answer.strip()
 
 
+def is_correct_strict(text: str, answer: str) -> bool:
+    """True when the response is exactly the (numeric) answer: see the module docstring."""
+    m = _STRICT.fullmatch(text)
+    if m is None:
+        return False
+    got = m.group(1) or m.group(2)
+    try:
+        return abs(float(got) - float(answer)) < 1e-6
+    except ValueError:
+        return False
+
+
+def verify(text: str, answer: str, verifier: str = "lenient") -> bool:
+    if verifier == "strict":
+        return is_correct_strict(text, answer)
+    if verifier == "lenient":
+        return is_correct(text, answer)
+    raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+
+
 def evaluate(model, codec, engine, examples: List[Example], *, max_new_tokens: int, batch_size: int = 16,
-             progress: bool = False, desc: str = "eval", prompt_fn=None) -> float:
+             progress: bool = False, desc: str = "eval", prompt_fn=None, verifier: str = "lenient",
+             outcomes: Optional[list] = None) -> float:
     """Fraction of examples whose greedy response the verifier accepts; prompt_fn(example) -> ids
-    (default codec.prompt_ids) lets a teacher be evaluated with its privileged prompt."""
+    (default codec.prompt_ids) lets a teacher be evaluated with its privileged prompt. `outcomes`, a
+    list, receives one bool per example (paired comparisons of two models on the same questions)."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     prompt_fn = prompt_fn or codec.prompt_ids
     if any(ex.answer is None for ex in examples):
         raise DataError("the eval set has examples without an 'answer'; the verifier needs one per example")
-    correct = 0
+    results = []
     for start in progress_bar(range(0, len(examples), batch_size), progress=progress, desc=desc):
         batch = examples[start:start + batch_size]
         out = engine.generate(model, [prompt_fn(ex) for ex in batch], max_new_tokens=max_new_tokens,
                               eos_id=codec.eos_id, pad_id=codec.pad_id, greedy=True)
-        correct += sum(is_correct(codec.decode(r), ex.answer) for r, ex in zip(out.responses, batch))
-    return correct / max(1, len(examples))
+        results += [verify(codec.decode(r), ex.answer, verifier) for r, ex in zip(out.responses, batch)]
+    if outcomes is not None:
+        outcomes[:] = results
+    return sum(results) / max(1, len(examples))

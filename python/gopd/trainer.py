@@ -37,6 +37,7 @@ from . import checkpoint
 from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
+from .metrics import kl_to_teacher
 from .models import Codec, check_same_vocab, freeze, frozen_copy, lm_head, load_model
 from .progress import note, progress_bar
 from .rollout import make_engine
@@ -67,8 +68,10 @@ class Trainer:
 
         self.train_set = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits,
                                        ops=cfg.synthetic_ops, seed=cfg.seed)
+        # Synthetic eval questions are held out (none is a training question) and distinct.
         self.eval_set = data_mod.load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits,
-                                      ops=cfg.synthetic_ops, seed=cfg.seed + 1)
+                                      ops=cfg.synthetic_ops, seed=cfg.seed + 1,
+                                      exclude={ex.user_text() for ex in self.train_set}, distinct=True)
         if not self.train_set:
             raise data_mod.DataError("the training set is empty")
         if any(ex.answer is None for ex in self.eval_set):
@@ -311,17 +314,75 @@ class Trainer:
         self._sync_engine()
         return evaluate(self.student, self.codec, self.engine, self.eval_set,
                         max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
-                        desc="eval student")
+                        verifier=self.cfg.verifier, desc="eval student")
 
-    def evaluate_teachers(self) -> dict:
+    def eval_domains(self) -> List[str]:
+        return sorted({ex.domain for ex in self.eval_set})
+
+    def accuracy_by_domain(self) -> Dict[str, float]:
+        """pass@1 of the student on each domain's held-out questions. The per-question outcomes are kept
+        in self.last_outcomes (domain -> list of bools, in eval-set order) for paired comparisons."""
+        self._sync_engine()
+        self.last_outcomes = {dom: [] for dom in self.eval_domains()}
+        return {dom: evaluate(self.student, self.codec, self.engine,
+                              [ex for ex in self.eval_set if ex.domain == dom],
+                              max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
+                              verifier=self.cfg.verifier, desc=f"eval student[{dom}]",
+                              outcomes=self.last_outcomes[dom])
+                for dom in self.eval_domains()}
+
+    def kl_to_teachers(self, teacher_of=None) -> Dict[str, float]:
+        """Per domain: reverse KL(student || teacher) on the first n_eval_kl held-out questions of that
+        domain (gopd.metrics.kl_to_teacher: the student's samples, scored by plain forwards). The teacher
+        is the domain's own unless teacher_of(domain) names another model (e.g. the other domain's
+        teacher, to check that routing moves each domain towards its own teacher only)."""
+        cfg = self.cfg
+        self._sync_engine()
         out = {}
-        for dom in sorted({ex.domain for ex in self.eval_set}):
+        for dom in self.eval_domains():
+            subset = [ex for ex in self.eval_set if ex.domain == dom][:cfg.n_eval_kl]
+            teacher = teacher_of(dom) if teacher_of else self.teacher_for(dom)
+            if isinstance(teacher, ServedTeacher):
+                continue  # the metric scores with the teacher's own forward; a served one has none here
+            out[dom] = kl_to_teacher(self.student, teacher, self.codec, self.engine, subset,
+                                     max_new_tokens=cfg.max_new_tokens, teacher_prompt_fn=self.teacher_prompt,
+                                     temperature=cfg.temperature, seed=cfg.seed + 2)
+        return out
+
+    def evaluation(self) -> dict:
+        """The metrics of one evaluation point: accuracy (pass@1 on the held-out set), and with n_eval_kl
+        > 0 kl_to_teacher (token-mean over the domains' questions, each domain weighted by its question
+        count); with several domains also per-domain values."""
+        row = {}
+        by_dom = self.accuracy_by_domain()
+        sizes = {dom: sum(ex.domain == dom for ex in self.eval_set) for dom in by_dom}
+        row["accuracy"] = sum(by_dom[d] * sizes[d] for d in by_dom) / max(1, sum(sizes.values()))
+        if len(by_dom) > 1:
+            row["accuracy_by_domain"] = by_dom
+        if self.cfg.n_eval_kl > 0:
+            kls = self.kl_to_teachers()
+            weights = {d: min(sizes[d], self.cfg.n_eval_kl) for d in kls}
+            if kls:  # none when every teacher is served
+                row["kl_to_teacher"] = sum(kls[d] * weights[d] for d in kls) / max(1, sum(weights.values()))
+            if len(kls) > 1:
+                row["kl_to_teacher_by_domain"] = kls
+        return row
+
+    def evaluate_teachers(self, outcomes: Optional[dict] = None) -> dict:
+        """pass@1 of each domain's teacher (with its privileged prompt) on that domain's held-out questions;
+        `outcomes`, a dict, receives domain -> per-question bools."""
+        out = {}
+        for dom in self.eval_domains():
             subset = [ex for ex in self.eval_set if ex.domain == dom]
             if isinstance(self.teacher_for(dom), ServedTeacher):
                 continue  # a served teacher is scored, not sampled from, by this trainer
+            kept = [] if outcomes is not None else None
             out[dom] = evaluate(self.teacher_for(dom), self.codec, self.engine, subset,
                                 max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
-                                desc=f"eval teacher[{dom}]", prompt_fn=self.teacher_prompt)
+                                verifier=self.cfg.verifier, desc=f"eval teacher[{dom}]",
+                                prompt_fn=self.teacher_prompt, outcomes=kept)
+            if outcomes is not None:
+                outcomes[dom] = kept
         return out
 
     def save(self) -> None:
@@ -332,7 +393,7 @@ class Trainer:
         cfg = self.cfg
         rows = []
         if self.step == 0 and cfg.eval_at_start:
-            row = dict(step=0, accuracy=self.evaluate_student())
+            row = dict(step=0, **self.evaluation())
             if cfg.eval_teachers:
                 row["teacher_accuracy"] = self.evaluate_teachers()
             self.log(row)
@@ -349,7 +410,7 @@ class Trainer:
                                           f"{cfg.max_bad_steps}); stopping. The last checkpoint is intact.")
             last = self.step == cfg.steps
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                row["accuracy"] = self.evaluate_student()
+                row.update(self.evaluation())
             self.log(row)
             rows.append(row)
             bar.update(1)
@@ -392,8 +453,9 @@ def plot_metrics(metrics_path: str, png_path: str) -> Optional[str]:
         return None
     with open(metrics_path) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    names = ["loss", "reward", "kl", "advantage", "entropy", "accuracy"]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    names = ["loss", "reward", "kl", "advantage", "entropy", "accuracy", "kl_to_teacher"]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6))
+    axes.flat[-1].axis("off")
     for ax, name in zip(axes.flat, names):
         pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
         if pts:
