@@ -70,6 +70,24 @@ def prompt_logprobs(model, prompts: List[List[int]], k: int, pad_id: int = 0, ch
 
 
 @torch.no_grad()
+def topk_of_hidden(hidden, weight, bias, k: int, vocab: int, temperature: float = 1.0, chunk: int = 256):
+    """The top-k of log_softmax((hidden @ weight[:vocab].T + bias) / T) per row: (ids [n, k] int64,
+    log-probs [n, k] float32, descending), [chunk, vocab] logits at a time. A co-located teacher's top-k
+    in mode topk, so it sees exactly what a served one would."""
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
+    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    w = weight[:vocab].float()
+    for a in range(0, n, chunk):
+        z = hidden[a:a + chunk].float() @ w.t()
+        if bias is not None:
+            z = z + bias[:vocab].float()
+        v, j = torch.log_softmax(z / temperature, -1).topk(k, dim=-1)
+        lps[a:a + chunk], ids[a:a + chunk] = v, j
+    return ids, lps
+
+
+@torch.no_grad()
 def next_token_logits(model, prompt: List[int]) -> torch.Tensor:
     """[V] float32 logits of the token after `prompt` (used to generate max_tokens tokens)."""
     device = next(model.parameters()).device
