@@ -133,6 +133,17 @@ def test_prompt_logprobs_in_vllm_format(server, teacher_model):
         for tid, (lp, rank) in want.items():
             assert abs(got[tid][0] - lp) < 1e-4 and got[tid][1] == rank, (j, tid)
             assert entries[j][str(tid)]["decoded_token"] == tok.decode([tid])
+    # Greedy generation of several tokens, without prompt_logprobs (null then).
+    seq = list(ids)
+    for _ in range(3):
+        nxt = int(expected_logprobs(model, seq)[-1].argmax())
+        seq.append(nxt)
+        if nxt == tok.eos_token_id:
+            break
+    status, answer = post(url, dict(prompt=ids, max_tokens=3, temperature=0))
+    assert status == 200 and answer["choices"][0]["prompt_logprobs"] is None
+    assert answer["choices"][0]["text"] == tok.decode(seq[len(ids):])
+    assert answer["usage"]["completion_tokens"] == len(seq) - len(ids)
 
 
 def test_concurrent_ragged_requests_share_a_batch_and_match_alone(server):

@@ -29,6 +29,7 @@ class PromptLogprobs:
     rank: torch.Tensor        # [L-1] int64, 1-based rank of x_j
     topk_ids: torch.Tensor    # [L-1, k] int64
     topk_logprobs: torch.Tensor  # [L-1, k] float32, descending
+    next_logits: torch.Tensor    # [V] float32, the logits after the whole prompt (the first generated token)
 
 
 @torch.no_grad()
@@ -65,7 +66,10 @@ def prompt_logprobs(model, prompts: List[List[int]], k: int, pad_id: int = 0, ch
             if k:
                 v, j = logp.topk(k, dim=-1)
                 top_lp[a:b], top_ids[a:b] = v, j
-        out.append(PromptLogprobs(actual.cpu(), rank.cpu(), top_ids.cpu(), top_lp.cpu()))
+        last = hidden[i, len(p) - 1].float() @ weight.float().t()
+        if bias is not None:
+            last = last + bias.float()
+        out.append(PromptLogprobs(actual.cpu(), rank.cpu(), top_ids.cpu(), top_lp.cpu(), last.cpu()))
     return out
 
 
