@@ -79,3 +79,15 @@ def test_bench_sharp_logits_quick(tmp_path):
     assert all(r["subnormal_frac_gopd"] == 0.0 for r in rows)
     assert rows[0]["subnormal_frac_eager"] == 0.0 and rows[1]["subnormal_frac_eager"] > 0.0
     assert all(r["gopd_cpu_s"] > 0 and r["eager_s"] > 0 and len(r["gopd_cpu_times_s"]) == 1 for r in rows)
+
+
+def test_bench_served_teacher_quick(tmp_path):
+    need("aiohttp")
+    need("transformers")
+    out = tmp_path / "served.json"
+    stdout = _run("bench_served_teacher.py", "--quick", "--k", "4", "--steps", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"colocated/full", "served/topk-4"}, stdout
+    assert rows["colocated/full"]["bytes_per_step"] == 0 and rows["served/topk-4"]["bytes_per_step"] > 0
+    assert all(r["step_s"] > 0 and math.isfinite(r["loss_last"]) for r in rows.values())

@@ -133,6 +133,17 @@ def test_prompt_logprobs_in_vllm_format(server, teacher_model):
         for tid, (lp, rank) in want.items():
             assert abs(got[tid][0] - lp) < 1e-4 and got[tid][1] == rank, (j, tid)
             assert entries[j][str(tid)]["decoded_token"] == tok.decode([tid])
+    # Greedy generation of several tokens, without prompt_logprobs (null then).
+    seq = list(ids)
+    for _ in range(3):
+        nxt = int(expected_logprobs(model, seq)[-1].argmax())
+        seq.append(nxt)
+        if nxt == tok.eos_token_id:
+            break
+    status, answer = post(url, dict(prompt=ids, max_tokens=3, temperature=0))
+    assert status == 200 and answer["choices"][0]["prompt_logprobs"] is None
+    assert answer["choices"][0]["text"] == tok.decode(seq[len(ids):])
+    assert answer["usage"]["completion_tokens"] == len(seq) - len(ids)
 
 
 def test_concurrent_ragged_requests_share_a_batch_and_match_alone(server):
@@ -205,14 +216,15 @@ class Recorder:
         monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", wrapped)
 
 
-def test_served_sampled_loss_equals_colocated(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["sampled", "topk"])
+def test_served_loss_equals_colocated(server, tmp_path, monkeypatch, mode):
     """The same step (same seed: same rollouts) with the teacher co-located and served gives the same
-    teacher log-probs, loss and updated weights."""
+    teacher log-probs (sampled) / the same top-k buckets (topk), loss and updated weights."""
     _, url = server
     rows, outs, weights = [], [], []
     rec = Recorder(monkeypatch)
-    for name, teacher in (("local", None), ("served", f"teacher={{url: {url}, top_k: 2}}")):
-        trainer = trainer_mod.Trainer(smoke_cfg(tmp_path / name, "steps=1", "lam=1.25",
+    for name, teacher in (("local", None), ("served", f"teacher={{url: {url}, top_k: 4}}")):
+        trainer = trainer_mod.Trainer(smoke_cfg(tmp_path / name, "steps=1", "lam=1.25", f"mode={mode}", "top_k=4",
                                                 *([teacher] if teacher else [])))
         rec.outs = []
         rows.append(trainer.train_step())
@@ -221,7 +233,11 @@ def test_served_sampled_loss_equals_colocated(server, tmp_path, monkeypatch):
     local, served = outs
     assert len(local) == len(served) == 2 and rows[0]["n_tokens"] == rows[1]["n_tokens"] > 0
     for a, b in zip(local, served):
-        torch.testing.assert_close(b.lp_t, a.lp_t, atol=2e-5, rtol=0)
+        if mode == "sampled":
+            torch.testing.assert_close(b.lp_t, a.lp_t, atol=2e-5, rtol=0)
+        else:
+            assert a.lp_t is None and b.lp_t is None
+            torch.testing.assert_close(b.reward, a.reward, atol=2e-5, rtol=0)
         torch.testing.assert_close(b.loss, a.loss, atol=2e-5, rtol=0)
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 2e-5
     torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=0)

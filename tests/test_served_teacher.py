@@ -181,7 +181,8 @@ def test_trainer_refuses_misbehaving_server(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (("teacher={url: 'http://127.0.0.1:1', top_k: 2}", "mode=full"), "use mode: sampled"),
+    (("teacher={url: 'http://127.0.0.1:1', top_k: 2}", "mode=full"), "use mode: topk"),
+    (("teacher={url: 'http://127.0.0.1:1', top_k: 0}", "mode=topk"), "mode topk needs the served teacher's top_k"),
     (("teacher={url: 'http://127.0.0.1:1', top_k: 2}", "temperature=0.7"), "temperature must be 1.0"),
     (("teacher={url: 'ftp://x', top_k: 2}",), r"teacher.url: expected http://host:port"),
     (("teachers={add: {url: 'http://127.0.0.1:1', topk: 2}}",), r"teachers.add: unknown served-teacher key"),

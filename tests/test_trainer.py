@@ -177,7 +177,7 @@ def test_unknown_key_names_closest():
     with pytest.raises(config_mod.ConfigError, match="did you mean 'micro_batch_size'"):
         config_mod.from_dict({"micro_batchsize": 2})
     with pytest.raises(config_mod.ConfigError, match="mode"):
-        config_mod.load(SMOKE, ("mode=topk",))
+        config_mod.load(SMOKE, ("mode=sparse",))
 
 
 def test_cli_reports_config_error(capsys):

@@ -39,7 +39,8 @@ class Config:
     system_prompt: Optional[str] = None
     # --- loss
     lam: float = 1.0
-    mode: str = "sampled"             # sampled | full
+    mode: str = "sampled"             # sampled | full | topk
+    top_k: int = 20                   # mode topk: teacher ids per position (a served teacher's own top_k wins)
     clip_eps: float = 0.2             # PPO clip of exp(lp_s - lp_old); acts from the 2nd update on a batch
     dual_clip: float = 3.0
     is_cap: float = 5.0
@@ -127,8 +128,10 @@ def load(path: Optional[str] = None, overrides: tuple = (), base: Optional[dict]
 
 
 def validate(cfg: Config) -> None:
-    if cfg.mode not in ("sampled", "full"):
-        raise ConfigError(f"mode must be 'sampled' or 'full', got {cfg.mode!r}")
+    if cfg.mode not in ("sampled", "full", "topk"):
+        raise ConfigError(f"mode must be 'sampled', 'full' or 'topk', got {cfg.mode!r}")
+    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1:
+        raise ConfigError(f"top_k must be a positive int, got {cfg.top_k!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):
         raise ConfigError(f"teacher_context must be none | solution | examples, got {cfg.teacher_context!r}")
     if cfg.verifier not in ("lenient", "strict"):
@@ -169,9 +172,12 @@ def _validate_served(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
     if is_served(cfg.reference) or is_served(cfg.student):
         raise ConfigError("only teachers can be served over HTTP; the student and the reference are loaded")
-    if served and cfg.mode != "sampled":
-        raise ConfigError(f"{served[0][0]} is served: mode {cfg.mode!r} needs the teacher's full distribution; "
-                          "use mode: sampled")
+    if served and cfg.mode == "full":
+        raise ConfigError(f"{served[0][0]} is served: mode 'full' needs the teacher's full distribution; "
+                          "use mode: topk (or sampled)")
+    for name, spec in served:
+        if cfg.mode == "topk" and not spec.get("top_k"):
+            raise ConfigError(f"{name}: mode topk needs the served teacher's top_k >= 1")
     if served and cfg.temperature != 1.0:
         raise ConfigError(f"{served[0][0]} is served: a server reports prompt log-probs at temperature 1, so "
                           f"temperature must be 1.0, got {cfg.temperature}")

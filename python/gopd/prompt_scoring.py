@@ -29,6 +29,7 @@ class PromptLogprobs:
     rank: torch.Tensor        # [L-1] int64, 1-based rank of x_j
     topk_ids: torch.Tensor    # [L-1, k] int64
     topk_logprobs: torch.Tensor  # [L-1, k] float32, descending
+    next_logits: torch.Tensor    # [V] float32, the logits after the whole prompt (the first generated token)
 
 
 @torch.no_grad()
@@ -65,8 +66,29 @@ def prompt_logprobs(model, prompts: List[List[int]], k: int, pad_id: int = 0, ch
             if k:
                 v, j = logp.topk(k, dim=-1)
                 top_lp[a:b], top_ids[a:b] = v, j
-        out.append(PromptLogprobs(actual.cpu(), rank.cpu(), top_ids.cpu(), top_lp.cpu()))
+        last = hidden[i, len(p) - 1].float() @ weight.float().t()
+        if bias is not None:
+            last = last + bias.float()
+        out.append(PromptLogprobs(actual.cpu(), rank.cpu(), top_ids.cpu(), top_lp.cpu(), last.cpu()))
     return out
+
+
+@torch.no_grad()
+def topk_of_hidden(hidden, weight, bias, k: int, vocab: int, temperature: float = 1.0, chunk: int = 256):
+    """The top-k of log_softmax((hidden @ weight[:vocab].T + bias) / T) per row: (ids [n, k] int64,
+    log-probs [n, k] float32, descending), [chunk, vocab] logits at a time. A co-located teacher's top-k
+    in mode topk, so it sees exactly what a served one would."""
+    n = hidden.shape[0]
+    ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)
+    lps = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    w = weight[:vocab].float()
+    for a in range(0, n, chunk):
+        z = hidden[a:a + chunk].float() @ w.t()
+        if bias is not None:
+            z = z + bias[:vocab].float()
+        v, j = torch.log_softmax(z / temperature, -1).topk(k, dim=-1)
+        lps[a:a + chunk], ids[a:a + chunk] = v, j
+    return ids, lps
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ class ServedTeacher:
         self.timeout, self.retries, self.backoff, self.max_concurrency = timeout, retries, backoff, max_concurrency
         if top_k > vocab:
             raise ValueError(f"top_k: {top_k} is more than the vocabulary ({vocab})")
-        self.bytes_received = 0      # response bytes, for the benchmark
+        self.bytes_received = 0      # response bodies, for the benchmark
+        self.bytes_sent = 0          # request bodies
 
     @classmethod
     def from_spec(cls, spec: dict, vocab: int) -> "ServedTeacher":
@@ -95,6 +96,7 @@ class ServedTeacher:
     # ---------------------------------------------------------------- HTTP with retries
     def _http(self, method: str, path: str, body: Optional[dict] = None):
         data = None if body is None else json.dumps(body).encode()
+        self.bytes_sent += len(data or b"")
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:

@@ -21,6 +21,7 @@ import json
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -133,6 +134,8 @@ class TeacherServer:
         self.batches = 0          # forward passes run (a test checks that concurrent requests share one)
         self.requests = 0         # completions requests scored
         self._decoded = {}
+        # All model work (scoring batches and generation) runs on this one thread, in arrival order.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gopd-model")
 
     # ---------------------------------------------------------------- model work (worker thread)
     def _decode(self, tid: int) -> str:
@@ -165,11 +168,13 @@ class TeacherServer:
             out.append(entry)
         return out
 
-    def _generate(self, prompt: List[int], max_tokens: int, temperature: float, seed) -> tuple:
+    def _generate(self, prompt: List[int], first_logits, max_tokens: int, temperature: float, seed) -> tuple:
+        """Up to max_tokens tokens (greedy at temperature 0, else sampled); the first from the scoring pass's
+        logits, each later one from a forward pass over the sequence so far."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         ids, finish = list(prompt), "length"
-        for _ in range(max_tokens):
-            z = next_token_logits(self.model, ids).cpu()
+        for step in range(max_tokens):
+            z = first_logits if step == 0 else next_token_logits(self.model, ids).cpu()
             if temperature == 0:
                 t = int(z.argmax())
             else:
@@ -193,7 +198,7 @@ class TeacherServer:
                 jobs.append(job)
                 tokens += sum(map(len, job.prompts))
             try:
-                await loop.run_in_executor(None, self._score_batch, jobs)
+                await loop.run_in_executor(self.executor, self._score_batch, jobs)
                 self.batches += 1
                 self.requests += len(jobs)
                 for job in jobs:
@@ -224,8 +229,8 @@ class TeacherServer:
         choices, completion_tokens = [], 0
         loop = asyncio.get_running_loop()
         for i, (prompt, pl) in enumerate(zip(req["prompts"], scored)):
-            new, finish = await loop.run_in_executor(None, self._generate, prompt, req["max_tokens"],
-                                                     req["temperature"], req["seed"])
+            new, finish = await loop.run_in_executor(self.executor, self._generate, prompt, pl.next_logits,
+                                                     req["max_tokens"], req["temperature"], req["seed"])
             completion_tokens += len(new)
             text = self.tok.decode(new)
             if req["echo"]:

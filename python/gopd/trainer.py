@@ -40,6 +40,7 @@ from .eval import evaluate
 from .metrics import kl_to_teacher
 from .models import Codec, check_same_vocab, freeze, frozen_copy, lm_head, load_model
 from .progress import note, progress_bar
+from .prompt_scoring import topk_of_hidden
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
 from .served_teacher import ServedTeacher, is_served
@@ -116,6 +117,9 @@ class Trainer:
         elif cfg.lam != 1.0:
             self.reference = initial_copy()
 
+        vocab = lm_head(self.student)[0].shape[0]
+        if cfg.mode == "topk" and cfg.top_k > vocab:
+            raise ConfigError(f"top_k {cfg.top_k} is more than the vocabulary ({vocab})")
         self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -264,7 +268,7 @@ class Trainer:
                     with torch.no_grad():
                         t_prompts = [self.teacher_prompt(batch[i]) for i in idx]
                         if isinstance(teacher, ServedTeacher):
-                            h_t = self._served_logprobs(teacher, t_prompts, resp)
+                            h_t = self._served_scores(teacher, t_prompts, resp)
                         else:
                             h_t = response_hidden(teacher, t_prompts, resp, self.codec.pad_id)
                         h_r = None
@@ -274,8 +278,16 @@ class Trainer:
                     frozen_states[g] = (h_t, h_r)
             h_t, h_r = frozen_states[g]
             served = isinstance(teacher, ServedTeacher)
-            # A served teacher's h_t is its per-token log-probs [n] (sampled mode; config refuses others).
+            # A served teacher's h_t is its (log p_t(y) [n], top-k ids [n, k], top-k log-probs [n, k]).
             w_t, b_t = (None, None) if served else lm_head(teacher)
+            t_head = (None, None) if served else (h_t.to(w_t.dtype), w_t)   # passed positionally, as before
+            t_kw = dict(teacher_bias=b_t, teacher_logprobs=h_t[0] if served else None)
+            if cfg.mode == "topk":
+                if served:
+                    ids, lps = h_t[1], h_t[2]
+                else:
+                    ids, lps = topk_of_hidden(h_t, w_t, b_t, cfg.top_k, w_s.shape[0], cfg.temperature)
+                t_head, t_kw = (None, None), dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps)
             ref_kw = {}
             if h_r is not None:
                 w_r, b_r = lm_head(self.reference)
@@ -283,8 +295,7 @@ class Trainer:
             sampled = cfg.mode == "sampled"
             rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
             out = gk.fused_linear_gopd_loss(
-                h_s.to(w_s.dtype), w_s, y, None if served else h_t.to(w_t.dtype), w_t, student_bias=b_s,
-                teacher_bias=b_t, teacher_logprobs=h_t if served else None, **ref_kw,
+                h_s.to(w_s.dtype), w_s, y, *t_head, student_bias=b_s, **t_kw, **ref_kw,
                 lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
                 old_logprobs=old_lp[g] if (sampled and old_lp is not None) else None,
                 clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
@@ -302,12 +313,13 @@ class Trainer:
         bar.close()
         return loss_total, finite, sums, lp_now
 
-    def _served_logprobs(self, teacher: ServedTeacher, t_prompts, resp) -> torch.Tensor:
-        """[n] the served teacher's log p_t of each response token of a micro-batch, in batch order (the
-        layout of targets_of); empty responses are not sent."""
+    def _served_scores(self, teacher: ServedTeacher, t_prompts, resp):
+        """The served teacher's (log p_t(y) [n], top-k ids [n, k], top-k log-probs [n, k]) of each response
+        token of a micro-batch, in batch order (the layout of targets_of); empty responses are not sent."""
         keep = [i for i, r in enumerate(resp) if r]
         scores = teacher.score([t_prompts[i] for i in keep], [resp[i] for i in keep])
-        return torch.cat([s.actual for s in scores]).to(self.device)
+        return tuple(torch.cat([getattr(s, f) for s in scores]).to(self.device)
+                     for f in ("actual", "topk_ids", "topk_logprobs"))
 
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
