@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .data import Example
+from .scoring import padded_batch
 
 
 @torch.no_grad()
@@ -27,13 +28,7 @@ def token_logprobs(model, prompts: List[List[int]], responses: List[List[int]], 
     """Per example, [len(response), V] float64 log-softmax(logits / T) of the rows that predict each
     response token. A vocabulary wider than `vocab` (a padded teacher head) is cut to it and renormalised."""
     device = next(model.parameters()).device
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+    ids, mask = padded_batch([p + r for p, r in zip(prompts, responses)], pad_id, device)
     logits = model(input_ids=ids, attention_mask=mask).logits
     out = []
     for i, (p, r) in enumerate(zip(prompts, responses)):

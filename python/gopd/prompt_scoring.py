@@ -18,7 +18,7 @@ from typing import List
 import torch
 
 from .models import lm_head
-from .scoring import base_model
+from .scoring import base_model, padded_batch
 
 
 @dataclass
@@ -37,12 +37,7 @@ def prompt_logprobs(model, prompts: List[List[int]], k: int, pad_id: int = 0, ch
                     ) -> List[PromptLogprobs]:
     """Scores a batch of prompts in one forward pass (right padding); see the module docstring."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[i, :len(p)] = 1
+    ids, mask = padded_batch(prompts, pad_id, device)
     hidden = base_model(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     weight, bias = lm_head(model)
     out = []

@@ -18,16 +18,21 @@ def base_model(model):
     return getattr(model, model.base_model_prefix)
 
 
-def response_hidden(model, prompts: List[List[int]], responses: List[List[int]], pad_id: int) -> torch.Tensor:
-    """[N, D] final hidden states predicting each response token (right padding, positions 0..L-1)."""
-    device = next(model.parameters()).device
-    seqs = [p + r for p, r in zip(prompts, responses)]
+def padded_batch(seqs: List[List[int]], pad_id: int, device):
+    """(ids, attention mask), both [B, max length] int64: the sequences right-padded with pad_id."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def response_hidden(model, prompts: List[List[int]], responses: List[List[int]], pad_id: int) -> torch.Tensor:
+    """[N, D] final hidden states predicting each response token (right padding, positions 0..L-1)."""
+    device = next(model.parameters()).device
+    ids, mask = padded_batch([p + r for p, r in zip(prompts, responses)], pad_id, device)
     hidden = base_model(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     rows = [hidden[i, len(p) - 1: len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, responses))]
     return torch.cat(rows, dim=0)
