@@ -23,10 +23,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,35 +35,16 @@ TINY_S = {"tiny": {"hidden_size": 32, "num_hidden_layers": 2}, "seed": 0}
 
 def start_server(spec, max_logprobs: int, threads: int, timeout: float = 600):
     """`gopd serve` on a free loopback port; returns (process, url)."""
-    proc = subprocess.Popen([sys.executable, "-m", "gopd", "serve", "--model", json.dumps(spec), "--port", "0",
-                             "--max-logprobs", str(max_logprobs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    found, lines = [], []
+    from gopd import serve_process
 
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on " in line and not found:
-                found.append(line.rsplit("listening on ", 1)[1].strip())
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not found:
-        stop(proc)
-        raise RuntimeError("gopd serve did not start:\n" + "".join(lines))
-    return proc, found[0]
+    return serve_process.launch(["--model", json.dumps(spec), "--max-logprobs", str(max_logprobs)], timeout,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
 def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+    from gopd import serve_process
+
+    serve_process.stop(proc, 15)
 
 
 def run_variant(name, base: dict, teacher, mode: str, steps: int) -> dict:

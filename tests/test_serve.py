@@ -6,9 +6,6 @@ One server process (the smoke config's teacher) is shared by the module; the las
 import json
 import math
 import os
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +21,7 @@ need("yaml")
 need("aiohttp")
 
 from gopd import config as config_mod  # noqa: E402
+from gopd import serve_process  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.models import load_model  # noqa: E402
 from gopd.served_teacher import ServedTeacherError  # noqa: E402
@@ -35,34 +33,10 @@ START_TIMEOUT = 120
 
 def start_server(*extra):
     """Starts `gopd serve` on a free loopback port; returns (process, url)."""
-    proc = subprocess.Popen([sys.executable, "-m", "gopd", "serve", "--model", TEACHER, "--host", "127.0.0.1",
-                             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, found = [], []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on " in line and not found:
-                found.append(line.rsplit("listening on ", 1)[1].strip())
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not found:
-        stop(proc)
-        pytest.fail("gopd serve did not start:\n" + "".join(lines))
-    return proc, found[0]
+    return serve_process.launch(["--model", TEACHER, *extra], START_TIMEOUT)
 
 
-def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+stop = serve_process.stop
 
 
 @pytest.fixture(scope="module")
