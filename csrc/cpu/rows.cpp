@@ -34,6 +34,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -817,9 +819,10 @@ at::Tensor rows_forward_backward_cpu(const at::Tensor& zs, const c10::optional<a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gopd, CPU, m) {
-  m.impl("rows_forward", &rows_forward_cpu);
-  m.impl("rows_backward", &rows_backward_cpu);
-  m.impl("rows_forward_backward", &rows_forward_backward_cpu);
+  // Through the shared signatures (csrc/ops.h): a kernel that differs from them does not compile.
+  m.impl("rows_forward", static_cast<gopd::RowsForwardFn*>(&rows_forward_cpu));
+  m.impl("rows_backward", static_cast<gopd::RowsBackwardFn*>(&rows_backward_cpu));
+  m.impl("rows_forward_backward", static_cast<gopd::RowsForwardBackwardFn*>(&rows_forward_backward_cpu));
 }
 
 }  // namespace cpu

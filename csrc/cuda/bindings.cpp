@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "rows.cuh"
 
 namespace {
@@ -102,7 +103,7 @@ at::Tensor rows_forward_cuda(const at::Tensor& zs, const c10::optional<at::Tenso
 void rows_backward_cuda(const at::Tensor& zs, const c10::optional<at::Tensor>& zt,
                         const c10::optional<at::Tensor>& zr, const at::Tensor& targets, const at::Tensor& stats,
                         const at::Tensor& g_lp, const at::Tensor& g_loss, double lam, double ts, double tt,
-                        double tr, int64_t ignore_index, at::Tensor& out) {
+                        double tr, int64_t ignore_index, at::Tensor out) {
   check_common(zs, zt, zr, targets);
   TORCH_CHECK(ts > 0 && tt > 0 && tr > 0, "gopd cuda backend: temperatures must be > 0");
   const int64_t n = zs.size(0), v = zs.size(1);
@@ -135,6 +136,7 @@ void rows_backward_cuda(const at::Tensor& zs, const c10::optional<at::Tensor>& z
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gopd, CUDA, m) {
-  m.impl("rows_forward", &rows_forward_cuda);
-  m.impl("rows_backward", &rows_backward_cuda);
+  // Through the shared signatures (csrc/ops.h): a kernel that differs from them does not compile.
+  m.impl("rows_forward", static_cast<gopd::RowsForwardFn*>(&rows_forward_cuda));
+  m.impl("rows_backward", static_cast<gopd::RowsBackwardFn*>(&rows_backward_cuda));
 }
