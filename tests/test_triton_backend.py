@@ -69,8 +69,8 @@ def _check_against_oracle(zs, zt, zr, y, temps, lam, block_v, seed, factor=4.0):
     n = zs.shape[0]
     acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(seed)
-    g_lp = torch.randn(n, generator=g, dtype=torch.float64)
-    g_loss = torch.randn(n, generator=g, dtype=torch.float64)
+    g_lp = torch.randn(n, generator=g, dtype=torch.float64).to(zs.device)
+    g_loss = torch.randn(n, generator=g, dtype=torch.float64).to(zs.device)
 
     def up(z):
         return None if z is None else z.double()

@@ -58,6 +58,11 @@ from ..backends import NSTATS
 # Finite stand-in for -inf as the initial running max (see module docstring).
 _NEG_BIG = tl.constexpr(-1.0e30)
 
+# _NO_FMA: both kernels are compiled without multiply-add contraction (enable_fp_fusion=False). With it,
+# the compiler turns s - m (s = z * (1 / T) rounded) into fma(z, 1 / T, -m), the unrounded product, so
+# at the row's own max s - m is not 0 but the rounding error of s: measured on an H200 (gpu-check,
+# 2026-11-28) as E_S = -3.3e-5 instead of 0 at |z / T| ~ 1e4, V = 1, and the forward's lse and the
+# backward's p = exp(s - lse) disagreeing by that much. Every difference must use the same rounded s.
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -329,6 +334,7 @@ def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index, *, block_v=None)
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), stats.stride(0),
         _params(zs.device, float(ts), float(tt), float(tr), 0.0), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
+        enable_fp_fusion=False,  # see _NO_FMA
     )
     return stats
 
@@ -349,5 +355,6 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), out.stride(0), stats.stride(0),
         _params(zs.device, float(ts), float(tt), float(tr), float(lam)), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
+        enable_fp_fusion=False,  # see _NO_FMA
     )
     return out
