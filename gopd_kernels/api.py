@@ -178,7 +178,13 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
 
 
 def _in_dtype(out: GOPDOutput, dtype) -> GOPDOutput:
-    return GOPDOutput(**{k: (None if v is None else v.to(dtype)) for k, v in vars(out).items()})
+    # Field by field, not vars(out): torch 2.11's dynamo cannot trace a dataclass's __dict__ (fullgraph).
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    return GOPDOutput(loss=cast(out.loss), lp_s=cast(out.lp_s), lp_t=cast(out.lp_t), lp_r=cast(out.lp_r),
+                      reward=cast(out.reward), kl=cast(out.kl), advantage=cast(out.advantage),
+                      entropy=cast(out.entropy), is_weight=cast(out.is_weight))
 
 
 def _check_head(prefix, hidden, weight, bias, lead):

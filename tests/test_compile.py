@@ -51,8 +51,10 @@ def test_row_ops_fakes_agree_with_the_kernels(namespace, backend):
     _need(backend)
     ops = getattr(torch.ops, namespace)
     checks = ("test_schema", "test_faketensor")
+    # Triton needs GPU tensors on a GPU (CPU tensors only under its interpreter, without one).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     for dtype in (torch.float32, torch.bfloat16):
-        zs, zt, zr, y = _row_args(dtype)
+        zs, zt, zr, y = _row_args(dtype, device)
         fwd = (zs, zt, zr, y, 1.0, 0.9, 1.1, -100)
         torch.library.opcheck(ops.rows_forward.default, fwd, test_utils=checks)
         torch.library.opcheck(ops.rows_backward.default, _backward_args(zs, zt, zr, y, ops.rows_forward(*fwd)),
