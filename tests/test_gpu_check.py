@@ -43,3 +43,21 @@ def test_gpu_check_dry_run_fails_on_a_missing_wheel_folder(tmp_path):
     assert next(s for s in report["steps"] if s["name"] == "tests")["status"] == "skipped"
     bench = next(s for s in report["steps"] if s["name"] == "bench")
     assert bench["status"] == "failed" and "liger" in bench["detail"]
+
+
+def test_a_silent_step_is_killed_at_its_deadline():
+    """A step that prints nothing (a hung kernel, a silent compile) is still stopped at its timeout, so
+    --budget can promise that the JSON is written inside a lease's time."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    import io
+
+    record = gpu_check.run_step("hang", dict(argv=[sys.executable, "-c", "import time; time.sleep(60)"], env={},
+                                             timeout=1.5), io.StringIO())
+    assert record["status"] == "timeout" and record["seconds"] < 10
+    record = gpu_check.run_step("ok", dict(argv=[sys.executable, "-c", "print('hi')"], env={}, timeout=30),
+                                io.StringIO())
+    assert record["status"] == "ok" and record["tail"] == ["hi"]
