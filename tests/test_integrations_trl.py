@@ -88,7 +88,7 @@ def test_trains_with_the_generated_token_count_and_the_initial_student_as_refere
 
 def fixed_batch():
     """Prompts of different lengths (left-padded, as TRL does) and completions of different lengths
-    (right-padded), with the sampler's log-probs of each completion token."""
+    (right-padded), with the sampler's log-probs of each completion token, as one micro-batch of a step."""
     prompts = [[5, 9, 12], [7, 3, 3, 20, 11], [30]]
     completions = [[4, 17, 33, 50, EOS], [8, 8], [61, 2, 44, 9]]
     rollout = [[-3.1, -4.0, -4.5, -2.2, -4.1], [-5.0, -3.9], [-4.2, -4.3, -1.0, -4.0]]
@@ -102,8 +102,8 @@ def fixed_batch():
         inputs["completion_ids"][i, :len(c)] = torch.tensor(c)
         inputs["completion_mask"][i, :len(c)] = 1
         inputs["rollout_logprobs"][i, :len(r)] = torch.tensor(r)
-    n = sum(map(len, completions))
-    inputs["num_items_in_batch"] = torch.tensor(n)
+    # The step's other micro-batches hold 5 more generated tokens: the mean is over the step's tokens.
+    inputs["num_items_in_batch"] = torch.tensor(sum(map(len, completions)) + 5)
     return prompts, completions, rollout, inputs
 
 
@@ -119,7 +119,7 @@ def test_loss_and_gradients_equal_gopds_trainer_objective(tmp_path, mode):
     # A reference that is neither the student nor the teacher, so every term of the objective acts.
     tr = trainer(tmp_path, ref_model=tiny(2), lam=lam, mode=mode, temperature=temp)
     prompts, completions, rollout, inputs = fixed_batch()
-    n = sum(map(len, completions))
+    n = sum(map(len, completions)) + 5
     student, teacher, ref = tr.model, tr.teacher_model, tr.ref_model
     student.train()
     loss = tr.compute_loss(student, inputs)
