@@ -86,6 +86,15 @@ def test_trains_with_the_generated_token_count_and_the_initial_student_as_refere
     assert any(not torch.equal(tr.model.state_dict()[k], v) for k, v in initial.items())
 
 
+def test_a_student_given_by_path_is_loaded_again_as_the_reference(tmp_path):
+    tiny(0).save_pretrained(tmp_path / "student")
+    tr = GOPDTrainer(str(tmp_path / "student"), tiny(1), args=config(tmp_path, lam=1.25),
+                     train_dataset=Dataset.from_dict({"prompt": ["abc"]}), processing_class=tokenizer())
+    assert tr.ref_model is not tr.model and not any(p.requires_grad for p in tr.ref_model.parameters())
+    ref = tr.ref_model.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in tr.model.state_dict().items())
+
+
 def fixed_batch():
     """Prompts of different lengths (left-padded, as TRL does) and completions of different lengths
     (right-padded), with the sampler's log-probs of each completion token, as one micro-batch of a step."""
@@ -216,6 +225,9 @@ def test_trainer_arguments_are_checked(tmp_path):
                     processing_class=tokenizer())
     with pytest.raises(ValueError, match="teacher_model: G-OPD needs a teacher"):
         GOPDTrainer(tiny(0), None, args=config(tmp_path), train_dataset=data, processing_class=tokenizer())
+    with pytest.raises(TypeError, match="ref_model: expected a model or a model path"):
+        GOPDTrainer(tiny(0), tiny(1), ref_model=3, args=config(tmp_path, lam=1.25), train_dataset=data,
+                    processing_class=tokenizer())
     soft = tiny(1)
     soft.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="teacher_model: .*final_logit_softcapping"):

@@ -128,8 +128,8 @@ class GOPDTrainer(DistillationTrainer):
 
     ``GOPDTrainer(model, teacher_model, ref_model=None, args=GOPDConfig(lam=1.25, ...), train_dataset=...)``;
     the other arguments are DistillationTrainer's. ``ref_model``: a model or a model path sharing the
-    student's vocabulary; by default (when ``lam != 1``) a frozen copy of the student as passed in, i.e. its
-    initial weights. At ``lam = 1`` the reference cancels and none is used unless given.
+    student's vocabulary; by default (when ``lam != 1``) a frozen copy of the student as passed in (or the
+    student's path loaded again), i.e. its initial weights. At ``lam = 1`` the reference cancels and none is used unless given.
 
     What it overrides, and why:
       - ``_compute_loss``: the fused G-OPD loss on the student's, teacher's and reference's final hidden
@@ -147,15 +147,18 @@ class GOPDTrainer(DistillationTrainer):
             raise TypeError(f"args: expected a GOPDConfig, got {type(args).__name__}")
         if teacher_model is None:
             raise ValueError("teacher_model: G-OPD needs a teacher (a model or a model path)")
-        if isinstance(model, str):
-            raise TypeError("model: pass an instantiated model (the default reference is a copy of it)")
         if ref_model is None and args.lam != 1.0:
-            # Copied before TRL wraps or adapts the student: the reference is the student's initial policy.
-            ref_model = copy.deepcopy(model)
+            # Taken before TRL wraps or adapts the student: the reference is the student's initial policy
+            # (a model path is loaded a second time).
+            ref_model = model if isinstance(model, str) else copy.deepcopy(model)
         if isinstance(ref_model, str):
             from trl.trainer.utils import create_model_from_path
 
-            ref_model = create_model_from_path(ref_model, **dict(args.model_init_kwargs or {}))
+            init_kwargs = dict(args.model_init_kwargs or {})
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            ref_model = create_model_from_path(ref_model, **init_kwargs)
+        elif ref_model is not None and not hasattr(ref_model, "get_output_embeddings"):
+            raise TypeError(f"ref_model: expected a model or a model path, got {type(ref_model).__name__}")
         super().__init__(model, teacher_model, args=args, **kwargs)
         for name, m in (("model", self.model), ("teacher_model", self.teacher_model), ("ref_model", ref_model)):
             if m is not None:
