@@ -61,17 +61,30 @@ def trainer(tmp_path, ref_model=None, **kw):
                        train_dataset=data, processing_class=tokenizer())
 
 
-def test_trains_with_the_generated_token_count_and_the_initial_student_as_reference(tmp_path):
+def test_trains_with_the_step_token_count_rollout_logprobs_and_the_initial_student_as_reference(tmp_path):
     tr = trainer(tmp_path, lam=1.25, mode="sampled", gradient_accumulation_steps=2, max_steps=2)
     initial = {k: v.clone() for k, v in tr.model.state_dict().items()}
     seen = []
-    inner = tr._compute_loss
+    inner, generate = tr._compute_loss, tr._generate_single_turn
+
+    def fake_lp(token, j):  # a made-up sampler log-prob that identifies its token and position
+        return -0.01 * token - 0.001 * j
+
+    def generating(*a, **kw):  # a generator that reports its log-probs, as the vLLM path does
+        ids = generate(*a, **kw)
+        tr.record_rollout_logprobs([[fake_lp(t, j) for j, t in enumerate(c)] for c in ids])
+        return ids
 
     def recording(student, inputs, num_items_in_batch):
         seen.append((int(inputs["completion_mask"].sum()), float(num_items_in_batch)))
+        # The log-probs stayed with their tokens through TRL's shuffle and micro-batch split.
+        mask = inputs["completion_mask"].bool()
+        j = torch.arange(mask.shape[1]).expand_as(mask)
+        want = fake_lp(inputs["completion_ids"], j).float()
+        torch.testing.assert_close(inputs["rollout_logprobs"][mask], want[mask])
         return inner(student, inputs, num_items_in_batch)
 
-    tr._compute_loss = recording
+    tr._generate_single_turn, tr._compute_loss = generating, recording
     tr.train()
     logs = [row for row in tr.state.log_history if "loss" in row]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in logs)
