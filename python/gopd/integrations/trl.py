@@ -129,7 +129,8 @@ class GOPDTrainer(DistillationTrainer):
     ``GOPDTrainer(model, teacher_model, ref_model=None, args=GOPDConfig(lam=1.25, ...), train_dataset=...)``;
     the other arguments are DistillationTrainer's. ``ref_model``: a model or a model path sharing the
     student's vocabulary; by default (when ``lam != 1``) a frozen copy of the student as passed in (or the
-    student's path loaded again), i.e. its initial weights. At ``lam = 1`` the reference cancels and none is used unless given.
+    student's path loaded again), i.e. its initial weights. At ``lam = 1`` the reference cancels and none
+    is used unless given.
 
     What it overrides, and why:
       - ``_compute_loss``: the fused G-OPD loss on the student's, teacher's and reference's final hidden
