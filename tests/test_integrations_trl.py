@@ -234,8 +234,8 @@ def test_trainer_arguments_are_checked(tmp_path):
 
     data = Dataset.from_dict({"prompt": ["abc"]})
     with pytest.raises(TypeError, match="args: expected a GOPDConfig"):
-        GOPDTrainer(tiny(0), tiny(1), args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True), train_dataset=data,
-                    processing_class=tokenizer())
+        GOPDTrainer(tiny(0), tiny(1), args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True),
+                    train_dataset=data, processing_class=tokenizer())
     with pytest.raises(ValueError, match="teacher_model: G-OPD needs a teacher"):
         GOPDTrainer(tiny(0), None, args=config(tmp_path), train_dataset=data, processing_class=tokenizer())
     with pytest.raises(TypeError, match="ref_model: expected a model or a model path"):
