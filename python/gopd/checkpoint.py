@@ -13,12 +13,17 @@ import torch
 def save(path: str, *, model, optimizer, scheduler, step: int, bad_steps: int) -> None:
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  step=step, bad_steps=bad_steps, torch_rng=torch.get_rng_state(), python_rng=random.getstate())
+    atomic_save(state, path)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save(obj) to `path` through a temp file in the same folder and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,8 @@ Model specs (``student``, ``teacher``, values of ``teachers``, ``reference``) ar
                                   plain one in a known way (gopd.models.tiny_from_spec)
 A teacher (``teacher`` or a value of ``teachers``, not the reference) may instead be served over HTTP:
     {"url": "http://host:port", "top_k": k}   see gopd.served_teacher (gopd serve, or a vLLM server)
+or be a domain expert fine-tuned from a base on the run's training questions (cached in expert_cache):
+    {"sft": "smollm2", "ops": ["add"], "steps": 40, "lr": 5e-5, "batch_size": 8, "seed": 0}   see gopd.sft
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Config:
     teachers: dict = field(default_factory=dict)   # domain -> model spec; overrides `teacher` for that domain
     reference: Any = None             # None: a frozen copy of the student's initial weights
     teacher_context: str = "none"     # privileged context in the teacher's prompt: none | solution | examples
+    expert_cache: str = "runs/experts"   # where SFT teachers ({"sft": ...} specs) are kept once built
     # --- data
     train_data: str = "synthetic"     # a JSONL file, or "synthetic" (built-in arithmetic generator)
     eval_data: str = "synthetic"
@@ -77,6 +80,7 @@ class Config:
     save_every: int = 0               # 0: checkpoint only at the end
     save_final_model: bool = True
     seed: int = 0
+    data_seed: Optional[int] = None   # seed of the synthetic questions (None: `seed`); fixed data, other sampling
     device: str = "cpu"
     threads: int = 0                  # torch.set_num_threads when > 0
     progress: bool = True
@@ -153,10 +157,28 @@ def validate(cfg: Config) -> None:
     if cfg.vllm and cfg.rollout_engine != "vllm":
         raise ConfigError(f"vllm options {sorted(cfg.vllm)} are set but rollout_engine is "
                           f"{cfg.rollout_engine!r}; set rollout_engine: vllm or remove them")
+    if cfg.data_seed is not None and (not isinstance(cfg.data_seed, int) or isinstance(cfg.data_seed, bool)):
+        raise ConfigError(f"data_seed must be an int or null, got {cfg.data_seed!r}")
     _validate_served(cfg)
+    _validate_sft(cfg)
     reserved = sorted(set(cfg.vllm) & VLLM_RESERVED)
     if reserved:
         raise ConfigError(f"vllm: {reserved} are set by the engine itself (the seed comes from `seed`)")
+
+
+def _validate_sft(cfg: Config) -> None:
+    """SFT experts ({"sft": base, ...}): well-formed, and only as teachers (gopd.sft)."""
+    from .sft import SFTSpecError, check_spec, is_sft
+
+    for name, spec in [("teacher", cfg.teacher)] + [(f"teachers.{d}", s) for d, s in cfg.teachers.items()]:
+        if is_sft(spec):
+            try:
+                check_spec(spec, name)
+            except SFTSpecError as exc:
+                raise ConfigError(str(exc)) from None
+    for name, spec in (("student", cfg.student), ("reference", cfg.reference)):
+        if is_sft(spec):
+            raise ConfigError(f"{name}: an sft spec can only be a teacher (the {name} is loaded as given)")
 
 
 def _validate_served(cfg: Config) -> None:

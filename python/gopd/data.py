@@ -2,7 +2,8 @@
 
 A JSONL line is an object with ``prompt`` (a string) or ``messages`` (a chat list of {role, content}),
 an optional ``answer`` (what the verifier compares against) and an optional ``domain`` (routes the
-example to that domain's teacher; default "default").
+example to that domain's teacher; default "default") and an optional ``solution`` (a worked answer, what
+an SFT expert is trained to say; gopd.sft).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Example:
     messages: Optional[list] = None
     answer: Optional[str] = None
     domain: str = "default"
+    solution: Optional[str] = None    # a worked answer ("7 + 5 = 12"): what an SFT expert is trained to say
 
     def user_text(self) -> str:
         if self.prompt is not None:
@@ -52,10 +54,12 @@ def load_jsonl(path: str) -> List[Example]:
             if messages is not None and not (isinstance(messages, list) and all(
                     isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
                 raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-            answer = obj.get("answer")
+            answer, solution = obj.get("answer"), obj.get("solution")
+            if solution is not None and not isinstance(solution, str):
+                raise DataError(f"{where}: 'solution' must be a string")
             examples.append(Example(prompt=prompt, messages=messages,
                                     answer=None if answer is None else str(answer),
-                                    domain=str(obj.get("domain", "default"))))
+                                    domain=str(obj.get("domain", "default")), solution=solution))
     if not examples:
         raise DataError(f"{path}: the dataset is empty")
     return examples
@@ -91,7 +95,7 @@ def synthetic_arithmetic(n: int, digits: int = 2, ops=("add",), seed: int = 0,
                 break
         else:
             raise DataError(f"no {digits}-digit '{op}' question is left outside the excluded (training) set")
-        out.append(Example(prompt=prompt, answer=str(fn(a, b)), domain=op))
+        out.append(Example(prompt=prompt, answer=str(fn(a, b)), domain=op, solution=f"{a} {sym} {b} = {fn(a, b)}"))
         if distinct:
             exclude.add(prompt)
     return out
@@ -119,11 +123,12 @@ def privileged(example: Example, kind: str) -> Example:
 def _with_user_text(example: Example, edit) -> Example:
     """A copy of the example whose (last) user message is edit(text)."""
     if example.prompt is not None:
-        return Example(prompt=edit(example.prompt), answer=example.answer, domain=example.domain)
+        return Example(prompt=edit(example.prompt), answer=example.answer, domain=example.domain,
+                       solution=example.solution)
     messages = [dict(m) for m in example.messages]
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     messages[last_user]["content"] = edit(messages[last_user]["content"])
-    return Example(messages=messages, answer=example.answer, domain=example.domain)
+    return Example(messages=messages, answer=example.answer, domain=example.domain, solution=example.solution)
 
 
 def load(spec: str, *, n: int, digits: int, ops, seed: int, exclude: Optional[set] = None,

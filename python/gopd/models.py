@@ -70,6 +70,12 @@ class Codec:
         text = "".join(f"{m['content']}\n" for m in messages)
         return list(self.tok.encode(text))
 
+    def text_ids(self, text: str) -> List[int]:
+        """Token ids of plain text, no special tokens (an SFT target, gopd.sft)."""
+        if isinstance(self.tok, CharTokenizer):
+            return list(self.tok.encode(text))
+        return list(self.tok.encode(text, add_special_tokens=False))
+
     def decode(self, ids) -> str:
         ids = [i for i in ids if i != self.eos_id]
         return self.tok.decode(ids) if isinstance(self.tok, CharTokenizer) else self.tok.decode(

@@ -33,7 +33,7 @@ import yaml
 
 import gopd_kernels as gk
 
-from . import checkpoint
+from . import checkpoint, sft
 from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
@@ -67,11 +67,12 @@ class Trainer:
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
 
+        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         self.train_set = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits,
-                                       ops=cfg.synthetic_ops, seed=cfg.seed)
+                                       ops=cfg.synthetic_ops, seed=data_seed)
         # Synthetic eval questions are held out (none is a training question) and distinct.
         self.eval_set = data_mod.load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits,
-                                      ops=cfg.synthetic_ops, seed=cfg.seed + 1,
+                                      ops=cfg.synthetic_ops, seed=data_seed + 1,
                                       exclude={ex.user_text() for ex in self.train_set}, distinct=True)
         if not self.train_set:
             raise data_mod.DataError("the training set is empty")
@@ -96,6 +97,12 @@ class Trainer:
         def frozen(spec, name):
             if is_served(spec):  # a teacher behind an HTTP server: scored per token, nothing loaded here
                 return ServedTeacher.from_spec(spec, vocab=lm_head(self.student)[0].shape[0])
+            if sft.is_sft(spec):  # a domain expert fine-tuned from a base on this run's training questions
+                base = initial_copy() if repr(spec["sft"]) == repr(cfg.student) else frozen(spec["sft"], name)
+                key = repr(spec)
+                if key not in loaded:
+                    loaded[key] = sft.expert(spec, name, base, self.codec, self.train_set, cfg.expert_cache)
+                return loaded[key]
             if spec is None or repr(spec) == repr(cfg.student):
                 return initial_copy()
             key = repr(spec)
