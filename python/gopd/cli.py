@@ -1,4 +1,4 @@
-"""Command line: ``gopd train | eval | demo | serve`` (also ``python -m gopd``)."""
+"""Command line: ``gopd train | eval | demo | serve | experiment merge`` (also ``python -m gopd``)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def main(argv=None) -> int:
     p_demo = sub.add_parser("demo", help="OPD vs ExOPD on SmolLM2-135M-Instruct (the main job)")
     _add_config_args(p_demo)
     _add_serve_parser(sub)
+    p_exp = sub.add_parser("experiment", help="the paper's experiments in miniature")
+    exp_sub = p_exp.add_subparsers(dest="experiment", required=True)
+    p_merge = exp_sub.add_parser("merge", help="two SFT experts distilled back into the student: OPD vs ExOPD")
+    _add_config_args(p_merge)
+    p_merge.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (default: 0 1)")
+    p_merge.add_argument("--out", default="results", help="folder for merge_<cpu|gpu>.json / .png (default: results)")
+    p_merge.add_argument("--gpu", action="store_true",
+                         help="the larger run for one CUDA GPU (2-digit questions, 512 held out per domain)")
     args = parser.parse_args(argv)
 
     from . import config as config_mod
@@ -66,6 +74,12 @@ def main(argv=None) -> int:
     if args.command == "serve":
         return _serve(args, ModelError)
     try:
+        if args.command == "experiment":
+            from .merge import main as merge_main
+
+            merge_main(list(sys.argv[1:] if argv is None else argv)[2:], args.config, tuple(args.overrides),
+                       args.seeds, args.out, args.gpu)
+            return 0
         if args.command == "demo":
             from .demo import demo_config
 
