@@ -42,7 +42,7 @@ def test_demo_cli_applies_overrides(request, captured, installed):
     (cfg,) = captured
     assert (cfg.steps, cfg.lam, cfg.out_dir) == (3, 1.5, "elsewhere")
     # everything not overridden comes from the demo's settings, not from Config's generic defaults
-    assert cfg.teacher_context == demo.DEMO_DEFAULTS["teacher_context"] != config_mod.Config().teacher_context
+    assert cfg.teacher == demo.DEMO_DEFAULTS["teacher"] != config_mod.Config().teacher
     assert cfg.n_eval == demo.DEMO_DEFAULTS["n_eval"]
 
 
@@ -57,7 +57,7 @@ def test_demo_explicit_config_file(captured, tmp_path):
     assert cli.main(["demo", "--config", str(path), "--set", "n_eval=4"]) == 0
     cfg = captured[0]
     assert (cfg.steps, cfg.n_eval) == (5, 4)
-    assert cfg.teacher_context == config_mod.Config().teacher_context  # the file alone, no demo defaults
+    assert cfg.teacher == config_mod.Config().teacher  # the file alone, no demo defaults
 
 
 def test_demo_unknown_override_is_a_clear_error(captured, no_configs_dir, capsys):
@@ -93,7 +93,7 @@ def test_run_demo_end_to_end_on_tiny_models(tmp_path):
                                   "n_eval_kl=4", "max_new_tokens=4", "eval_max_new_tokens=4", "lr=0.01",
                                   "threads=1", "progress=false", f"out_dir={tmp_path}"))
     results = demo.run_demo(cfg)
-    assert list(results) == ["student before", "teacher (none in prompt)", "after OPD (lam=1)",
+    assert list(results) == ["student before", "teacher", "after OPD (lam=1)",
                              "after ExOPD (lam=1.25)"]
     out = json.loads((tmp_path / "demo.json").read_text())
     assert out["n_eval"] == 4 and set(out["differences_to_student_before"]) == set(list(results)[1:])

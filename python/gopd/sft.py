@@ -27,6 +27,7 @@ import torch
 from . import checkpoint
 from .data import Example
 from .progress import note
+from .scoring import padded_batch
 
 SFT_KEYS = frozenset({"sft", "ops", "steps", "lr", "batch_size", "seed"})
 DEFAULTS = dict(steps=40, lr=5e-5, batch_size=8, seed=0)
@@ -73,18 +74,13 @@ def cache_key(spec: dict, pairs: Sequence) -> str:
 
 def sft_loss(model, codec, batch) -> torch.Tensor:
     """Mean cross-entropy over the response tokens of `batch` [(prompt ids, target ids)], right-padded."""
-    seqs = [p + t for p, t in batch]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), codec.pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, ((p, t), s) in enumerate(zip(batch, seqs)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-        labels[i, len(p):len(s)] = torch.tensor(t)
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+    ids, mask = padded_batch([p + t for p, t in batch], codec.pad_id, device)
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(batch):
+        labels[i, len(p):len(p) + len(t)] = torch.tensor(t)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
 
 
