@@ -114,3 +114,20 @@ def test_resume_continues_exactly(runs):
     assert sorted(p for p in os.listdir(ckpts / "step-000002") if p.endswith(".distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]
     assert not (resumed / "checkpoint.pt").exists()
+
+
+def test_share_splits_the_global_batch_contiguously():
+    from gopd.distributed import World, share
+    shares = [list(share(7, World(r, 3))) for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [list(share(3, World(r, 2))) for r in range(2)] == [[0, 1], [2]]
+
+
+def test_settings_refused_under_torchrun():
+    from gopd.config import ConfigError
+    from gopd.distributed import World
+    from gopd.trainer import _check_distributed
+    with pytest.raises(ConfigError, match="batch_size 3 is less than the 4 ranks"):
+        _check_distributed(config_mod.load(SMOKE, ("batch_size=3",)), World(0, 4), None)
+    with pytest.raises(ConfigError, match="rollout_engine 'vllm' is not supported under torchrun"):
+        _check_distributed(config_mod.load(SMOKE, ("rollout_engine=vllm",)), World(0, 2), None)
