@@ -6,7 +6,8 @@
 
 Modules: config (dataclass + YAML), data (JSONL + synthetic tasks), models (loading, freezing, vocab
 checks), rollout (sampling engines), scoring (hidden states for the fused op), trainer (the loop),
-eval (pass@1 verifier), checkpoint (atomic save / resume), cli.
+eval (pass@1 verifier), checkpoint (atomic save / resume; sharded under torchrun), distributed (process
+group and rank helpers), sharded_student (the FSDP2 student and its sampling replica), cli.
 """
 
 from .config import Config, ConfigError

@@ -1,4 +1,7 @@
-"""Command line: ``gopd train | eval | demo | serve | experiment merge`` (also ``python -m gopd``)."""
+"""Command line: ``gopd train | eval | demo | serve | experiment merge`` (also ``python -m gopd``).
+
+``torchrun --nproc_per_node=N -m gopd train --config FILE`` trains data parallel (gopd.distributed); the
+other commands run in one process."""
 
 from __future__ import annotations
 
@@ -67,12 +70,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from . import config as config_mod
+    from . import distributed
     from .data import DataError
     from .models import ModelError
     from .served_teacher import ServedTeacherError
 
     if args.command == "serve":
         return _serve(args, ModelError)
+    if args.command != "train" and distributed.launched_by_torchrun():
+        print(f"gopd: error: `gopd {args.command}` runs in one process; only `gopd train` runs under torchrun "
+              "(WORLD_SIZE > 1)", file=sys.stderr)
+        return 2
     try:
         if args.command == "experiment":
             from .merge import main as merge_main
@@ -89,8 +97,10 @@ def main(argv=None) -> int:
         if args.command == "train":
             from .trainer import Trainer
 
-            rows = Trainer(cfg, resume=args.resume).train()
-            print(json.dumps(rows[-1]))
+            with distributed.process_group(cfg.device) as world:
+                rows = Trainer(cfg, resume=args.resume).train()
+            if world.is_main:
+                print(json.dumps(rows[-1]))
         elif args.command == "eval":
             from .trainer import Trainer
 

@@ -2,7 +2,10 @@
 
 ``RolloutEngine.generate(model, prompts, ...)`` takes prompt token id lists and returns a
 ``Rollouts``: response ids (ending at eos when it was sampled) and per-token log-probs
-log softmax(logits / T)[y] of the sampler. Two engines:
+log softmax(logits / T)[y] of the sampler. ``generator`` is one torch.Generator for the whole batch, or a
+list of one per prompt: then prompt i's tokens depend only on its own generator, not on which other prompts
+share the batch (the trainer seeds one per prompt of the global batch, so splitting the prompts over
+data-parallel ranks samples the same tokens as one process). Two engines:
 
 * ``hf`` (default): a plain KV-cache decoding loop on a transformers model, so sampling is seeded by
   our own torch.Generator and exactly reproducible; it shares the trainer's weights.
@@ -73,6 +76,11 @@ class HFRollout(RolloutEngine):
             logp = torch.log_softmax(logits / temperature, dim=-1)
             if greedy:
                 tok = logp.argmax(-1)
+            elif isinstance(generator, (list, tuple)):
+                # Every row draws each step, finished or not, so row i's j-th draw is the j-th of its own
+                # generator whatever the batch around it.
+                probs = logp.exp()
+                tok = torch.stack([torch.multinomial(probs[i], 1, generator=generator[i])[0] for i in range(b)])
             else:
                 tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
             lp = logp.gather(-1, tok[:, None]).squeeze(-1)
@@ -202,12 +210,15 @@ class VLLMEngine(RolloutEngine):
                                      generator=generator, progress=progress)
         # One seed per request, drawn from the trainer's step generator: a rerun samples the same
         # responses as far as vLLM's seeded sampling is reproducible.
-        base = None
-        if generator is not None and not greedy:
+        seeds = [None] * len(prompts)
+        if isinstance(generator, (list, tuple)) and not greedy:  # one generator per prompt
+            seeds = [int(torch.randint(0, 2**30, (1,), generator=g, device=g.device)) for g in generator]
+        elif generator is not None and not greedy:
             base = int(torch.randint(0, 2**30, (1,), generator=generator, device=generator.device))
+            seeds = [base + i for i in range(len(prompts))]
         params = [self.vllm.SamplingParams(n=1, temperature=0.0 if greedy else float(temperature),
-                                           max_tokens=max_new_tokens, logprobs=0,
-                                           seed=None if base is None else base + i, stop_token_ids=[eos_id])
+                                           max_tokens=max_new_tokens, logprobs=0, seed=seeds[i],
+                                           stop_token_ids=[eos_id])
                   for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=progress)
         responses, logprobs = [], []

@@ -15,6 +15,14 @@ One optimizer step:
      run under bf16 autocast when `bf16` is set;
   4. grad clipping, AdamW, LR schedule. A non-finite loss or gradient skips the step; `max_bad_steps`
      in a row stop the run.
+
+Under torchrun (WORLD_SIZE > 1, gopd.distributed) the same step runs data parallel: every rank draws the
+same global batch and takes its contiguous share of the prompts; prompt i of the global batch is sampled
+with its own generator seeded from (seed, step, i), so its tokens do not depend on how the prompts are
+split; the student is sharded with FSDP2 and scored through gopd.sharded_student (the loss inside the root
+FSDP forward); num_items_in_batch = (response tokens over all ranks) / W, so FSDP2's gradient average is
+the global token-mean's gradient; teachers and the reference are replicated. Rank 0 writes metrics, plots
+and the final model; checkpoints are sharded (gopd.checkpoint).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import yaml
 
 import gopd_kernels as gk
 
-from . import checkpoint, sft
+from . import checkpoint, distributed, sft
 from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
@@ -57,11 +65,17 @@ class Trainer:
         """student: an already loaded (model, tokenizer) to train instead of loading cfg.student (the
         demo loads SmolLM2 once for both arms); cfg.student still names it for the reference logic."""
         self.cfg = cfg
+        self.world = distributed.World.current()
+        if self.world.distributed:
+            _check_distributed(cfg, self.world, student)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        # The same seed on every rank: FSDP2 shards each rank's own copy of the student, and the frozen
+        # models are replicated, so every rank must build the same weights (checked below).
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        device = distributed.local_device(cfg.device)
+        self.device = torch.device(device)
         self.run_dir = cfg.out_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
@@ -81,7 +95,7 @@ class Trainer:
 
         # --- models: the student, a frozen copy of its initial weights as the default reference and as
         # the teacher when the teacher spec is the student's own (context distillation).
-        self.student, tok = student if student is not None else load_model(cfg.student, cfg.device)
+        self.student, tok = student if student is not None else load_model(cfg.student, device)
         self.codec = Codec(tok, cfg.system_prompt)
         self.student.train()
         initial = None
@@ -107,7 +121,7 @@ class Trainer:
                 return initial_copy()
             key = repr(spec)
             if key not in loaded:
-                model, other_tok = load_model(spec, cfg.device)
+                model, other_tok = load_model(spec, device)
                 check_same_vocab(name, tok, self.student, other_tok, model)
                 loaded[key] = freeze(model)
             return loaded[key]
@@ -128,6 +142,19 @@ class Trainer:
         if cfg.mode == "topk" and cfg.top_k > vocab:
             raise ConfigError(f"top_k {cfg.top_k} is more than the vocabulary ({vocab})")
         self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
+        # sampler: the model the rollouts and evaluations sample from. One process: the student itself.
+        # Under torchrun: a full replica refreshed from the FSDP2 shards (gopd.sharded_student), and
+        # policy, the FSDP2 root whose forward computes the student's loss.
+        self.sampler, self.policy = self.student, None
+        if self.world.distributed:
+            from .sharded_student import shard_student
+
+            for name, model in [("student", self.student), ("reference", self.reference),
+                                ("teacher", self.default_teacher), *self.teachers.items()]:
+                if isinstance(model, torch.nn.Module):
+                    distributed.check_replicas_agree(name, model, self.device)
+            self.sampler = frozen_copy(self.student)
+            self.policy = shard_student(self.student, self._autocast)
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         warm = max(0, cfg.warmup_steps)
@@ -135,20 +162,46 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self.bad_steps = 0
-        if resume and os.path.exists(self.ckpt_path):
-            state = checkpoint.load(self.ckpt_path, model=self.student, optimizer=self.optimizer,
-                                    scheduler=self.scheduler)
-            self.step, self.bad_steps = state["step"], state["bad_steps"]
-            self._truncate_metrics(self.step)
-        elif os.path.exists(self.metrics_path):
+        if resume and self._resume():
+            if self.world.is_main:
+                self._truncate_metrics(self.step)
+        elif os.path.exists(self.metrics_path) and self.world.is_main:
             os.remove(self.metrics_path)
         # An engine with its own copy of the weights (vllm) is refreshed lazily, before the next
         # generation after the weights changed (start, resume, each optimizer step).
         self._engine_stale = True
         if cfg.bf16 and not bf16_autocast_supported(self.device):
             note(f"bf16: autocast is not supported on {self.device}; training in float32")
-        with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
-            yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+        if self.world.is_main:
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
+                yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+        distributed.barrier()  # no rank starts before rank 0 has reset or truncated the metrics
+
+    def _resume(self) -> bool:
+        """Loads the run directory's checkpoint (this launch's format); False when there is none."""
+        sharded = checkpoint.latest_sharded(self.run_dir)
+        if self.world.distributed:
+            if sharded is None:
+                if os.path.exists(self.ckpt_path):
+                    raise ConfigError(f"--resume under torchrun: {self.run_dir} holds only {self.ckpt_path}, "
+                                      "written by a single-process run; resume it without torchrun")
+                return False
+            state = checkpoint.load_sharded(sharded, model=self.policy, optimizer=self.optimizer,
+                                            scheduler=self.scheduler)
+            if not state["rng_restored"] and self.world.is_main:
+                note(f"resume: the checkpoint was written by {state['world_size']} ranks, this run has "
+                     f"{self.world.size}; weights, optimizer and step are restored, the per-rank RNG states "
+                     "are not (the trainer's sampling and data order do not use them)")
+        elif os.path.exists(self.ckpt_path):
+            state = checkpoint.load(self.ckpt_path, model=self.student, optimizer=self.optimizer,
+                                    scheduler=self.scheduler)
+        elif sharded is not None:
+            raise ConfigError(f"--resume: {self.run_dir} holds a sharded checkpoint written under torchrun; "
+                              "resume it under torchrun")
+        else:
+            return False
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        return True
 
     # ------------------------------------------------------------------ helpers
     def teacher_for(self, domain: str):
@@ -169,6 +222,8 @@ class Trainer:
                     fh.write(json.dumps(row) + "\n")
 
     def log(self, row: dict) -> None:
+        if not self.world.is_main:
+            return
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -180,8 +235,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use)
 
     def _sync_engine(self) -> None:
+        """Collective under torchrun (the replica's refresh gathers the shards): every rank calls it."""
         if self._engine_stale:
-            self.engine.sync_weights(self.student)
+            if self.policy is not None:
+                from .sharded_student import sync_replica
+
+                sync_replica(self.sampler, self.student)
+            self.engine.sync_weights(self.sampler)
             self._engine_stale = False
 
     # ------------------------------------------------------------------ one step
@@ -189,15 +249,19 @@ class Trainer:
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 1_000_003 + step)
-        batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + step)
+        global_batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
+        mine = distributed.share(len(global_batch), self.world)
+        batch = [global_batch[i] for i in mine]
+        gens = [torch.Generator(device=self.device).manual_seed(prompt_seed(cfg.seed, step, i)) for i in mine]
         prompts = [self.codec.prompt_ids(ex) for ex in batch]
         self._sync_engine()
-        roll = self.engine.generate(self.student, prompts, max_new_tokens=cfg.max_new_tokens,
+        roll = self.engine.generate(self.sampler, prompts, max_new_tokens=cfg.max_new_tokens,
                                     eos_id=self.codec.eos_id, pad_id=self.codec.pad_id,
-                                    temperature=cfg.temperature, generator=gen, progress=cfg.progress)
+                                    temperature=cfg.temperature, generator=gens, progress=cfg.progress)
         t_roll = time.perf_counter() - t0
         n_tokens = sum(len(r) for r in roll.responses)
+        if self.world.distributed:  # every rank needs the global count: the token-mean's denominator
+            n_tokens = int(distributed.all_reduce([n_tokens], device=self.device)[0])
 
         # Micro-batches hold one domain each, so each fused call sees a single teacher head.
         by_domain = defaultdict(list)
@@ -222,12 +286,12 @@ class Trainer:
                                                                         frozen_states, old_lp)
             grad_norm = float("nan")
             if finite and n_tokens > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+                grad_norm = _clip_grad_norm(self.student.parameters(), cfg.grad_clip)
                 finite = math.isfinite(grad_norm)
             if update == 0:
                 old_lp = lp_now
                 row = dict(step=step, loss=loss_total if finite else float("nan"), n_tokens=n_tokens,
-                           response_len=n_tokens / len(batch), grad_norm=grad_norm,
+                           response_len=n_tokens / len(global_batch), grad_norm=grad_norm,
                            lr=self.scheduler.get_last_lr()[0])
                 row.update({name: sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in sums})
             else:
@@ -246,8 +310,11 @@ class Trainer:
         if not applied:
             row["skipped"] = True
         elapsed = time.perf_counter() - t0
+        peak = _peak_memory_mb(self.device)
+        if self.world.distributed:  # the slowest rank's time, the largest rank's memory
+            elapsed, t_roll, peak = distributed.all_reduce([elapsed, t_roll, peak], "max", self.device)
         row.update(time_s=elapsed, rollout_s=t_roll, tokens_per_s=n_tokens / max(elapsed, 1e-9),
-                   peak_mem_mb=_peak_memory_mb(self.device))
+                   peak_mem_mb=peak)
         self.step = step
         return row
 
@@ -256,21 +323,36 @@ class Trainer:
 
         frozen_states caches each group's teacher / reference hidden states across the updates of a
         batch; old_lp (one [n] tensor per group, or None on the first update) is PPO's lp_old.
-        Returns (summed loss, finite, diagnostic sums, the student's lp_s per group, detached)."""
-        cfg = self.cfg
+        Returns (summed loss, finite, diagnostic sums, the student's lp_s per group, detached); under
+        torchrun the loss, `finite` and the sums are those of the global batch (reduced over ranks)."""
+        cfg, world = self.cfg, self.world
         w_s, b_s = lm_head(self.student)
         sums, lp_now = defaultdict(float), []
         loss_total, finite = 0.0, True
-        bar = progress_bar(list(enumerate(groups)), progress=cfg.progress, desc="scoring")
-        for g, (dom, idx) in bar:
+        # FSDP2's all-gathers and reduce-scatters are collectives: every rank runs as many forwards and
+        # backwards as the rank with the most micro-batches, padding with zero-loss ones.
+        n_calls = len(groups)
+        if world.distributed:
+            n_calls = int(distributed.all_reduce([n_calls], "max", self.device)[0])
+        # num_items_in_batch: gradients are averaged over the W ranks, so each divides by N_global / W.
+        num_items = n_tokens / world.size if world.distributed else n_tokens
+        bar = progress_bar(list(range(n_calls)), progress=cfg.progress, desc="scoring")
+        for g in bar:
+            dom, idx = groups[g] if g < len(groups) else (None, [])
             resp = [roll.responses[i] for i in idx]
             if sum(map(len, resp)) == 0:
                 lp_now.append(None)
+                if self.policy is not None:
+                    eos = [self.codec.eos_id]
+                    self.policy([eos], [eos], pad_id=self.codec.pad_id, dummy=True).backward()
                 continue
             y = targets_of(resp, self.device)
             teacher = self.teacher_for(dom)
+            student_prompts = [prompts[i] for i in idx]
+            h_s = None
             with self._autocast():
-                h_s = response_hidden(self.student, [prompts[i] for i in idx], resp, self.codec.pad_id)
+                if self.policy is None:
+                    h_s = response_hidden(self.student, student_prompts, resp, self.codec.pad_id)
                 if g not in frozen_states:
                     with torch.no_grad():
                         t_prompts = [self.teacher_prompt(batch[i]) for i in idx]
@@ -280,8 +362,7 @@ class Trainer:
                             h_t = response_hidden(teacher, t_prompts, resp, self.codec.pad_id)
                         h_r = None
                         if self.reference is not None:
-                            h_r = response_hidden(self.reference, [prompts[i] for i in idx], resp,
-                                                  self.codec.pad_id)
+                            h_r = response_hidden(self.reference, student_prompts, resp, self.codec.pad_id)
                     frozen_states[g] = (h_t, h_r)
             h_t, h_r = frozen_states[g]
             served = isinstance(teacher, ServedTeacher)
@@ -301,16 +382,23 @@ class Trainer:
                 ref_kw = dict(ref_hidden=h_r.to(w_r.dtype), ref_weight=w_r, ref_bias=b_r)
             sampled = cfg.mode == "sampled"
             rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
-            out = gk.fused_linear_gopd_loss(
-                h_s.to(w_s.dtype), w_s, y, *t_head, student_bias=b_s, **t_kw, **ref_kw,
-                lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
+            options = dict(
+                **t_kw, **ref_kw, lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
                 old_logprobs=old_lp[g] if (sampled and old_lp is not None) else None,
                 clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
-                num_items_in_batch=n_tokens, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+                num_items_in_batch=num_items, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+            if self.policy is None:
+                out = gk.fused_linear_gopd_loss(h_s.to(w_s.dtype), w_s, y, *t_head, student_bias=b_s, **options)
+            else:  # the student's forward and the loss inside the FSDP2 root's forward (sharded_student)
+                out = self.policy(student_prompts, resp, y, t_head[0], teacher_weight=t_head[1],
+                                  pad_id=self.codec.pad_id, **options)
             lp_now.append(out.lp_s.detach())
             if not torch.isfinite(out.loss):
                 finite = False
-                break
+                if self.policy is None:
+                    break
+                # Under torchrun the backward still runs (its reduce-scatter is a collective); the step
+                # is then skipped on every rank, as `finite` is reduced below.
             out.loss.backward()
             loss_total += float(out.loss.detach())
             for name in DIAGNOSTICS:
@@ -318,6 +406,14 @@ class Trainer:
                 if value is not None:
                     sums[name] += float(value.double().sum())
         bar.close()
+        if world.distributed:
+            present = [float(name in sums) for name in DIAGNOSTICS]
+            reduced = distributed.all_reduce([loss_total, float(not finite)] + [sums[n] for n in DIAGNOSTICS]
+                                             + present, device=self.device)
+            k = len(DIAGNOSTICS)
+            # Each rank's loss is its token-loss sum / (N_global / W): their mean is the global token-mean.
+            loss_total, finite = reduced[0] / world.size, reduced[1] == 0
+            sums = {n: reduced[2 + j] for j, n in enumerate(DIAGNOSTICS) if reduced[2 + k + j] > 0}
         return loss_total, finite, sums, lp_now
 
     def _served_scores(self, teacher: ServedTeacher, t_prompts, resp):
@@ -331,7 +427,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
         self._sync_engine()
-        return evaluate(self.student, self.codec, self.engine, self.eval_set,
+        return evaluate(self.sampler, self.codec, self.engine, self.eval_set,
                         max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
                         verifier=self.cfg.verifier, desc="eval student")
 
@@ -343,7 +439,7 @@ class Trainer:
         in self.last_outcomes (domain -> list of bools, in eval-set order) for paired comparisons."""
         self._sync_engine()
         self.last_outcomes = {dom: [] for dom in self.eval_domains()}
-        return {dom: evaluate(self.student, self.codec, self.engine,
+        return {dom: evaluate(self.sampler, self.codec, self.engine,
                               [ex for ex in self.eval_set if ex.domain == dom],
                               max_new_tokens=self.cfg.eval_max_new_tokens, progress=self.cfg.progress,
                               verifier=self.cfg.verifier, desc=f"eval student[{dom}]",
@@ -363,7 +459,7 @@ class Trainer:
             teacher = teacher_of(dom) if teacher_of else self.teacher_for(dom)
             if isinstance(teacher, ServedTeacher):
                 continue  # the metric scores with the teacher's own forward; a served one has none here
-            out[dom] = kl_to_teacher(self.student, teacher, self.codec, self.engine, subset,
+            out[dom] = kl_to_teacher(self.sampler, teacher, self.codec, self.engine, subset,
                                      max_new_tokens=cfg.max_new_tokens, teacher_prompt_fn=self.teacher_prompt,
                                      temperature=cfg.temperature, seed=cfg.seed + 2)
         return out
@@ -371,8 +467,13 @@ class Trainer:
     def evaluation(self) -> dict:
         """The metrics of one evaluation point: accuracy (pass@1 on the held-out set), and with n_eval_kl
         > 0 kl_to_teacher (token-mean over the domains' questions, each domain weighted by its question
-        count); with several domains also per-domain values."""
+        count); with several domains also per-domain values. Under torchrun rank 0 evaluates (on its full
+        replica of the student) and the other ranks return {} (every rank must call this: it refreshes
+        the replica)."""
+        self._sync_engine()
         row = {}
+        if not self.world.is_main:
+            return row
         by_dom = self.accuracy_by_domain()
         sizes = {dom: sum(ex.domain == dom for ex in self.eval_set) for dom in by_dom}
         row["accuracy"] = sum(by_dom[d] * sizes[d] for d in by_dom) / max(1, sum(sizes.values()))
@@ -405,6 +506,10 @@ class Trainer:
         return out
 
     def save(self) -> None:
+        if self.policy is not None:
+            checkpoint.save_sharded(self.run_dir, model=self.policy, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, step=self.step, bad_steps=self.bad_steps)
+            return
         checkpoint.save(self.ckpt_path, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
                         step=self.step, bad_steps=self.bad_steps)
 
@@ -413,7 +518,7 @@ class Trainer:
         rows = []
         if self.step == 0 and cfg.eval_at_start:
             row = dict(step=0, **self.evaluation())
-            if cfg.eval_teachers:
+            if cfg.eval_teachers and self.world.is_main:
                 row["teacher_accuracy"] = self.evaluate_teachers()
             self.log(row)
             rows.append(row)
@@ -438,12 +543,42 @@ class Trainer:
                 self.save()
         bar.close()
         if cfg.save_final_model:
-            self.student.save_pretrained(os.path.join(self.run_dir, "final"))
-            tok = self.codec.tok
-            if hasattr(tok, "save_pretrained"):
-                tok.save_pretrained(os.path.join(self.run_dir, "final"))
-        plot_metrics(self.metrics_path, os.path.join(self.run_dir, "metrics.png"))
+            self._sync_engine()  # under torchrun: the full weights, gathered into the replica
+            if self.world.is_main:
+                self.sampler.save_pretrained(os.path.join(self.run_dir, "final"))
+                tok = self.codec.tok
+                if hasattr(tok, "save_pretrained"):
+                    tok.save_pretrained(os.path.join(self.run_dir, "final"))
+        if self.world.is_main:
+            plot_metrics(self.metrics_path, os.path.join(self.run_dir, "metrics.png"))
+        distributed.barrier()  # the run's files are complete when any rank returns
         return rows
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the generator that samples prompt `index` of step `step`'s global batch: a function of
+    (seed, step, index) only, so a rank's share of the batch does not change what a prompt samples."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) % 2**63
+
+
+def _clip_grad_norm(parameters, max_norm: float) -> float:
+    """clip_grad_norm_, returning the total norm before clipping as a float. Under FSDP2 the gradients
+    are DTensor shards and so is the norm; full_tensor() reduces it to the global norm on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def _check_distributed(cfg: Config, world, student) -> None:
+    """Settings the data-parallel trainer does not support, refused before anything is loaded."""
+    if cfg.rollout_engine != "hf":
+        raise ConfigError(f"rollout_engine {cfg.rollout_engine!r} is not supported under torchrun; "
+                          "use rollout_engine: hf")
+    if cfg.batch_size < world.size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is less than the {world.size} ranks: every rank "
+                          "needs at least one prompt per step")
+    if student is not None:
+        raise ConfigError("a preloaded student cannot be trained under torchrun (each rank loads cfg.student)")
 
 
 def bf16_autocast_supported(device: torch.device) -> bool:
