@@ -7,9 +7,8 @@ reference pi_r, once with lam = 1 (OPD) and once with lam = 1.25 (ExOPD), for ea
 the sampling only: questions (``data_seed``), experts and held-out evaluation are the same in every arm.
 
 Reported per domain, on the same held-out questions: pass@1 of the base student, of each expert, and of
-the merged students (mean over seeds; 95% Wilson interval on the pooled per-question outcomes), and the
-paired 95% intervals of merged - own expert and ExOPD - OPD (pooled over seeds, each seed's outcomes
-paired with the other model's on the same questions). The paper's claim, in this setting, is that the
+the merged students (each question's outcome averaged over the seeds), with 95% Wilson intervals over the
+questions, and the paired 95% intervals of merged - own expert and ExOPD - OPD, question by question. The paper's claim, in this setting, is that the
 merged student reaches or passes each expert on the expert's own domain, and that ExOPD does better than
 OPD. Writes merge.json (everything, the command and the wall times) and merge.png.
 """
@@ -111,31 +110,31 @@ def _mean(xs) -> float:
 
 
 def _summarize(outcomes: dict, domains: List[str], seeds: Sequence[int]) -> dict:
-    """Per domain: each model's pass@1 (pooled over seeds for the merged arms) with its Wilson interval;
-    merged - own expert and ExOPD - OPD as paired differences with 95% intervals; the verdicts."""
+    """Per domain: each model's pass@1 with a 95% Wilson interval over the domain's questions; for the
+    merged arms the per-question outcome is averaged over the seeds first (the question is the unit: the
+    seeds re-sample the same questions, they do not add new ones). merged - own expert and ExOPD - OPD are
+    paired differences per question with 95% intervals; the verdicts."""
     arms = {"merged OPD (lam=1)": [f"merged lam=1 seed={s}" for s in seeds],
             "merged ExOPD (lam=1.25)": [f"merged lam=1.25 seed={s}" for s in seeds]}
     singles = [k for k in outcomes if not k.startswith("merged")]
     table = {}
     lines = [f"{'domain':6s} {'model':26s} {'pass@1':>7s} {'95% CI':>13s}"]
     for dom in domains:
+        per_question = {name: [float(x) for x in outcomes[name][dom]] for name in singles}
+        for arm, names in arms.items():
+            per_question[arm] = [sum(float(outcomes[n][dom][q]) for n in names) / len(names)
+                                 for q in range(len(outcomes[names[0]][dom]))]
         rows = {}
-        for name in singles:
-            xs = outcomes[name][dom]
-            rows[name] = dict(accuracy=_mean(xs), ci95=wilson_interval(_mean(xs), len(xs)), n=len(xs))
-        for arm, names in arms.items():
-            xs = [x for n in names for x in outcomes[n][dom]]
-            rows[arm] = dict(accuracy=_mean(xs), ci95=wilson_interval(_mean(xs), len(xs)), n=len(xs),
-                             per_seed=[_mean(outcomes[n][dom]) for n in names])
+        for name, xs in per_question.items():
+            rows[name] = dict(accuracy=_mean(xs), ci95=wilson_interval(_mean(xs), len(xs)), n_questions=len(xs))
+            if name in arms:
+                rows[name]["per_seed"] = [_mean(outcomes[n][dom]) for n in arms[name]]
         own = f"expert[{dom}]"
-        comparisons = {}
-        for arm, names in arms.items():
-            merged = [x for n in names for x in outcomes[n][dom]]
-            d, half = paired_difference(merged, outcomes[own][dom] * len(names))
-            comparisons[f"{arm} - {own}"] = _verdict(d, half, "passes", "below", "level with")
-        d, half = paired_difference([x for n in arms["merged ExOPD (lam=1.25)"] for x in outcomes[n][dom]],
-                                    [x for n in arms["merged OPD (lam=1)"] for x in outcomes[n][dom]])
-        comparisons["ExOPD - OPD"] = _verdict(d, half, "ExOPD better", "OPD better", "no significant difference")
+        comparisons = {f"{arm} - {own}": _verdict(*paired_difference(per_question[arm], per_question[own]),
+                                                  "passes", "below", "level with") for arm in arms}
+        comparisons["ExOPD - OPD"] = _verdict(*paired_difference(per_question["merged ExOPD (lam=1.25)"],
+                                                                 per_question["merged OPD (lam=1)"]),
+                                              "ExOPD better", "OPD better", "no significant difference")
         table[dom] = dict(models=rows, comparisons=comparisons)
         for name, r in rows.items():
             lo, hi = r["ci95"]
