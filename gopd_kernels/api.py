@@ -15,8 +15,8 @@ from . import _validate as check
 from . import backends
 from . import topk as topk_mod
 from ._output import GOPDOutput
-from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, RowConfig
-from .backends import LP_S
+from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, OnchipFusedLinearRows, RowConfig
+from .backends import LP_S, ONCHIP
 from .objective import full_loss_from_stats, stat_free_gradients, token_objective
 
 # fp32 bytes of logits a fused-linear chunk may hold (all heads together); see default_chunk_size.
@@ -236,6 +236,11 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     rank order, the same rows for the three heads; hidden states and targets (global ids) are the same on
     every rank. Every rank gets the same loss and diagnostics, the full student_hidden gradient and the
     gradient of its own weight slice. Every rank must make the call.
+
+    backend="triton_onchip" (CUDA, or CPU tensors under TRITON_INTERPRET=1): the kernels of
+    gopd_kernels/triton/onchip.py, which keep the logit tiles on chip instead of writing each chunk's logits
+    (chunk_size is then unused); modes "full" and "sampled", no biases, no vocab_parallel_group, not
+    under torch.compile. Never chosen by "auto": not measured on a GPU yet.
     """
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
@@ -254,6 +259,10 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
                         ignore_index=ignore_index, others=dict(teacher_hidden=teacher_hidden,
                                                                teacher_logprobs=teacher_logprobs,
                                                                ref_logprobs=ref_logprobs, old_logprobs=old_logprobs))
+    onchip = backend == ONCHIP
+    if onchip:
+        _check_onchip(mode, vocab_parallel_group, student_bias=student_bias, teacher_bias=teacher_bias,
+                      ref_bias=ref_bias)
     if mode == "topk":
         if vocab_parallel_group is not None:
             raise ValueError("vocab_parallel_group: not supported with mode='topk' yet; use mode='full' or "
@@ -276,7 +285,11 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
                            per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
                                                  old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
     _check_chunk(chunk_size)
-    module = backends.get(backends.resolve(backend, student_hidden.device))
+    module = backends.get(backends.resolve("triton" if onchip else backend, student_hidden.device))
+    if onchip:
+        _onchip_devices(student_hidden=student_hidden, student_weight=student_weight, targets=targets,
+                        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, ref_hidden=ref_hidden,
+                        ref_weight=ref_weight)
     cfg, global_vocab = _row_config(module, lam, temps, ignore_index, vocab, student_hidden.device,
                                     vocab_parallel_group, [w for w in (teacher_weight, ref_weight) if w is not None])
     check.targets_in_range(targets, global_vocab, ignore_index)
@@ -298,7 +311,7 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
     heads = (flat(student_hidden), student_weight, student_bias, flat(teacher_hidden), teacher_weight,
              teacher_bias, flat(ref_hidden), ref_weight, ref_bias)
 
-    if reduction != "none" and not check.compiling():
+    if reduction != "none" and not check.compiling() and not onchip:
         # Gradient in forward: the objective is row-local, so each chunk's per-token gradients are
         # known once its statistics are; backward only scales by the upstream scalar. Not under
         # torch.compile: the hand-over of a gradient computed in forward (and the autograd.grad that
@@ -326,9 +339,33 @@ def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidd
         return GOPDOutput(loss=loss.to(dt), **{k: (None if v is None else v.reshape(lead).to(dt))
                                               for k, v in diagnostics.items()})
 
-    lp_s, full, stats = FusedLinearRows.apply(*heads, y, cfg, vocab, chunk)
+    if onchip:
+        lp_s, full, stats = OnchipFusedLinearRows.apply(*heads[0:2], *heads[3:5], *heads[6:8], y, cfg, vocab)
+    else:
+        lp_s, full, stats = FusedLinearRows.apply(*heads, y, cfg, vocab, chunk)
     per_token, diagnostics = token_objective(lp_s, full, stats, valid, **options, **extras)
     return _in_dtype(_finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch), dt)
+
+
+def _check_onchip(mode, group, **biases):
+    """What backend="triton_onchip" does not take, each named in its error."""
+    if mode not in ("full", "sampled"):
+        raise ValueError(f"mode: backend={ONCHIP!r} supports mode='full' and 'sampled', got {mode!r}; use "
+                         "backend='triton' for mode='topk'")
+    if group is not None:
+        raise ValueError(f"vocab_parallel_group: not supported with backend={ONCHIP!r}; use backend='triton'")
+    for name, b in biases.items():
+        if b is not None:
+            raise ValueError(f"{name}: backend={ONCHIP!r} takes no LM-head bias yet; use backend='triton'")
+    if check.compiling():
+        raise RuntimeError(f"backend={ONCHIP!r} cannot be traced by torch.compile yet (its kernels are not "
+                           "custom ops); use backend='triton' in a compiled graph")
+
+
+def _onchip_devices(**tensors):
+    from .backends import triton as triton_backend
+
+    triton_backend._check_device(**tensors)
 
 
 def _row_config(module, lam, temps, ignore_index, vocab, device, group, other_weights):
@@ -388,12 +425,21 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
     _check_chunk(chunk_size)
     vocab = weight.shape[0]
     check.same_device("hidden", hidden, targets=targets)
-    module = backends.get(backends.resolve(backend, hidden.device))
+    onchip = backend == ONCHIP
+    if onchip:
+        _check_onchip("full", vocab_parallel_group, bias=bias)
+    module = backends.get(backends.resolve("triton" if onchip else backend, hidden.device))
+    if onchip:
+        _onchip_devices(hidden=hidden, weight=weight, targets=targets)
     cfg, global_vocab = _row_config(module, 1.0, (float(temperature),) * 3, ignore_index, vocab, hidden.device,
                                     vocab_parallel_group, [])
     check.targets_in_range(targets, global_vocab, ignore_index)
     y = targets.reshape(-1).to(torch.int64).contiguous()
     chunk = chunk_size or default_chunk_size(y.shape[0], vocab, 1, hidden.device)
-    lp, _full, _stats = FusedLinearRows.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None,
-                                              None, None, None, None, y, cfg, vocab, chunk)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if onchip:
+        lp, _full, _stats = OnchipFusedLinearRows.apply(h2, weight, None, None, None, None, y, cfg, vocab)
+    else:
+        lp, _full, _stats = FusedLinearRows.apply(h2, weight, bias, None, None, None, None, None, None, y, cfg,
+                                                  vocab, chunk)
     return lp.reshape(lead).to(check.math_dtype(hidden, weight, bias))

@@ -438,3 +438,53 @@ class FusedLinearLoss(torch.autograd.Function):
             out.append(grad.to(dtype))
         del grads
         return (*out, *(None,) * 13)
+
+
+def _onchip_heads(hs, ws, ht, wt, hr, wr):
+    """The heads as the on-chip kernels take them: each head's hidden and weight in one dtype (tl.dot
+    takes one), all in fp64 when the math dtype is (_validate.math_dtype). A head whose pair already
+    shares a dtype is passed as it is (no copy); otherwise both are up-cast to the math dtype, never
+    rounded down."""
+    dtype = math_dtype(hs, ws, ht, wt, hr, wr)
+
+    def prep(h, w):
+        if h is None or (h.dtype == w.dtype and (dtype != torch.float64 or h.dtype == dtype)):
+            return h, w
+        return h.to(dtype), w.to(dtype)
+
+    return (*prep(hs, ws), *prep(ht, wt), *prep(hr, wr))
+
+
+class OnchipFusedLinearRows(torch.autograd.Function):
+    """backend="triton_onchip": the outputs of FusedLinearRows (lp_s, L, stats) from the kernels of
+    gopd_kernels/triton/onchip.py, which form the logit tiles on chip: no [N, V] or [chunk, V] tensor.
+    Backward recomputes the tiles (the upstream gradient is per token); with a scalar loss the same
+    path is taken (no gradient in forward: it would need the per-token gradients inside the kernel's
+    pass, or a second pass). No biases (the op checks). Gradients reach the student's hidden and weight."""
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx, hs, ws, ht, wt, hr, wr, targets, cfg: RowConfig, vocab: int):
+        from .triton import onchip
+
+        stats, _zy = onchip.onchip_forward(*_onchip_heads(hs, ws, ht, wt, hr, wr), targets, cfg.ts, cfg.tt,
+                                           cfg.tr, cfg.ignore_index, vocab=vocab)
+        ctx.cfg, ctx.vocab = cfg, vocab
+        ctx.set_materialize_grads(False)  # an unused L (sampled mode) arrives as None: see backward
+        ctx.save_for_backward(hs, ws, ht, wt, hr, wr, targets, stats)
+        ctx.mark_non_differentiable(stats)
+        return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, g_lp, g_loss, _g_stats):
+        from .triton import onchip
+
+        hs, ws, ht, wt, hr, wr, targets, stats = ctx.saved_tensors
+        cfg = ctx.cfg
+        dh, dw = onchip.onchip_backward(
+            *_onchip_heads(hs, ws, ht, wt, hr, wr), targets, stats, _grad_or_zeros(g_lp, stats[0]),
+            _grad_or_zeros(g_loss, stats[0]), cfg.lam, cfg.ts, cfg.tt, cfg.tr, cfg.ignore_index, vocab=ctx.vocab,
+            need_full=g_loss is not None)  # no upstream L gradient (sampled mode): teacher / reference unread
+        need_h, need_w = ctx.needs_input_grad[:2]
+        return (dh.to(hs.dtype) if need_h else None, dw.to(ws.dtype) if need_w else None) + (None,) * 7

@@ -70,6 +70,11 @@ LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
 NSTATS = 9
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+# Not a row-contract backend: the fused-linear kernels that keep logit tiles on chip
+# (gopd_kernels/triton/onchip.py), taken by fused_linear_gopd_loss / fused_linear_logprobs only when
+# named. resolve("auto") never returns it: auto may pick it only once a GPU measurement shows it faster
+# than the chunked triton path (none exists yet).
+ONCHIP = "triton_onchip"
 _MODULES: dict = {}  # name -> module, filled by get (a dict lookup is what torch.compile traces)
 
 _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` (or `make test`)"
@@ -77,6 +82,9 @@ _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` 
 
 def get(name: str):
     """Return the backend module `name`, or raise a ValueError saying why it cannot run here."""
+    if name == ONCHIP:
+        raise ValueError(f"backend={ONCHIP!r} is a fused-linear kernel: it works with fused_linear_gopd_loss and "
+                         f"fused_linear_logprobs only; on logits use one of {BACKENDS}")
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
     module = _MODULES.get(name)
