@@ -6,6 +6,7 @@ reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full 
                        its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
                        device's copy bandwidth measured in the same run.
   fused/triton-3h      fused_linear_gopd_loss, backend="triton", student + teacher + reference heads
+  fused/onchip-3h      the same with backend="triton_onchip" (logit tiles kept on chip; not picked by auto)
   fused/triton-2h      the same with student + teacher only (lam = 1), Liger's setting
   eager/torch-3h       logits = (h @ W.T).float() per head, then gopd_kernels.reference.gopd_loss
   compile/torch-3h     torch.compile of that eager function
@@ -166,8 +167,14 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
             out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode=mode, backend="triton")
             return _backward(out2.loss, hs, ws)
 
+        def onchip3():
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode,
+                                             backend="triton_onchip")
+            return _backward(out3.loss, hs, ws)
+
         out["fused/triton-3h"] = (fused3, {})
         out["fused/triton-2h"] = (fused2, {})
+        out["fused/onchip-3h"] = (onchip3, {})
 
         def logits_variant():
             # Logit-level kernel on materialised bf16 logits, built only when this variant runs so
@@ -257,6 +264,11 @@ def run(shapes, which, reps, dtype, modes=("full",)):
                 row.update(seconds=None, error="OOM")
                 if ON_GPU:
                     torch.cuda.empty_cache()
+            except Exception as exc:  # one broken variant must not cost the rest of a GPU lease's numbers
+                row.update(seconds=None, error=f"{type(exc).__name__}: {exc}"[:400])
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
             else:
                 row.update(seconds=seconds, peak_extra_mib=None if peak is None else round(peak / 2 ** 20, 1))
                 if loss is not None:  # same value across variants with the same heads: a sanity check
@@ -300,6 +312,7 @@ def summarize(rows, copy_gb_per_s):
         out.append(dict(
             model=model, n=n, v=v, d=d, mode=mode,
             fused3h_over_gemm_floor=ratio(got.get("fused/triton-3h"), got.get("floor/gemm-3h")),
+            onchip3h_over_fused3h=ratio(got.get("fused/onchip-3h"), got.get("fused/triton-3h")),
             liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
             eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
             compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),

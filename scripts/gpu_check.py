@@ -51,9 +51,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3 = "qwen3-4b"
 TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_triton_backend.py", "tests/test_backends.py",
-              "tests/test_mixed_precision.py", "tests/test_compile.py"]
+              "tests/test_mixed_precision.py", "tests/test_compile.py", "tests/test_triton_onchip.py"]
 # --quick: every CUDA / Triton test, and of the cross-backend file the ones that involve them.
-QUICK_K = "cuda or triton or gemm_out_dtype or tensor_core"
+QUICK_K = "cuda or triton or gemm_out_dtype or tensor_core or onchip or float64_reference"
 
 
 def plan(args, out: Path, facts):
@@ -270,7 +270,8 @@ def table(report):
         lines.append(f"{s['name']:<7} {s['status']:<8} {s['seconds']:>8.1f}  {detail[:150]}")
     rows = (report.get("bench") or {}).get("rows") or []
     if rows:
-        names = [("fused/triton-3h", "fused3h"), ("fused/triton-2h", "fused2h"), ("logits/triton", "logits"),
+        names = [("fused/triton-3h", "fused3h"), ("fused/onchip-3h", "onchip3h"), ("fused/triton-2h", "fused2h"),
+                 ("logits/triton", "logits"),
                  ("eager/torch-3h", "eager3h"), ("compile/torch-3h", "compile3h"), ("liger/jsd-2h", "liger2h"),
                  ("floor/gemm-3h", "floor3h")]
         lines.append("bench, ms per forward + backward (bf16):")
