@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ..backends import NSTATS
+from .rows import _not_finite, _split  # one hi/lo split and finiteness test for both
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite initial running max (as rows.py): no -inf - -inf
 
@@ -186,18 +187,6 @@ def _onchip_forward_kernel(
     if HAS_R:
         _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, 2, 5, 8, 2,
                      m_r, S_r, R_r, A_r, S_s, zy_r, y_ok)
-
-
-@triton.jit
-def _split(x, ACC: tl.constexpr):
-    """An fp64 statistic as hi + lo in ACC (lo = 0 for fp64, and for +-inf; NaN stays NaN)."""
-    hi = x.to(ACC)
-    return hi, tl.where(hi.to(tl.float64) == x, 0.0, x - hi.to(tl.float64)).to(ACC)
-
-
-@triton.jit
-def _not_finite(x):
-    return (x != x) | (tl.abs(x) == float("inf"))
 
 
 @triton.jit

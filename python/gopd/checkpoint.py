@@ -33,12 +33,16 @@ def save(path: str, *, model, optimizer, scheduler, step: int, bad_steps: int) -
 
 def atomic_save(obj, path: str) -> None:
     """torch.save(obj) to `path` through a temp file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb", ".ckpt-")
+
+
+def _atomic_write(path: str, write, mode: str, prefix: str) -> None:
+    """write(file) into a temp file beside `path`, fsync, rename over `path`; the temp file goes on failure."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=prefix, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -79,17 +83,7 @@ def _rng_key(rank: int) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".latest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, lambda fh: fh.write(text), "w", ".latest-")
 
 
 def _fsync_dir(folder: str) -> None:
