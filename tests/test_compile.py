@@ -151,3 +151,29 @@ def test_inductor_step_on_cuda_matches_eager(backend):
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_resolution_is_a_constant_to_dynamo():
+    """backends.resolve carries the mark torch.compiler.assume_constant_result sets (set by hand so that
+    importing gopd_kernels does not import Dynamo), and a compiled call with backend="auto" is one graph."""
+    probe = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(probe) == {"_dynamo_marked_constant": True}, "torch changed how it marks a constant function"
+    assert vars(backends.resolve).items() >= vars(probe).items()
+    zs, zt, zr, y = _row_args()
+
+    def loss(zs, y, zt, zr):
+        return gk.gopd_loss(zs, y, zt, zr, lam=1.25, mode="full", backend="auto").loss
+
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(zs, y, zt, zr),
+                               loss(zs, y, zt, zr), rtol=1e-5, atol=1e-6)
+
+
+def test_import_does_not_load_dynamo():
+    """`import gopd_kernels` stays cheap: Dynamo (about as slow to import as torch itself) loads only when
+    the user compiles."""
+    import subprocess
+    import sys
+
+    code = "import sys, gopd_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

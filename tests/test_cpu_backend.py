@@ -403,116 +403,112 @@ def test_fused_linear_16bit_heads_match_reference(dt_s, dt_t, reduction, mode):
     assert max_err(out.lp_t, ref.lp_t) <= 1e-5 * (1 + float(ref.lp_t.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_isa_paths_agree(tmp_path, dtype):
-    """The kernels are built for the baseline x86-64 ISA, AVX2 and AVX-512 and picked at run time; every
-    path this CPU can run must give the same result to rounding.
+ISAS = ("baseline", "avx2", "avx512")
+_TINY_FLOOR = 2.0**-100
 
-    GOPD_CPU_ISA caps the ISA in a fresh process (the choice is made once per process); a cap above what
-    the CPU has runs the best the CPU has, so on an AVX2-only CPU the avx512 run repeats avx2."""
+
+def _tiny_case(dtype):
+    """Rows spread over ~95 nats: columns with p ~ 1e-37 and float64 gradients from ~1e-30 down into
+    fp32's subnormal range (test_tiny_gradient_entries_are_zero_on_every_isa_path)."""
+    n, v = 4, 4001
+    ramp = -torch.linspace(0.0, 95.0, v, dtype=torch.float64)
+    zs = torch.stack([ramp.roll(17 * i) for i in range(n)])
+    low = [z.to(getattr(torch, dtype)) for z in (zs, zs.flip(1) * 0.5, zs * 1.1)]
+    return dict(logits=low, y=torch.tensor([0, 5, 9, 4000]), temps=(1.0, 1.0, 1.0), lam=1.25,
+                g_lp=torch.full((n,), 3e-4), g_loss=torch.full((n,), 1.0 / 2048))
+
+
+def _isa_cases():
+    cases = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        zs, zt, zr, y = make_problem(13, 2101, seed=7, dtype=getattr(torch, dtype), inf_cols=2)
+        cases[f"agree-{dtype}"] = dict(logits=(zs, zt, zr), y=y, temps=(0.9, 1.0, 1.1), lam=1.25,
+                                       g_lp=torch.ones(13), g_loss=torch.linspace(-1, 1, 13))
+    zs, zt, zr, _ = make_problem(6, 333, seed=3, dtype=torch.float32, inf_cols=2)
+    zs[0, 17] = zt[1, 100] = zr[2, 332] = float("nan")
+    cases["nan"] = dict(logits=(zs, zt, zr), y=torch.arange(6) * 7, temps=(1.0, 1.0, 1.0), lam=1.25,
+                        g_lp=torch.ones(6), g_loss=torch.ones(6))
+    for dtype in ("float32", "bfloat16"):
+        cases[f"tiny-{dtype}"] = _tiny_case(dtype)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def isa_runs(tmp_path_factory):
+    """{isa: {case: dict(st, g, st2, o)}}: every ISA case below, run in one fresh process per ISA cap.
+
+    The kernels are built for the baseline x86-64 ISA, AVX2 and AVX-512 and picked at run time;
+    GOPD_CPU_ISA caps the ISA of a process; a cap above what the CPU has runs the best the CPU has, so
+    on an AVX2-only CPU the avx512 run repeats avx2."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers import make_problem; "
-        "from gopd_kernels.backends import cpu; dt = getattr(torch, sys.argv[3]); "
-        "zs, zt, zr, y = make_problem(13, 2101, seed=7, dtype=dt, inf_cols=2); "
-        "st = cpu.rows_forward(zs, zt, zr, y, 0.9, 1.0, 1.1, -100); "
-        "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, 1.1, "
-        "-100, torch.empty_like(zs)); o = torch.empty_like(zs); "
-        "st2 = cpu.rows_forward_backward(zs, zt, zr, y, torch.ones(13), torch.linspace(-1, 1, 13), 1.25, 0.9, 1.0, "
-        "1.1, -100, o); assert torch.equal(st, st2) and torch.equal(g, o), 'together != separate'; "
-        "torch.save((st, g.float()), sys.argv[1])"
-    )
-    here = str(__import__("pathlib").Path(__file__).parent)
-    results = {}
-    for isa in ("baseline", "avx2", "avx512"):
-        path = tmp_path / f"{isa}.pt"
-        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
-        subprocess.run([sys.executable, "-c", script, str(path), here, dtype], check=True, env=env, timeout=120)
-        results[isa] = torch.load(path)
-    s0, g0 = results["baseline"]
+    tmp = tmp_path_factory.mktemp("isa")
+    torch.save(_isa_cases(), tmp / "cases.pt")
+    worker = Path(__file__).with_name("isa_worker.py")
+    runs = {}
+    for isa in ISAS:
+        subprocess.run([sys.executable, str(worker), str(tmp / "cases.pt"), str(tmp / f"{isa}.pt")],
+                       check=True, env=dict(os.environ, GOPD_CPU_ISA=isa), timeout=300)
+        runs[isa] = torch.load(tmp / f"{isa}.pt")
+    return runs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_isa_paths_agree(isa_runs, dtype):
+    """Every ISA path this CPU can run gives the same result to rounding, and its fused forward-backward
+    the same bits as its separate forward and backward."""
+    results = {isa: isa_runs[isa][f"agree-{dtype}"] for isa in ISAS}
+    for isa, r in results.items():
+        assert torch.equal(r["st"], r["st2"]) and torch.equal(r["g"], r["o"]), f"{isa}: together != separate"
+    s0, g0 = results["baseline"]["st"], results["baseline"]["g"].float()
     # One ulp of the gradient's dtype, relative to the row's largest entry (summation order and the
     # exp polynomial's rounding differ between paths; the math does not).
     ulp = {"float32": 1e-6, "bfloat16": 8e-3, "float16": 1e-3}[dtype]
     for isa in ("avx2", "avx512"):
-        s1, g1 = results[isa]
+        s1, g1 = results[isa]["st"], results[isa]["g"].float()
         assert torch.isfinite(s1).all(), isa
         assert max_err(s0, s1) <= 1e-5 * (1 + float(s1.abs().max())), isa
         assert max_err(g0, g1) <= ulp * (1 + float(g1.abs().max())), isa
 
 
-def test_nan_logits_propagate_on_every_isa_path(tmp_path):
+def test_nan_logits_propagate_on_every_isa_path(isa_runs):
     """A NaN logit makes its row's statistics NaN (never a silently finite value from a clamped exp) on
     every ISA path, and leaves the other rows, -inf columns included, finite."""
-    import subprocess
-    import sys
-
-    script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers import make_problem; "
-        "from gopd_kernels.backends import cpu; "
-        "zs, zt, zr, y = make_problem(6, 333, seed=3, dtype=torch.float32, inf_cols=2); "
-        "y = torch.arange(6) * 7; zs[0, 17] = zt[1, 100] = zr[2, 332] = float('nan'); "
-        "st = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, -100); "
-        "g = cpu.rows_backward(zs, zt, zr, y, st, torch.ones(6), torch.ones(6), 1.25, 1.0, 1.0, 1.0, -100, "
-        "torch.empty_like(zs)); torch.save((st, g), sys.argv[1])"
-    )
-    here = str(__import__("pathlib").Path(__file__).parent)
-    for isa in ("baseline", "avx2", "avx512"):
-        path = tmp_path / f"{isa}.pt"
-        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
-        subprocess.run([sys.executable, "-c", script, str(path), here], check=True, env=env, timeout=120)
-        st, g = torch.load(path)
-        lse_s, lse_t, lse_r = 0, 1, 2
-        assert st[lse_s, 0].isnan() and st[lse_t, 1].isnan() and st[lse_r, 2].isnan(), isa
-        assert g[:3].isnan().any(1).all(), isa
-        assert torch.isfinite(st[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
+    lse_s, lse_t, lse_r = 0, 1, 2
+    for isa in ISAS:
+        r = isa_runs[isa]["nan"]
+        for st, g in ((r["st"], r["g"]), (r["st2"], r["o"])):
+            assert st[lse_s, 0].isnan() and st[lse_t, 1].isnan() and st[lse_r, 2].isnan(), isa
+            assert g[:3].isnan().any(1).all(), isa
+            assert torch.isfinite(st[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tiny_gradient_entries_are_zero_on_every_isa_path(tmp_path, dtype):
-    """Rows spread over ~95 nats have columns with p ~ 1e-37 and float64 gradients from ~1e-30 down into
-    fp32's subnormal range: every ISA path writes the entries below 2^-100 as 0 (they would put subnormals
-    into the GEMMs that consume the gradient, which x86 runs many-fold slower) and every other entry as
-    before, so the error stays within 2^-100 of the truth plus plain torch's own error in the dtype."""
-    import subprocess
-    import sys
-
-    floor = 2.0**-100
-    n, v = 4, 4001
-    ramp = -torch.linspace(0.0, 95.0, v, dtype=torch.float64)
-    zs = torch.stack([ramp.roll(17 * i) for i in range(n)])
-    zt, zr = zs.flip(1) * 0.5, zs * 1.1
-    y = torch.tensor([0, 5, 9, 4000])
-    g_lp, g_loss = torch.full((n,), 3e-4, dtype=torch.float64), torch.full((n,), 1.0 / 2048, dtype=torch.float64)
-    low = [z.to(getattr(torch, dtype)) for z in (zs, zt, zr)]
-    path_in = tmp_path / "in.pt"
-    torch.save((low, y, g_lp.float(), g_loss.float()), path_in)
-    hi = [z.double() for z in low]
-    truth = tb.rows_forward(*hi, y, 1.0, 1.0, 1.0, IGN)
-    g_truth = tb.rows_backward(*hi, y, truth, g_lp, g_loss, 1.25, 1.0, 1.0, 1.0, IGN, torch.empty_like(hi[0]))
+def test_tiny_gradient_entries_are_zero_on_every_isa_path(isa_runs, dtype):
+    """Gradients from ~1e-30 down into fp32's subnormal range (_tiny_case): every ISA path writes the
+    entries below 2^-100 as 0 (they would put subnormals into the GEMMs that consume the gradient, which
+    x86 runs many-fold slower) and every other entry as before, so the error stays within 2^-100 of the
+    truth plus plain torch's own error in the dtype."""
+    floor = _TINY_FLOOR
+    c = _tiny_case(dtype)
+    hi = [z.double() for z in c["logits"]]
+    g_lp, g_loss = c["g_lp"].double(), c["g_loss"].double()
+    truth = tb.rows_forward(*hi, c["y"], 1.0, 1.0, 1.0, IGN)
+    g_truth = tb.rows_backward(*hi, c["y"], truth, g_lp, g_loss, 1.25, 1.0, 1.0, 1.0, IGN, torch.empty_like(hi[0]))
     below = (g_truth != 0) & (g_truth.abs() < floor)
     tiny = torch.finfo(torch.float32).tiny
     # The case really has entries on both sides of FLT_MIN below the floor, and kept ones just above it.
     assert (below & (g_truth.abs() < tiny)).sum() > 50 and (below & (g_truth.abs() > tiny)).sum() > 50
     assert ((g_truth.abs() >= 2 * floor) & (g_truth.abs() < 2.0**-90)).sum() > 20
-    _, g_base = _plain_in_dtype(*low, y, (1.0, 1.0, 1.0), 1.25, g_lp, g_loss)
+    _, g_base = _plain_in_dtype(*c["logits"], c["y"], (1.0, 1.0, 1.0), 1.25, g_lp, g_loss)
     torch_err = max_err(g_base, g_truth)
-    script = (
-        "import sys, torch; from gopd_kernels.backends import cpu; "
-        "(zs, zt, zr), y, glp, gl = torch.load(sys.argv[2]); "
-        "st = cpu.rows_forward(zs, zt, zr, y, 1.0, 1.0, 1.0, -100); "
-        "g = cpu.rows_backward(zs, zt, zr, y, st, glp, gl, 1.25, 1.0, 1.0, 1.0, -100, torch.empty_like(zs)); "
-        "o = torch.empty_like(zs); "
-        "cpu.rows_forward_backward(zs, zt, zr, y, glp, gl, 1.25, 1.0, 1.0, 1.0, -100, o); "
-        "torch.save((g, o), sys.argv[1])"
-    )
     kept = g_truth.abs() >= 2 * floor
-    for isa in ("baseline", "avx2", "avx512"):
-        path = tmp_path / f"{isa}.pt"
-        env = dict(__import__("os").environ, GOPD_CPU_ISA=isa)
-        subprocess.run([sys.executable, "-c", script, str(path), str(path_in)], check=True, env=env, timeout=120)
-        for g in torch.load(path):
+    for isa in ISAS:
+        r = isa_runs[isa][f"tiny-{dtype}"]
+        for g in (r["g"], r["o"]):
             g64 = g.double()
             assert not ((g64 != 0) & (g64.abs() < floor)).any(), f"{isa}: entries below 2^-100 written"
             assert (g64[below] == 0).all(), isa

@@ -107,7 +107,15 @@ def is_available(name: str) -> bool:
     return True
 
 
-@_torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its cost: that function imports torch._dynamo
+    (about half of `import gopd_kernels`'s time) only to set this one attribute, which Dynamo reads when
+    it meets the function while tracing. tests/test_compile.py checks torch's decorator still sets it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve(name: str, device) -> str:
     """Map backend="auto" to a concrete backend for tensors on `device`, and check it can run here.
 
