@@ -26,7 +26,8 @@ def _run(script, *args, timeout=300):
 def test_bench_loss_quick(tmp_path):
     need("triton")
     out = tmp_path / "loss.json"
-    _run("bench_loss.py", "--quick", "--variants", "triton,eager,floor", "--reps", "1", "--out", str(out))
+    _run("bench_loss.py", "--quick", "--shapes", "tiny=300:32:16", "--variants", "triton,eager,floor", "--reps", "1",
+         "--out", str(out))
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["rows"]}
     for name in ("fused/triton-3h", "logits/triton", "eager/torch-3h", "floor/gemm-3h"):

@@ -14,7 +14,7 @@ need("gguf")
 
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
-from gopd.models import smollm2_path  # noqa: E402
+from gopd.models import _converted_gguf, load_model, smollm2_path  # noqa: E402
 
 
 def test_smollm2_file_is_found_without_importing_the_carrier():
@@ -40,3 +40,32 @@ def test_smollm2_gguf_one_step(tmp_path):
     # The teacher sees the solution in its prompt, so it scores the student's tokens differently.
     assert row["lp_t"] != row["lp_r"]
     assert not head.detach().equal(before)
+
+
+def test_gguf_is_converted_once_and_loads_the_same_model():
+    """The converted copy (a plain fp32 transformers folder in the user's cache) holds the GGUF file's
+    weights, each equal to the gguf package's own de-quantization of that tensor, and its tokenizer."""
+    import gguf
+    import numpy as np
+    import torch
+
+    folder, kwargs = _converted_gguf(smollm2_path())
+    assert kwargs == {} and os.path.exists(os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json")) as f:
+        assert "quantization_config" not in f.read()  # a plain model, not one marked GGUF-quantized
+    model, tok = load_model("smollm2")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    reader = gguf.GGUFReader(smollm2_path())
+    tensors = {t.name: t for t in reader.tensors}
+    weights = model.state_dict()
+    for name, key in (("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"),
+                      ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight")):
+        t = tensors[name]
+        want = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        assert torch.equal(weights[key], want.reshape(weights[key].shape)), name
+    field = reader.fields["tokenizer.ggml.tokens"]
+    vocab = [bytes(field.parts[i]).decode() for i in field.data]
+    ids = tok.encode("What is 3 + 4? 3 + 4 = 7")
+    assert tok.convert_ids_to_tokens(ids) == [vocab[i] for i in ids]
+    eos = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert tok.eos_token_id == int(eos.parts[eos.data[0]][0])
