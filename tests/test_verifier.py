@@ -8,7 +8,8 @@ from gopd.eval import is_correct_strict, verify
 
 @pytest.mark.parametrize("text, answer", [
     ("8", "8"), (" 8.\n", "8"), ("\\boxed{8}", "8"), ("7 + 1 = 8", "8"), ("7+1=8.", "8"),
-    ("12 - 20 = -8", "-8"), ("109", "109"),
+    ("12 - 20 = -8", "-8"), ("109", "109"), ("2 + 3 * 4 = 14", "14"), ("12--3 = 15", "15"), ("007 + 1 = 8", "8"),
+    ("7 / 2 = 3.5", "3.5"), ("20 - 4 - 3 = 13", "13"),
 ])
 def test_strict_accepts_just_the_answer(text, answer):
     assert is_correct_strict(text, answer) and verify(text, answer, "strict")
@@ -19,6 +20,7 @@ def test_strict_accepts_just_the_answer(text, answer):
     ("The answer is 8.", "8"),                  # a number inside prose
     ("8 apples", "8"), ("x = 8", "8"), ("8 = 8", "8"), ("7 + 1 = 8 = 8", "8"), ("8..", "8"),
     ("7 + 1 = 9", "8"), ("", "8"), ("To solve this, 7 + 1 = 8", "8"),
+    ("7 + 2 = 8", "8"), ("2 + 3 * 4 = 20", "20"), ("20 - 4 - 3 = 19", "19"), ("8 / 0 = 8", "8"),  # false equations
 ])
 def test_strict_rejects_anything_else(text, answer):
     assert not is_correct_strict(text, answer)

@@ -3,10 +3,11 @@
 Two verifiers (config `verifier`):
   lenient  the \\boxed{...} content if present, else the last number anywhere in the response;
   strict   the whole response (surrounding whitespace and one final period aside) is the answer and
-           nothing else: a bare number, a lone \\boxed{number}, or one equation whose left side is only
-           numbers and + - * / (the question restated) and whose right side is the number ("7 + 1 = 8").
-           "8 apples", "The answer is 8.", "7 + 1 = 8, so 8" or "7 + 1 = 8\\n\\nThis is..." are wrong: no
-           number is taken from inside other text.
+           nothing else: a bare number, a lone \\boxed{number}, or one true equation whose left side is
+           only numbers and + - * / (the question restated) and whose right side is the number
+           ("7 + 1 = 8"). "8 apples", "The answer is 8.", "7 + 1 = 8, so 8", "7 + 1 = 8\\n\\nThis is..." and
+           "7 + 2 = 8" are wrong: no number is taken from inside other text, and the left side must
+           evaluate (usual precedence) to the right side.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .progress import progress_bar
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_STRICT = re.compile(rf"\s*(?:\\boxed\{{\s*({_NUMBER})\s*\}}|(?:{_NUMBER}(?:\s*[-+*/]\s*{_NUMBER})+\s*=\s*)?({_NUMBER}))\.?\s*")
+_STRICT = re.compile(rf"\s*(?:\\boxed\{{\s*({_NUMBER})\s*\}}|(?:({_NUMBER}(?:\s*[-+*/]\s*{_NUMBER})+)\s*=\s*)?({_NUMBER}))\.?\s*")
 VERIFIERS = ("lenient", "strict")
 
 
@@ -48,11 +49,32 @@ def is_correct_strict(text: str, answer: str) -> bool:
     m = _STRICT.fullmatch(text)
     if m is None:
         return False
-    got = m.group(1) or m.group(2)
+    boxed, lhs, got = m.groups()
     try:
-        return abs(float(got) - float(answer)) < 1e-6
+        if abs(float(boxed or got) - float(answer)) >= 1e-6:
+            return False
     except ValueError:
         return False
+    return lhs is None or abs(_arithmetic(lhs) - float(got)) < 1e-6
+
+
+def _arithmetic(text: str) -> float:
+    """Value of numbers joined by + - * / with the usual precedence (the strict pattern admits nothing
+    else: a number, then operator and number pairs); nan on division by zero."""
+    text = re.sub(r"\s+", "", text)
+    first = _NUM.match(text)
+    terms, signs, pos = [float(first.group())], [], first.end()
+    while pos < len(text):
+        op, num = text[pos], _NUM.match(text, pos + 1)
+        x, pos = float(num.group()), num.end()
+        if op == "*":
+            terms[-1] *= x
+        elif op == "/":
+            terms[-1] = terms[-1] / x if x != 0 else float("nan")
+        else:
+            signs.append(1.0 if op == "+" else -1.0)
+            terms.append(x)
+    return terms[0] + sum(s * t for s, t in zip(signs, terms[1:]))
 
 
 def verify(text: str, answer: str, verifier: str = "lenient") -> bool:
