@@ -13,6 +13,12 @@ reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full 
   liger/jsd-2h         Liger's LigerFusedLinearJSDLoss(beta=1, soft loss only), student + teacher heads
   floor/gemm-3h, -2h   the GEMMs alone (forward logits of every head, dH and dW of the student) timed in
                        the same run: the time no fused-linear loss can beat.
+Forward only (scoring one head without gradient, as a teacher or reference is scored; timed once per shape):
+  score/triton-1h      fused_linear_logprobs under no_grad, backend="triton" (chunked logits)
+  score/onchip-1h      the same, backend="triton_onchip": where keeping logits on chip can pay, since the
+                       forward alone needs no recompute (fwd + bwd recomputes the tiles: docs/design.md §5.6)
+  score/torch-1h       log_softmax of (h @ W.T).float(), gathered at the targets
+  floor/gemm-1h-fwd    the one GEMM h @ W.T
 
 Each row also records the loss value as a sanity check. Variants with the same heads agree up to
 the rounding of the logits: the fused-linear kernels compute fp32 logits from bf16 inputs, while
@@ -150,9 +156,21 @@ def eager_loss(hs, ws, ht, wt, hr, wr, y, mode="full"):
     return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode=mode).loss
 
 
+def _scorer(h, w, y, backend):
+    """Forward only: the sum of one head's target log-probs, with a fused backend or (None) eager torch."""
+    def score():
+        with torch.no_grad():
+            if backend is None:
+                lp = torch.log_softmax((h @ w.T).float(), -1).gather(-1, y.clamp(min=0)[:, None])[:, 0]
+                return torch.where(y == -100, 0.0, lp).sum()
+            return gk.fused_linear_logprobs(h, w, y, backend=backend).sum()
+    return score
+
+
 def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
-    """name -> (callable running forward + backward, extra facts), or a zero-argument factory of that.
-    The GEMM floor does not depend on the mode: with_floor=False leaves it out (timed for one mode only)."""
+    """name -> (callable running forward + backward, or forward alone for score/*, extra facts), or a
+    zero-argument factory of that. The GEMM floor and the forward-only scoring do not depend on the mode:
+    with_floor=False leaves them out (timed for one mode only)."""
     hs = h[0].detach().requires_grad_(True)
     ws = w[0].detach().requires_grad_(True)
     ht, wt, hr, wr = h[1], w[1], h[2], w[2]
@@ -175,6 +193,9 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
         out["fused/triton-3h"] = (fused3, {})
         out["fused/triton-2h"] = (fused2, {})
         out["fused/onchip-3h"] = (onchip3, {})
+        if with_floor:  # forward-only scoring does not depend on the mode either
+            for backend in ("triton", "triton_onchip"):
+                out[f"score/{backend.replace('triton_', '')}-1h"] = (_scorer(ht, wt, y, backend), {})
 
         def logits_variant():
             # Logit-level kernel on materialised bf16 logits, built only when this variant runs so
@@ -196,6 +217,8 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
 
         if "eager" in which:
             out["eager/torch-3h"] = (eager, {})
+            if with_floor:
+                out["score/torch-1h"] = (_scorer(ht, wt, y, None), {})
         if "compile" in which:
             compiled = torch.compile(eager_loss)
 
@@ -233,6 +256,7 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
         flops_per_head = 2 * n * v * d
         out["floor/gemm-3h"] = (gemms(3), {"flops": flops_per_head * 5})
         out["floor/gemm-2h"] = (gemms(2), {"flops": flops_per_head * 4})
+        out["floor/gemm-1h-fwd"] = (lambda: (h[1] @ w[1].T, None)[1], {"flops": flops_per_head})
     return out
 
 
@@ -316,6 +340,8 @@ def summarize(rows, copy_gb_per_s):
             liger2h_over_fused2h=ratio(got.get("liger/jsd-2h"), got.get("fused/triton-2h")),
             eager3h_over_fused3h=ratio(got.get("eager/torch-3h"), got.get("fused/triton-3h")),
             compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),
+            score_onchip_over_chunked=ratio(got.get("score/onchip-1h"), got.get("score/triton-1h")),
+            score_chunked_over_gemm=ratio(got.get("score/triton-1h"), got.get("floor/gemm-1h-fwd")),
             logits_bandwidth_fraction_of_copy=(logits["effective_gb_per_s"] / copy_gb_per_s
                                                if logits and copy_gb_per_s else None)))
     return out

@@ -292,7 +292,11 @@ def table(report):
             lines.append(f"  {s['model']} N={s['n']} {s.get('mode', 'full')}: fused3h / GEMM floor "
                          f"{fmt(s.get('fused3h_over_gemm_floor'))}, Liger2h / fused2h {fmt(s.get('liger2h_over_fused2h'))}, "
                          f"eager3h / fused3h {fmt(s.get('eager3h_over_fused3h'))}, logits bandwidth / copy "
-                         f"{fmt(s.get('logits_bandwidth_fraction_of_copy'))}")
+                         f"{fmt(s.get('logits_bandwidth_fraction_of_copy'))}, onchip3h / fused3h "
+                         f"{fmt(s.get('onchip3h_over_fused3h'))}")
+            if s.get("score_chunked_over_gemm") is not None:
+                lines.append(f"    forward-only scoring, 1 head: chunked / GEMM {fmt(s.get('score_chunked_over_gemm'))}, "
+                             f"onchip / chunked {fmt(s.get('score_onchip_over_chunked'))}")
         if report["bench"].get("copy_gb_per_s"):
             lines.append(f"  copy bandwidth {report['bench']['copy_gb_per_s']:.0f} GB/s")
     return "\n".join(lines)

@@ -30,8 +30,13 @@ def test_bench_loss_quick(tmp_path):
          "--out", str(out))
     data = json.loads(out.read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    for name in ("fused/triton-3h", "logits/triton", "eager/torch-3h", "floor/gemm-3h"):
+    for name in ("fused/triton-3h", "fused/onchip-3h", "logits/triton", "eager/torch-3h", "floor/gemm-3h",
+                 "score/triton-1h", "score/onchip-1h", "score/torch-1h", "floor/gemm-1h-fwd"):
         assert name in rows and rows[name]["seconds"] > 0, name
+    # Implementations of the same thing agree (the fused kernels round the logits less than eager torch).
+    assert math.isclose(rows["fused/onchip-3h"]["loss"], rows["fused/triton-3h"]["loss"], rel_tol=1e-4)
+    assert math.isclose(rows["score/onchip-1h"]["loss"], rows["score/triton-1h"]["loss"], rel_tol=1e-4)
+    assert math.isclose(rows["score/torch-1h"]["loss"], rows["score/triton-1h"]["loss"], rel_tol=1e-2)
     # The logit-level triton op and eager torch compute the same loss on the same bf16 logits.
     assert math.isclose(rows["logits/triton"]["loss"], rows["eager/torch-3h"]["loss"], rel_tol=1e-4)
     assert data["quick"] is True and "not a performance number" in data["timer"]

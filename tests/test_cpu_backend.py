@@ -480,10 +480,10 @@ def test_nan_logits_propagate_on_every_isa_path(isa_runs):
     lse_s, lse_t, lse_r = 0, 1, 2
     for isa in ISAS:
         r = isa_runs[isa]["nan"]
-        for st, g in ((r["st"], r["g"]), (r["st2"], r["o"])):
-            assert st[lse_s, 0].isnan() and st[lse_t, 1].isnan() and st[lse_r, 2].isnan(), isa
+        for stats, g in ((r["st"], r["g"]), (r["st2"], r["o"])):
+            assert stats[lse_s, 0].isnan() and stats[lse_t, 1].isnan() and stats[lse_r, 2].isnan(), isa
             assert g[:3].isnan().any(1).all(), isa
-            assert torch.isfinite(st[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
+            assert torch.isfinite(stats[:, 3:]).all() and torch.isfinite(g[3:]).all(), isa
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

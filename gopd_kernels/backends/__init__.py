@@ -63,8 +63,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch as _torch  # not `torch`: that name is the submodule gopd_kernels.backends.torch
-
 # Row indices of the stats tensor returned by rows_forward.
 LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
 NSTATS = 9

@@ -63,7 +63,8 @@ _WARPS = 8
 
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
-                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_F32: tl.constexpr):
     """(H[rows] W[cols]^T) * (1 / T) as a [BLOCK_N, BLOCK_V] tile in ACC; rows >= N / cols >= V read 0."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     dk = tl.arange(0, BLOCK_D)
@@ -74,6 +75,9 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, N, V, D, stride_hn, stride_hd, stride_
         kmask = kk[None, :] < D
         h = tl.load(h_ptr + rows[:, None] * stride_hn + kk[None, :] * stride_hd, mask=rmask & kmask, other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_wv + kk[None, :] * stride_wd, mask=cmask & kmask, other=0.0)
+        if DOT_F32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         if h.dtype == tl.float32:
             # Exact fp32 products: tf32 (Triton's default for fp32) would keep 10 mantissa bits.
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
@@ -118,7 +122,7 @@ def _onchip_forward_kernel(
     s_hn, s_hd, s_wv, s_wd, t_hn, t_hd, t_wv, t_wd, r_hn, r_hd, r_wv, r_wd,
     stride_stat, params_ptr, ignore_index,
     HAS_T: tl.constexpr, HAS_R: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = rows < N
@@ -152,7 +156,7 @@ def _onchip_forward_kernel(
         inb = (cols < V)[None, :]
         is_y = cols[None, :] == y[:, None]
         s = _logit_tile(hs_ptr, ws_ptr, rows, cols, N, V, D_s, s_hn, s_hd, s_wv, s_wd, inv_ts,
-                        ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                        ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
         s = tl.where(inb, s, float("-inf"))
         tile_max = tl.max(s, axis=1)
         m_s_new = tl.maximum(m_s, tile_max)
@@ -167,13 +171,13 @@ def _onchip_forward_kernel(
         zy_s += tl.sum(tl.where(is_y, s, 0.0), axis=1)
         if HAS_T:
             t = _logit_tile(ht_ptr, wt_ptr, rows, cols, N, V, D_t, t_hn, t_hd, t_wv, t_wd, inv_tt,
-                            ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                            ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
             t = tl.where(inb, t, float("-inf"))
             m_t, S_t, R_t, A_t, zy_t = _cross_update(m_t, S_t, R_t, A_t, zy_t, t, s, tile_max, w, up_s, alpha,
                                                      S_s_old, is_y)
         if HAS_R:
             r = _logit_tile(hr_ptr, wr_ptr, rows, cols, N, V, D_r, r_hn, r_hd, r_wv, r_wd, inv_tr,
-                            ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                            ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
             r = tl.where(inb, r, float("-inf"))
             m_r, S_r, R_r, A_r, zy_r = _cross_update(m_r, S_r, R_r, A_r, zy_r, r, s, tile_max, w, up_s, alpha,
                                                      S_s_old, is_y)
@@ -196,7 +200,7 @@ def _onchip_backward_kernel(
     s_hn, s_hd, s_wv, s_wd, t_hn, t_hd, t_wv, t_wd, r_hn, r_hd, r_wv, r_wd,
     stride_stat, stride_dhn, stride_dwv, params_ptr, ignore_index,
     USE_T: tl.constexpr, USE_R: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < V
@@ -220,7 +224,7 @@ def _onchip_backward_kernel(
         g_loss = tl.load(gloss_ptr + rows, mask=valid, other=0.0).to(ACC)
         loss = e_s  # L (fp64), only for the rule on undefined rows
         s = _logit_tile(hs_ptr, ws_ptr, rows, cols, N, V, D_s, s_hn, s_hd, s_wv, s_wd, inv_ts,
-                        ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                        ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
         p = tl.exp((s - hi_s[:, None]) - lo_s[:, None])
         d = (s - khi_s[:, None]) - klo_s[:, None]  # c(v) - L, term by term
         if USE_T:
@@ -228,14 +232,14 @@ def _onchip_backward_kernel(
             khi_t, klo_t = _split(tl.load(stats_ptr + 1 * stride_stat + rows, mask=valid, other=0.0) + e_t, ACC)
             loss -= lam * e_t
             t = _logit_tile(ht_ptr, wt_ptr, rows, cols, N, V, D_t, t_hn, t_hd, t_wv, t_wd, inv_tt,
-                            ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                            ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
             d -= c_t * ((t - khi_t[:, None]) - klo_t[:, None])
         if USE_R:
             e_r = tl.load(stats_ptr + 8 * stride_stat + rows, mask=valid, other=0.0)
             khi_r, klo_r = _split(tl.load(stats_ptr + 2 * stride_stat + rows, mask=valid, other=0.0) + e_r, ACC)
             loss -= (1.0 - lam) * e_r
             r = _logit_tile(hr_ptr, wr_ptr, rows, cols, N, V, D_r, r_hn, r_hd, r_wv, r_wd, inv_tr,
-                            ACC, BLOCK_N, BLOCK_V, BLOCK_D)
+                            ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
             d -= c_r * ((r - khi_r[:, None]) - klo_r[:, None])
         bad = _not_finite(g_lp) | _not_finite(g_loss) | ((g_loss != 0.0) & _not_finite(loss)) | _not_finite(lse_s)
         bad = bad & valid
@@ -254,6 +258,10 @@ def _onchip_backward_kernel(
             # 16-bit heads: dz is rounded to the input dtype once, as the chunked path does, so these
             # products run on tensor cores with fp32 accumulation.
             dzc = dz.to(h.dtype)
+            if DOT_F32:  # exact up-casts: the same products, the same fp32 accumulation
+                dzc = dzc.to(tl.float32)
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
             if h.dtype == tl.float32:
                 dw_part = tl.dot(tl.trans(dzc), h, input_precision="ieee", out_dtype=ACC)
                 dh_part = tl.dot(dzc, w, input_precision="ieee", out_dtype=ACC)
@@ -265,6 +273,13 @@ def _onchip_backward_kernel(
             # This program owns these dW rows: a plain read-add-write in a fixed order (no atomics).
             tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw_part, mask=dw_mask)
             tl.atomic_add(dh_ptr + rows[:, None] * stride_dhn + kk[None, :], dh_part, mask=rmask[:, None] & kmask)
+
+
+def _dot_f32(hs):
+    """Whether to up-cast 16-bit tiles to fp32 before tl.dot: for bf16 under Triton's interpreter (CPU
+    tensors), whose dot multiplies bf16's raw bit patterns as integers (numpy has no bf16). bf16 -> fp32 is
+    exact, so the products and their fp32 accumulation are the tensor cores'."""
+    return hs.device.type == "cpu" and hs.dtype == torch.bfloat16
 
 
 def _acc(dtype):
@@ -322,7 +337,7 @@ def onchip_forward(hs, ws, ht, wt, hr, wr, targets, ts, tt, tr, ignore_index, *,
         n, v, s_args[2], t_args[2], r_args[2], *s_args[3:], *t_args[3:], *r_args[3:],
         stats.stride(0), _params(hs.device, ts, tt, tr, 0.0), ignore_index,
         HAS_T=ht is not None, HAS_R=hr is not None, ACC=acc_tl,
-        BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], num_warps=_WARPS,
+        BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], DOT_F32=_dot_f32(hs), num_warps=_WARPS,
         enable_fp_fusion=False,  # see rows.py's _NO_FMA: differences of scaled logits must use one rounding
     )
     return stats, zy
@@ -356,7 +371,8 @@ def onchip_backward(hs, ws, ht, wt, hr, wr, targets, stats, g_lp, g_loss, lam, t
         n, v, s_args[2], t_args[2], r_args[2], *s_args[3:], *t_args[3:], *r_args[3:],
         stats.stride(0), dh.stride(0), dw.stride(0), _params(hs.device, ts, tt, tr, lam), ignore_index,
         USE_T=need_full and ht is not None and lam != 0.0, USE_R=need_full and hr is not None and lam != 1.0,
-        ACC=acc_tl, BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], num_warps=_WARPS,
+        ACC=acc_tl, BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], DOT_F32=_dot_f32(hs),
+        num_warps=_WARPS,
         enable_fp_fusion=False,  # see rows.py's _NO_FMA
     )
     return dh, dw
