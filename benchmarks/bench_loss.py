@@ -18,6 +18,7 @@ Forward only (scoring one head without gradient, as a teacher or reference is sc
   score/onchip-1h      the same, backend="triton_onchip": where keeping logits on chip can pay, since the
                        forward alone needs no recompute (fwd + bwd recomputes the tiles: docs/design.md §5.6)
   score/torch-1h       log_softmax of (h @ W.T).float(), gathered at the targets
+  score/onchip-1h@BNxBVxBD  the on-chip forward kernel alone at other tiles than its default
   floor/gemm-1h-fwd    the one GEMM h @ W.T
 
 Each row also records the loss value as a sanity check. Variants with the same heads agree up to
@@ -156,6 +157,20 @@ def eager_loss(hs, ws, ht, wt, hr, wr, y, mode="full"):
     return R.gopd_loss(zs, y, zt, zr, lam=LAM if zr is not None else 1.0, mode=mode).loss
 
 
+# Tiles (tokens x vocabulary x hidden) the on-chip forward is also timed at; the default is onchip.BLOCKS.
+ONCHIP_TILES = [(64, 64, 32), (64, 128, 32), (128, 64, 32)]
+
+
+def _onchip_tiles(h, w, y, bn, bv, bd):
+    from gopd_kernels.triton import onchip
+
+    def score():
+        stats, _ = onchip.onchip_forward(h, w, None, None, None, None, y, 1.0, 1.0, 1.0, -100,
+                                         blocks=dict(block_n=bn, block_v=bv, block_d=bd))
+        return stats[3].sum()  # the row contract's lp_s
+    return score
+
+
 def _scorer(h, w, y, backend):
     """Forward only: the sum of one head's target log-probs, with a fused backend or (None) eager torch."""
     def score():
@@ -196,6 +211,8 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
         if with_floor:  # forward-only scoring does not depend on the mode either
             for backend in ("triton", "triton_onchip"):
                 out[f"score/{backend.replace('triton_', '')}-1h"] = (_scorer(ht, wt, y, backend), {})
+            for bn, bv, bd in ONCHIP_TILES:  # the on-chip forward kernel alone at other tiles (not tuned yet)
+                out[f"score/onchip-1h@{bn}x{bv}x{bd}"] = (_onchip_tiles(ht, wt, y, bn, bv, bd), {})
 
         def logits_variant():
             # Logit-level kernel on materialised bf16 logits, built only when this variant runs so
@@ -342,6 +359,8 @@ def summarize(rows, copy_gb_per_s):
             compile3h_over_fused3h=ratio(got.get("compile/torch-3h"), got.get("fused/triton-3h")),
             score_onchip_over_chunked=ratio(got.get("score/onchip-1h"), got.get("score/triton-1h")),
             score_chunked_over_gemm=ratio(got.get("score/triton-1h"), got.get("floor/gemm-1h-fwd")),
+            score_onchip_ms_by_tile={name.partition("@")[2] or "default": r["seconds"] * 1e3
+                                     for name, r in got.items() if name.startswith("score/onchip-1h")} or None,
             logits_bandwidth_fraction_of_copy=(logits["effective_gb_per_s"] / copy_gb_per_s
                                                if logits and copy_gb_per_s else None)))
     return out

@@ -297,6 +297,9 @@ def table(report):
             if s.get("score_chunked_over_gemm") is not None:
                 lines.append(f"    forward-only scoring, 1 head: chunked / GEMM {fmt(s.get('score_chunked_over_gemm'))}, "
                              f"onchip / chunked {fmt(s.get('score_onchip_over_chunked'))}")
+            if s.get("score_onchip_ms_by_tile"):
+                lines.append("    on-chip forward ms by tile: " + ", ".join(
+                    f"{tile} {ms:.2f}" for tile, ms in s["score_onchip_ms_by_tile"].items()))
         if report["bench"].get("copy_gb_per_s"):
             lines.append(f"  copy bandwidth {report['bench']['copy_gb_per_s']:.0f} GB/s")
     return "\n".join(lines)

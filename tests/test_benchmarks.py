@@ -37,6 +37,8 @@ def test_bench_loss_quick(tmp_path):
     assert math.isclose(rows["fused/onchip-3h"]["loss"], rows["fused/triton-3h"]["loss"], rel_tol=1e-4)
     assert math.isclose(rows["score/onchip-1h"]["loss"], rows["score/triton-1h"]["loss"], rel_tol=1e-4)
     assert math.isclose(rows["score/torch-1h"]["loss"], rows["score/triton-1h"]["loss"], rel_tol=1e-2)
+    tiles = [r for name, r in rows.items() if name.startswith("score/onchip-1h@")]
+    assert len(tiles) == 3 and all(math.isclose(r["loss"], rows["score/triton-1h"]["loss"], rel_tol=1e-4) for r in tiles)
     # The logit-level triton op and eager torch compute the same loss on the same bf16 logits.
     assert math.isclose(rows["logits/triton"]["loss"], rows["eager/torch-3h"]["loss"], rel_tol=1e-4)
     assert data["quick"] is True and "not a performance number" in data["timer"]
