@@ -14,7 +14,7 @@ need("gguf")
 
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
-from gopd.models import _converted_gguf, load_model, smollm2_path  # noqa: E402
+from gopd.models import _gguf_cache_folder, load_model, smollm2_path  # noqa: E402
 
 
 def test_smollm2_file_is_found_without_importing_the_carrier():
@@ -27,19 +27,24 @@ def test_smollm2_gguf_one_step(tmp_path):
     cfg = config_mod.from_dict(dict(
         student="smollm2", teacher_context="solution", lam=1.25, steps=1, batch_size=2, micro_batch_size=2,
         max_new_tokens=4, n_train=4, n_eval=1, eval_max_new_tokens=2, eval_teachers=False, lr=1e-6,
-        out_dir=str(tmp_path), save_final_model=False, progress=False))
+        out_dir=str(tmp_path), save_final_model=True, progress=False))
     trainer = trainer_mod.Trainer(cfg)
     # Tied embeddings: the LM head is the embedding matrix; 49152 tokens shared by all three models.
     head = trainer.student.get_output_embeddings().weight
     assert head.shape[0] == 49152 and head is trainer.student.get_input_embeddings().weight
     assert trainer.reference is trainer.default_teacher  # both the frozen initial student
     before = head.detach().clone()
-    row = trainer.train_step()
+    rows = trainer.train()
+    row = rows[-1]
     assert math.isfinite(row["loss"]) and row["n_tokens"] > 0 and not row.get("skipped")
     assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
     # The teacher sees the solution in its prompt, so it scores the student's tokens differently.
     assert row["lp_t"] != row["lp_r"]
     assert not head.detach().equal(before)
+    # The trained student is exported as a transformers folder (save_pretrained refuses a model loaded
+    # straight from GGUF: load_model hands out a plain copy).
+    final = os.path.join(trainer.run_dir, "final")
+    assert os.path.exists(os.path.join(final, "model.safetensors")) and os.path.exists(os.path.join(final, "tokenizer.json"))
 
 
 def test_gguf_is_converted_once_and_loads_the_same_model():
@@ -49,11 +54,11 @@ def test_gguf_is_converted_once_and_loads_the_same_model():
     import numpy as np
     import torch
 
-    folder, kwargs = _converted_gguf(smollm2_path())
-    assert kwargs == {} and os.path.exists(os.path.join(folder, "model.safetensors"))
+    model, tok = load_model("smollm2")
+    folder = _gguf_cache_folder(smollm2_path())
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json")) as f:
         assert "quantization_config" not in f.read()  # a plain model, not one marked GGUF-quantized
-    model, tok = load_model("smollm2")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     reader = gguf.GGUFReader(smollm2_path())
     tensors = {t.name: t for t in reader.tensors}

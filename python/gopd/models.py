@@ -163,54 +163,61 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gopd")
 
 
-def _converted_gguf(path: str) -> Tuple[str, dict]:
-    """(folder, from_pretrained kwargs) of a transformers folder (fp32 safetensors + tokenizer) converted once from the GGUF file at path.
-
-    transformers de-quantizes a GGUF file and rebuilds its tokenizer on every load (~40 s for SmolLM2-135M on
-    a 2-core CPU); the converted copy loads in seconds. It is keyed by the file's resolved path, size and
-    modification time and by the transformers version (the conversion is transformers' own), and written
-    to a temporary folder renamed into place, so an interrupted conversion leaves nothing half-written.
-    If the cache cannot be written the file is loaded directly, with a warning."""
+def _gguf_cache_folder(path: str) -> str:
+    """The converted copy's folder: keyed by the file's resolved path, size and modification time and by the
+    transformers version (the de-quantization and tokenizer rebuild are transformers' own)."""
     import hashlib
-    import shutil
-    import tempfile
-    import warnings
 
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     real = os.path.realpath(path)
     st = os.stat(real)
     key = hashlib.sha256(repr((real, st.st_size, st.st_mtime_ns, transformers.__version__)).encode()).hexdigest()
-    target = os.path.join(cache_dir(), "gguf", f"{os.path.basename(real)[:-5]}-{key[:16]}")
+    return os.path.join(cache_dir(), "gguf", f"{os.path.basename(real)[:-5]}-{key[:16]}")
+
+
+def _load_gguf(path: str):
+    """(fp32 model, tokenizer) of the GGUF file at path, through a plain transformers copy made once.
+
+    transformers de-quantizes a GGUF file and rebuilds its tokenizer on every load (~45 s for SmolLM2-135M on
+    a 2-core CPU), and marks the model as GGUF-quantized so that save_pretrained refuses it (the trainer's
+    final export and the vLLM rollout engine both call it). So the first load builds a plain model of the same
+    config and weights and saves it with the tokenizer in the cache (a temporary folder renamed into place:
+    an interrupted conversion leaves nothing half-written); later loads read that copy in about a second.
+    If the cache cannot be written, the plain model is still returned, with a warning."""
+    import shutil
+    import tempfile
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_folder(path)
     if os.path.exists(os.path.join(target, "config.json")):
-        return target, {}
-    folder, name = os.path.split(real)
+        return AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32), AutoTokenizer.from_pretrained(target)
+    folder, name = os.path.split(os.path.realpath(path))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    marked = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(marked.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(marked.state_dict())
+    model.generation_config = marked.generation_config
+    del marked
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
         try:
-            # A plain model of the same config and weights: transformers refuses to save a model it
-            # loaded from GGUF (it is marked as quantized), though its weights are de-quantized fp32.
-            config = copy.deepcopy(model.config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            plain.load_state_dict(model.state_dict())
-            plain.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        if os.path.exists(os.path.join(target, "config.json")):  # another process finished first
-            return target, {}
-        warnings.warn(f"could not cache the converted GGUF model in {target} ({exc}); loading {path} directly "
-                      "(slow every time: set GOPD_CACHE_DIR to a writable folder)", stacklevel=3)
-        return folder, dict(gguf_file=name)
-    return target, {}
+        if not os.path.exists(os.path.join(target, "config.json")):  # else another process finished first
+            warnings.warn(f"could not cache the converted GGUF model in {target} ({exc}): {path} will be "
+                          "converted again on every load (set GOPD_CACHE_DIR to a writable folder)", stacklevel=3)
+    return model, tok
 
 
 def _spec_key(spec: Any) -> str:
@@ -229,9 +236,11 @@ def load_model(spec: Any, device: str = "cpu", dtype=torch.float32) -> Tuple[tor
         path = smollm2_path() if spec == "smollm2" else spec
         if not os.path.exists(path):
             raise ModelError(f"model not found: {path!r} (a transformers directory, a .gguf file or 'smollm2')")
-        folder, kwargs = _converted_gguf(path) if path.endswith(".gguf") else (path, {})
-        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        if path.endswith(".gguf"):
+            model, tok = _load_gguf(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         raise ModelError(f"model spec must be a path, 'smollm2' or a mapping with 'tiny', got {spec!r}")
     return model.to(device=device, dtype=dtype), tok
