@@ -29,6 +29,19 @@ def need(module: str):
         missing(f"{module} ({err})")
 
 
+def triton_device():
+    """(triton module, device) for a Triton kernel test module: "cuda" on a GPU, else "cpu", where the kernels
+    run through Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is first imported).
+    Skips the module if triton is missing, or if it was imported without the interpreter and no GPU exists."""
+    triton = need("triton")
+    if torch.cuda.is_available():
+        return triton, "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could be set; "
+                    "run with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+    return triton, "cpu"
+
+
 def make_problem(n, v, *, seed=0, dtype=torch.float64, scale=3.0, mask_frac=0.2, inf_cols=0, pad=0,
                  device="cpu"):
     """Random student / teacher / reference logits [n, v(+pad)] and targets [n] with some masked.

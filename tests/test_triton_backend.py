@@ -9,16 +9,13 @@ our error against float64 may exceed plain torch's error in the same dtype by a 
 import os
 import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import assert_close_as_torch, make_problem, triton_device
 
-import pytest  # noqa: E402
-
-from helpers import assert_close_as_torch, make_problem, need  # noqa: E402
-
-triton = need("triton")
+triton, DEVICE = triton_device()
+ON_GPU = DEVICE == "cuda"
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -28,14 +25,6 @@ from gopd_kernels import reference as R  # noqa: E402
 from gopd_kernels.backends import E_R, E_T, LP_R, LP_T, LSE_R, LSE_T, NSTATS  # noqa: E402
 from gopd_kernels.backends import torch as torch_backend  # noqa: E402
 from gopd_kernels.backends import triton as triton_backend  # noqa: E402
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could be set; "
-                "run with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
-
 from gopd_kernels.triton import rows as K  # noqa: E402
 
 # The interpreter evaluates both sides of every tl.where with numpy, so masked-out lanes

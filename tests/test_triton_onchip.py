@@ -9,16 +9,13 @@ Cut-Cross-Entropy way (tests/helpers.py): its error against fp64 may exceed plai
 import os
 import sys
 
+import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import assert_close_as_torch, triton_device
 
-import pytest  # noqa: E402
-
-from helpers import assert_close_as_torch, need  # noqa: E402
-
-triton = need("triton")
+triton, DEVICE = triton_device()
+ON_GPU = DEVICE == "cuda"
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -27,14 +24,6 @@ import gopd_kernels as gk  # noqa: E402
 from gopd_kernels import backends  # noqa: E402
 from gopd_kernels import reference as R  # noqa: E402
 from gopd_kernels.backends import torch as torch_backend  # noqa: E402
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could be set; "
-                "run with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
-
 from gopd_kernels.triton import onchip as K  # noqa: E402
 
 # The interpreter evaluates both sides of every tl.where (0 * -inf in masked columns): discarded by design.
