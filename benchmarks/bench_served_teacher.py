@@ -35,21 +35,21 @@ TINY_S = {"tiny": {"hidden_size": 32, "num_hidden_layers": 2}, "seed": 0}
 
 def start_server(spec, max_logprobs: int, threads: int, timeout: float = 600):
     """`gopd serve` on a free loopback port; returns (process, url)."""
-    from gopd import serve_process
+    from gopd.serving import process as serve_process
 
     return serve_process.launch(["--model", json.dumps(spec), "--max-logprobs", str(max_logprobs)], timeout,
                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
 
 
 def stop(proc):
-    from gopd import serve_process
+    from gopd.serving import process as serve_process
 
     serve_process.stop(proc, 15)
 
 
 def run_variant(name, base: dict, teacher, mode: str, steps: int) -> dict:
     from gopd import config as config_mod
-    from gopd.served_teacher import ServedTeacher
+    from gopd.serving.served_teacher import ServedTeacher
     from gopd.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:

@@ -9,8 +9,9 @@ from helpers import need  # noqa: E402
 
 yaml = need("yaml")
 
-from gopd import cli, demo  # noqa: E402
+from gopd import cli  # noqa: E402
 from gopd import config as config_mod
+from gopd.experiments import demo, stats  # noqa: E402
 
 
 @pytest.fixture
@@ -74,11 +75,11 @@ def test_demo_config_function_directly(no_configs_dir):
 
 
 def test_confidence_helpers():
-    lo, hi = demo.wilson_interval(0.5, 100)
+    lo, hi = stats.wilson_interval(0.5, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
-    assert demo.wilson_interval(0.0, 10)[0] == 0.0 and demo.wilson_interval(1.0, 10)[1] == 1.0
+    assert stats.wilson_interval(0.0, 10)[0] == 0.0 and stats.wilson_interval(1.0, 10)[1] == 1.0
     # p1 - p2 interval: 1.96 * sqrt((.25 + .25) / 128)
-    assert abs(demo.diff_half_width(0.5, 0.5, 128) - 1.96 * (0.5 / 128) ** 0.5) < 1e-12
+    assert abs(stats.diff_half_width(0.5, 0.5, 128) - 1.96 * (0.5 / 128) ** 0.5) < 1e-12
 
 
 def test_run_demo_end_to_end_on_tiny_models(tmp_path):

@@ -21,10 +21,10 @@ need("yaml")
 need("aiohttp")
 
 from gopd import config as config_mod  # noqa: E402
-from gopd import serve_process  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.models import load_model  # noqa: E402
-from gopd.served_teacher import ServedTeacherError  # noqa: E402
+from gopd.serving import process as serve_process  # noqa: E402
+from gopd.serving.served_teacher import ServedTeacherError  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 TEACHER = "{tiny: {hidden_size: 48, num_hidden_layers: 1}, seed: 1}"   # the smoke config's teacher

@@ -18,7 +18,7 @@ need("yaml")
 
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
-from gopd.served_teacher import ServedTeacher, ServedTeacherError  # noqa: E402
+from gopd.serving.served_teacher import ServedTeacher, ServedTeacherError  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 VOCAB = 81

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gopd.demo import paired_difference
 from gopd.eval import is_correct_strict, verify
+from gopd.experiments.stats import paired_difference
 
 
 @pytest.mark.parametrize("text, answer", [

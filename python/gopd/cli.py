@@ -35,7 +35,7 @@ def _add_serve_parser(sub):
 def _serve(args, model_error) -> int:
     import yaml
 
-    from .server import run
+    from .serving.server import run
 
     try:
         spec = yaml.safe_load(args.model)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from . import distributed
     from .data import DataError
     from .models import ModelError
-    from .served_teacher import ServedTeacherError
+    from .serving.served_teacher import ServedTeacherError
 
     if args.command == "serve":
         return _serve(args, ModelError)
@@ -83,13 +83,13 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.command == "experiment":
-            from .merge import main as merge_main
+            from .experiments.merge import main as merge_main
 
             merge_main(list(sys.argv[1:] if argv is None else argv)[2:], args.config, tuple(args.overrides),
                        args.seeds, args.out, args.gpu)
             return 0
         if args.command == "demo":
-            from .demo import demo_config
+            from .experiments.demo import demo_config
 
             cfg = demo_config(args.config, tuple(args.overrides))
         else:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 result["teacher"] = trainer.evaluate_teachers()
             print(json.dumps(result))
         else:
-            from .demo import run_demo
+            from .experiments.demo import run_demo
 
             run_demo(cfg)
     except (config_mod.ConfigError, DataError, ModelError, ServedTeacherError) as e:

@@ -8,7 +8,7 @@ Model specs (``student``, ``teacher``, values of ``teachers``, ``reference``) ar
                                   optional "sharpen": k and "logit_bias": {chars: b} make it differ from the
                                   plain one in a known way (gopd.models.tiny_from_spec)
 A teacher (``teacher`` or a value of ``teachers``, not the reference) may instead be served over HTTP:
-    {"url": "http://host:port", "top_k": k}   see gopd.served_teacher (gopd serve, or a vLLM server)
+    {"url": "http://host:port", "top_k": k}   see gopd.serving.served_teacher (gopd serve, or a vLLM server)
 or be a domain expert fine-tuned from a base on the run's training questions (cached in expert_cache):
     {"sft": "smollm2", "ops": ["add"], "steps": 40, "lr": 5e-5, "batch_size": 8, "seed": 0}   see gopd.sft
 """
@@ -183,7 +183,7 @@ def _validate_sft(cfg: Config) -> None:
 
 def _validate_served(cfg: Config) -> None:
     """Served teachers: well-formed specs; only where the loss can use per-token log-probs at temperature 1."""
-    from .served_teacher import check_spec, is_served
+    from .serving.served_teacher import check_spec, is_served
 
     named = [("teacher", cfg.teacher)] + [(f"teachers.{d}", s) for d, s in cfg.teachers.items()]
     served = [(n, s) for n, s in named if is_served(s)]

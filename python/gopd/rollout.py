@@ -15,6 +15,7 @@ data-parallel ranks samples the same tokens as one process). Two engines:
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -65,8 +66,9 @@ class HFRollout(RolloutEngine):
             mask[i, width - len(p):] = 1
         # Positions count real tokens only, so left padding does not shift them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_arg = _cache_argument(model)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        cache, logits = _returned_cache(out), out.logits[:, -1].float()
         done = torch.zeros(b, dtype=torch.bool, device=device)
         responses = [[] for _ in range(b)]
         logprobs = [[] for _ in range(b)]
@@ -94,12 +96,24 @@ class HFRollout(RolloutEngine):
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1].float()
+                        use_cache=True, **{cache_arg: cache})
+            cache, logits = _returned_cache(out), out.logits[:, -1].float()
             next_pos = next_pos + 1
         bar.close()
         model.train(was_training)
         return Rollouts(responses, logprobs)
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 (which deprecates
+    `past_key_values`), `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 # ---------------------------------------------------------------------------------------------- vLLM

@@ -51,7 +51,7 @@ from .progress import note, progress_bar
 from .prompt_scoring import topk_of_hidden
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
-from .served_teacher import ServedTeacher, is_served
+from .serving.served_teacher import ServedTeacher, is_served
 
 DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
 

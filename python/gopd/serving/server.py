@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from .prompt_scoring import next_token_logits, prompt_logprobs
+from ..prompt_scoring import next_token_logits, prompt_logprobs
 
 # Request keys the server understands; others (vLLM's many sampling options) are refused rather than ignored,
 # so a client never believes an option took effect when it did not.
@@ -326,7 +326,7 @@ def run(spec, *, host: str = "127.0.0.1", port: int = 8000, name: Optional[str] 
     """Loads `spec` (any model spec gopd loads) and serves it until SIGINT / SIGTERM."""
     import signal
 
-    from .models import freeze, load_model
+    from ..models import freeze, load_model
 
     model, tok = load_model(spec, device)
     freeze(model)

@@ -24,14 +24,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import config as config_mod
-from .demo import paired_difference, wilson_interval
-from .eval import evaluate
-from .models import load_model
-from .progress import note
-from .trainer import Trainer
+from .. import config as config_mod
+from ..eval import evaluate
+from ..models import load_model
+from ..progress import note
+from ..trainer import Trainer
+from .stats import paired_difference, wilson_interval
 
-MERGE_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "merge.yaml")
+MERGE_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "merge.yaml")
 LAMS = (1.0, 1.25)
 
 

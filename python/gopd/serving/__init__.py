@@ -1,0 +1,1 @@
+"""Served teachers: the HTTP server (`gopd serve`), its client, and a helper that starts one."""
