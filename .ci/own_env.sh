@@ -46,7 +46,7 @@ unset ISOLATED  # the point here is the user's own environment
 make -C "$own/clone" test-env | tee "$own/make.log"
 grep -q "== installing into your environment $own/venv" "$own/make.log"
 py=$(make -s -C "$own/clone" which-python)
-[ "$py" = "$own/venv/bin/python" ] || { echo "make chose $py, not the active venv's python"; exit 1; }
+[ "$(dirname "$py")" = "$own/venv/bin" ] || { echo "make chose $py, not the active venv's python"; exit 1; }
 (cd "$own/clone" && "$py" "$own/loss.py")
 deactivate
 echo "== own environment checked in $((SECONDS - start)) s"
