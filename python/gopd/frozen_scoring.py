@@ -45,10 +45,8 @@ class TeacherInput:
 
     def loss_kwargs(self) -> dict:
         """The teacher's keywords of gopd_kernels.fused_linear_gopd_loss."""
-        h = self.head
-        return dict(teacher_hidden=h and h.hidden, teacher_weight=h and h.weight, teacher_bias=h and h.bias,
-                    teacher_logprobs=self.logprobs, teacher_topk_ids=self.topk_ids,
-                    teacher_topk_logprobs=self.topk_logprobs)
+        return dict(_head_kwargs("teacher_", self.head), teacher_logprobs=self.logprobs,
+                    teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,13 @@ class FrozenInputs:
     reference: Optional[HeadInput] = None
 
     def loss_kwargs(self) -> dict:
-        r = self.reference
-        return dict(self.teacher.loss_kwargs(), ref_hidden=r and r.hidden, ref_weight=r and r.weight,
-                    ref_bias=r and r.bias)
+        return dict(self.teacher.loss_kwargs(), **_head_kwargs("ref_", self.reference))
+
+
+def _head_kwargs(prefix: str, head: Optional[HeadInput]) -> dict:
+    if head is None:
+        return {f"{prefix}hidden": None, f"{prefix}weight": None, f"{prefix}bias": None}
+    return {f"{prefix}hidden": head.hidden, f"{prefix}weight": head.weight, f"{prefix}bias": head.bias}
 
 
 @torch.no_grad()
