@@ -15,6 +15,7 @@ need("transformers")
 need("yaml")
 
 from gopd import config as config_mod  # noqa: E402
+from gopd import frozen_scoring  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.data import DataError, load_jsonl  # noqa: E402
 from gopd.eval import extract_answer, is_correct  # noqa: E402
@@ -113,7 +114,7 @@ def test_multi_teacher_routing_by_domain(tmp_path, monkeypatch):
     heads = {dom: t.get_output_embeddings().weight for dom, t in trainer.teachers.items()}
     seen = set()
     for args, kwargs, out in rec.calls:
-        teacher_weight = args[4]
+        teacher_weight = kwargs["teacher_weight"]
         dom = next(d for d, w in heads.items() if w is teacher_weight)
         seen.add(dom)
         # Score the call's tokens with that domain's teacher by plain logits, and with the other teacher.
@@ -387,10 +388,12 @@ def test_bf16_autocast_step(tmp_path, monkeypatch):
         return h
 
     def loss(*args, **kwargs):
-        loss_calls.append((torch.is_autocast_enabled("cpu"), args[0].dtype, args[1].dtype, args[3].dtype))
+        loss_calls.append((torch.is_autocast_enabled("cpu"), args[0].dtype, args[1].dtype,
+                           kwargs["teacher_hidden"].dtype))
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "response_hidden", hidden)
+    monkeypatch.setattr(trainer_mod, "response_hidden", hidden)  # the student's forward
+    monkeypatch.setattr(frozen_scoring, "response_hidden", hidden)  # the teacher's and the reference's
     monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", loss)
     row = trainer.train_step()
     assert math.isfinite(row["loss"]) and not row.get("skipped")

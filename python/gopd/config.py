@@ -83,7 +83,7 @@ class Config:
     data_seed: Optional[int] = None   # seed of the synthetic questions (None: `seed`); fixed data, other sampling
     device: str = "cpu"
     threads: int = 0                  # torch.set_num_threads when > 0
-    progress: bool = True
+    progress: bool = True             # tqdm bars, on a terminal; log lines do not depend on it (gopd.progress)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

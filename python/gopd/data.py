@@ -12,7 +12,7 @@ import json
 import random
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 @dataclass
@@ -138,3 +138,18 @@ def load(spec: str, *, n: int, digits: int, ops, seed: int, exclude: Optional[se
         return synthetic_arithmetic(n, digits=digits, ops=tuple(ops), seed=seed, exclude=exclude,
                                     distinct=distinct)
     return load_jsonl(spec)
+
+
+def run_sets(cfg) -> Tuple[List[Example], List[Example]]:
+    """(training set, eval set) of a run (cfg: a gopd.config.Config), from data_seed (default: seed).
+    Synthetic eval questions are held out (none is a training question) and distinct. Refuses an empty
+    training set and eval examples without an answer (the verifier needs one)."""
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    train = load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits, ops=cfg.synthetic_ops, seed=seed)
+    held_out = load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits, ops=cfg.synthetic_ops,
+                    seed=seed + 1, exclude={ex.user_text() for ex in train}, distinct=True)
+    if not train:
+        raise DataError("the training set is empty")
+    if any(ex.answer is None for ex in held_out):
+        raise DataError("the eval set has examples without an 'answer'; the verifier needs them")
+    return train, held_out

@@ -16,7 +16,7 @@ import re
 from typing import List, Optional
 
 from .data import DataError, Example
-from .progress import progress_bar
+from .progress import phase
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -97,11 +97,14 @@ def evaluate(model, codec, engine, examples: List[Example], *, max_new_tokens: i
     if any(ex.answer is None for ex in examples):
         raise DataError("the eval set has examples without an 'answer'; the verifier needs one per example")
     results = []
-    for start in progress_bar(range(0, len(examples), batch_size), progress=progress, desc=desc):
-        batch = examples[start:start + batch_size]
-        out = engine.generate(model, [prompt_fn(ex) for ex in batch], max_new_tokens=max_new_tokens,
-                              eos_id=codec.eos_id, pad_id=codec.pad_id, greedy=True)
-        results += [verify(codec.decode(r), ex.answer, verifier) for r, ex in zip(out.responses, batch)]
+    starts = range(0, len(examples), batch_size)
+    with phase(desc, total=len(starts), bar=progress) as batches:
+        for start in starts:
+            batch = examples[start:start + batch_size]
+            out = engine.generate(model, [prompt_fn(ex) for ex in batch], max_new_tokens=max_new_tokens,
+                                  eos_id=codec.eos_id, pad_id=codec.pad_id, greedy=True)
+            results += [verify(codec.decode(r), ex.answer, verifier) for r, ex in zip(out.responses, batch)]
+            batches.advance()
     if outcomes is not None:
         outcomes[:] = results
     return sum(results) / max(1, len(examples))

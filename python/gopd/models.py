@@ -3,6 +3,9 @@
 Every model is a transformers causal LM. The student is trainable; teachers and the reference are
 frozen (requires_grad False, eval mode). All must share the student's vocabulary: a teacher whose
 LM head has extra rows (a padded vocabulary) is fine, anything else is refused.
+
+``build_models(cfg, ...)`` resolves the models of one training run (``RunModels``); see ``FrozenModels``
+for how each teacher / reference spec becomes a model and which of them are one shared object.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import copy
 import importlib.util
 import os
 import string
-from typing import Any, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import sft
+from .config import ConfigError
 from .data import Example
+from .serving.served_teacher import ServedTeacher, is_served
 
 
 class ModelError(ValueError):
@@ -279,3 +286,91 @@ def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
         raise ModelError(f"{type(model).__name__}: logit softcapping / scaling is not supported by the scorer")
     return head.weight, getattr(head, "bias", None)
+
+
+class FrozenModels:
+    """Turns teacher / reference specs into frozen models for one run, each distinct spec loaded once:
+      None or the student's own spec  one frozen copy of the student's initial weights, shared (the default
+                                      reference, and the teacher of context distillation);
+      {"url": ...}                    a ServedTeacher (nothing loaded here);
+      {"sft": BASE, ...}              an expert fine-tuned from BASE (the initial copy when BASE is the
+                                      student's spec) on the run's training questions (gopd.sft, cached);
+      anything else                   loaded (load_model), checked to share the student's vocabulary, frozen.
+    Specs are compared by repr, so equal specs in several places (a teacher that is also the reference)
+    are one object."""
+
+    def __init__(self, student: torch.nn.Module, codec: "Codec", student_spec: Any, device, train_set,
+                 expert_cache: str, progress: bool = True):
+        self.student, self.codec, self.student_spec = student, codec, student_spec
+        self.device, self.train_set, self.expert_cache = device, train_set, expert_cache
+        self.progress = progress
+        self._initial: Optional[torch.nn.Module] = None
+        self._loaded: Dict[str, Any] = {}
+
+    def initial(self) -> torch.nn.Module:
+        """The frozen copy of the student's weights as they were when this was first called."""
+        if self._initial is None:
+            self._initial = frozen_copy(self.student)
+        return self._initial
+
+    def __call__(self, spec: Any, name: str):
+        if is_served(spec):
+            return ServedTeacher.from_spec(spec, vocab=lm_head(self.student)[0].shape[0])
+        if spec is None or _spec_key(spec) == _spec_key(self.student_spec):
+            return self.initial()
+        key = _spec_key(spec)
+        if key not in self._loaded:
+            if sft.is_sft(spec):
+                base = self(spec["sft"], name)
+                self._loaded[key] = sft.expert(spec, name, base, self.codec, self.train_set, self.expert_cache,
+                                               progress=self.progress)
+            else:
+                model, tok = load_model(spec, self.device)
+                check_same_vocab(name, self.codec.tok, self.student, tok, model)
+                self._loaded[key] = freeze(model)
+        return self._loaded[key]
+
+
+@dataclass
+class RunModels:
+    """The models of one training run. teachers: domain -> teacher (a frozen module or a ServedTeacher);
+    default_teacher: the teacher of every other domain; reference: pi_r, None where it cancels."""
+
+    student: torch.nn.Module
+    codec: Codec
+    teachers: Dict[str, Any]
+    default_teacher: Any
+    reference: Optional[torch.nn.Module]
+
+    def teacher_for(self, domain: str):
+        return self.teachers.get(domain, self.default_teacher)
+
+    def frozen_modules(self) -> Iterator[Tuple[str, torch.nn.Module]]:
+        """(name, module) of the loaded frozen models (served teachers have none here)."""
+        named = [("reference", self.reference), ("teacher", self.default_teacher), *self.teachers.items()]
+        return ((n, m) for n, m in named if isinstance(m, torch.nn.Module))
+
+
+def build_models(cfg, device, train_set: Sequence[Example], student=None) -> RunModels:
+    """The student (cfg.student, or an already loaded (model, tokenizer) `student`), in train mode, and its
+    frozen teachers and reference (FrozenModels). The reference is loaded only where it matters: lam != 1
+    (at lam = 1 it cancels, docs/design.md §1) or cfg.reference given; it defaults to the student's initial
+    weights. Refuses a domain of the training set without a teacher, and a top_k over the vocabulary."""
+    model, tok = student if student is not None else load_model(cfg.student, device)
+    codec = Codec(tok, cfg.system_prompt)
+    model.train()
+    frozen = FrozenModels(model, codec, cfg.student, device, train_set, cfg.expert_cache, cfg.progress)
+    teachers = {dom: frozen(spec, f"teacher[{dom}]") for dom, spec in cfg.teachers.items()}
+    default_teacher = frozen(cfg.teacher, "teacher")
+    missing = {ex.domain for ex in train_set} - set(teachers)
+    if cfg.teachers and cfg.teacher is None and missing:
+        raise ConfigError(f"no teacher for domain(s) {sorted(missing)}: add them to 'teachers' or set 'teacher'")
+    reference = None
+    if cfg.reference is not None:
+        reference = frozen(cfg.reference, "reference")
+    elif cfg.lam != 1.0:
+        reference = frozen.initial()
+    vocab = lm_head(model)[0].shape[0]
+    if cfg.mode == "topk" and cfg.top_k > vocab:
+        raise ConfigError(f"top_k {cfg.top_k} is more than the vocabulary ({vocab})")
+    return RunModels(model, codec, teachers, default_teacher, reference)

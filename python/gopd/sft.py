@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint
 from .data import Example
-from .progress import note
+from .progress import note, phase
 from .scoring import padded_batch
 
 SFT_KEYS = frozenset({"sft", "ops", "steps", "lr", "batch_size", "seed"})
@@ -84,31 +84,36 @@ def sft_loss(model, codec, batch) -> torch.Tensor:
                                              ignore_index=-100)
 
 
-def train(model, codec, pairs: Sequence, *, steps: int, lr: float, batch_size: int, seed: int) -> List[float]:
-    """`steps` AdamW steps of SFT on `pairs` (shuffled epochs, seeded); returns the loss per step."""
+def train(model, codec, pairs: Sequence, *, steps: int, lr: float, batch_size: int, seed: int,
+          name: str = "expert", progress: bool = True) -> List[float]:
+    """`steps` AdamW steps of SFT on `pairs` (shuffled epochs, seeded); returns the loss per step.
+    Progress is reported as the phase "SFT <name>" (gopd.progress; progress=False: no bar)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     order: List[int] = []
     losses = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            extra = list(range(len(pairs)))
-            rng.shuffle(extra)
-            order += extra
-        batch = [pairs[i] for i in order[:batch_size]]
-        order = order[batch_size:]
-        loss = sft_loss(model, codec, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+    with phase(f"SFT {name}", total=steps, bar=progress) as done:
+        for _ in range(steps):
+            if len(order) < batch_size:
+                extra = list(range(len(pairs)))
+                rng.shuffle(extra)
+                order += extra
+            batch = [pairs[i] for i in order[:batch_size]]
+            order = order[batch_size:]
+            loss = sft_loss(model, codec, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            done.advance(loss=f"{losses[-1]:.4g}")
     model.eval()
     return losses
 
 
-def expert(spec: dict, name: str, base: torch.nn.Module, codec, examples: Sequence[Example], cache_dir: str):
+def expert(spec: dict, name: str, base: torch.nn.Module, codec, examples: Sequence[Example], cache_dir: str,
+           progress: bool = True):
     """The SFT expert of `spec`, fine-tuned from a copy of `base` on `examples` (the run's training
     questions) of the spec's domains; loaded from `cache_dir` when the same expert was built before."""
     import copy
@@ -129,7 +134,7 @@ def expert(spec: dict, name: str, base: torch.nn.Module, codec, examples: Sequen
     else:
         t = time.perf_counter()
         losses = train(model, codec, pairs, steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"],
-                       seed=spec["seed"])
+                       seed=spec["seed"], name=name, progress=progress)
         os.makedirs(cache_dir, exist_ok=True)
         checkpoint.atomic_save(model.state_dict(), path)
         note(f"{name}: SFT expert built in {time.perf_counter() - t:.0f} s on {len(pairs)} questions "

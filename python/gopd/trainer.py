@@ -34,6 +34,7 @@ import random
 import resource
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -41,23 +42,70 @@ import yaml
 
 import gopd_kernels as gk
 
-from . import checkpoint, distributed, sft
+from . import checkpoint, distributed
 from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
+from .frozen_scoring import FrozenInputs, head_input, teacher_input
 from .metrics import kl_to_teacher
-from .models import Codec, check_same_vocab, freeze, frozen_copy, lm_head, load_model
-from .progress import note, progress_bar
-from .prompt_scoring import topk_of_hidden
+from .models import build_models, frozen_copy, lm_head
+from .progress import note, phase, progress_bar
 from .rollout import make_engine
 from .scoring import response_hidden, targets_of
-from .serving.served_teacher import ServedTeacher, is_served
+from .serving.served_teacher import ServedTeacher
 
 DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
 
 
 class TrainingStopped(RuntimeError):
     """Raised after max_bad_steps non-finite steps in a row."""
+
+
+@dataclass
+class MicroBatch:
+    """One domain's share of a step's batch (one fused loss call: a single teacher head). idx: positions
+    in the rank's batch; targets [N] and rollout_logprobs [N]: the N response tokens, batch order."""
+
+    domain: str
+    idx: List[int]
+    prompts: List[List[int]]           # the student's
+    teacher_prompts: List[List[int]]   # the teacher's (privileged with teacher_context)
+    responses: List[List[int]]
+    targets: torch.Tensor
+    rollout_logprobs: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.targets.numel())
+
+
+@dataclass
+class PassResult:
+    """One pass over the micro-batches: summed loss, whether every loss was finite, the diagnostics'
+    token sums (only those the mode reports) and the student's detached lp_s per micro-batch."""
+
+    loss: float = 0.0
+    finite: bool = True
+    sums: Dict[str, float] = field(default_factory=dict)
+    lp_s: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+    def add(self, out) -> None:
+        self.finite = self.finite and bool(torch.isfinite(out.loss))
+        self.loss += float(out.loss.detach())
+        for name in DIAGNOSTICS:
+            value = getattr(out, name, None)
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + float(value.double().sum())
+
+    def all_reduced(self, world, device) -> "PassResult":
+        """The global batch's result. Each rank's loss is its token-loss sum / (N_global / W), so the mean
+        over ranks is the global token-mean; a diagnostic is kept if any rank reported it."""
+        k = len(DIAGNOSTICS)
+        present = [float(name in self.sums) for name in DIAGNOSTICS]
+        reduced = distributed.all_reduce([self.loss, float(not self.finite)]
+                                         + [self.sums.get(n, 0.0) for n in DIAGNOSTICS] + present, device=device)
+        sums = {n: reduced[2 + j] for j, n in enumerate(DIAGNOSTICS) if reduced[2 + k + j] > 0}
+        return PassResult(reduced[0] / world.size, reduced[1] == 0, sums, self.lp_s)
 
 
 class Trainer:
@@ -71,102 +119,25 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         # The same seed on every rank: FSDP2 shards each rank's own copy of the student, and the frozen
-        # models are replicated, so every rank must build the same weights (checked below).
+        # models are replicated, so every rank must build the same weights (checked in _place_student).
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        device = distributed.local_device(cfg.device)
-        self.device = torch.device(device)
+        self.device = torch.device(distributed.local_device(cfg.device))
         self.run_dir = cfg.out_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.train_set, self.eval_set = data_mod.run_sets(cfg)
 
-        data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.train_set = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits,
-                                       ops=cfg.synthetic_ops, seed=data_seed)
-        # Synthetic eval questions are held out (none is a training question) and distinct.
-        self.eval_set = data_mod.load(cfg.eval_data, n=cfg.n_eval, digits=cfg.synthetic_digits,
-                                      ops=cfg.synthetic_ops, seed=data_seed + 1,
-                                      exclude={ex.user_text() for ex in self.train_set}, distinct=True)
-        if not self.train_set:
-            raise data_mod.DataError("the training set is empty")
-        if any(ex.answer is None for ex in self.eval_set):
-            raise data_mod.DataError("the eval set has examples without an 'answer'; the verifier needs them")
-
-        # --- models: the student, a frozen copy of its initial weights as the default reference and as
-        # the teacher when the teacher spec is the student's own (context distillation).
-        self.student, tok = student if student is not None else load_model(cfg.student, device)
-        self.codec = Codec(tok, cfg.system_prompt)
-        self.student.train()
-        initial = None
-
-        def initial_copy():
-            nonlocal initial
-            if initial is None:
-                initial = frozen_copy(self.student)
-            return initial
-
-        loaded: Dict[str, torch.nn.Module] = {}
-
-        def frozen(spec, name):
-            if is_served(spec):  # a teacher behind an HTTP server: scored per token, nothing loaded here
-                return ServedTeacher.from_spec(spec, vocab=lm_head(self.student)[0].shape[0])
-            if sft.is_sft(spec):  # a domain expert fine-tuned from a base on this run's training questions
-                base = initial_copy() if repr(spec["sft"]) == repr(cfg.student) else frozen(spec["sft"], name)
-                key = repr(spec)
-                if key not in loaded:
-                    loaded[key] = sft.expert(spec, name, base, self.codec, self.train_set, cfg.expert_cache)
-                return loaded[key]
-            if spec is None or repr(spec) == repr(cfg.student):
-                return initial_copy()
-            key = repr(spec)
-            if key not in loaded:
-                model, other_tok = load_model(spec, device)
-                check_same_vocab(name, tok, self.student, other_tok, model)
-                loaded[key] = freeze(model)
-            return loaded[key]
-
-        self.teachers = {dom: frozen(spec, f"teacher[{dom}]") for dom, spec in cfg.teachers.items()}
-        self.default_teacher = frozen(cfg.teacher, "teacher")
-        missing = {ex.domain for ex in self.train_set} - set(self.teachers)
-        if cfg.teachers and cfg.teacher is None and missing:
-            raise ConfigError(f"no teacher for domain(s) {sorted(missing)}: add them to 'teachers' or set 'teacher'")
-        # lam = 1: the reference cancels (docs/design.md §1); it is only loaded when it matters or is asked for.
-        self.reference = None
-        if cfg.reference is not None:
-            self.reference = frozen(cfg.reference, "reference")
-        elif cfg.lam != 1.0:
-            self.reference = initial_copy()
-
-        vocab = lm_head(self.student)[0].shape[0]
-        if cfg.mode == "topk" and cfg.top_k > vocab:
-            raise ConfigError(f"top_k {cfg.top_k} is more than the vocabulary ({vocab})")
+        self.models = build_models(cfg, self.device, self.train_set, student)
+        m = self.models
+        self.student, self.codec, self.teachers = m.student, m.codec, m.teachers
+        self.default_teacher, self.reference = m.default_teacher, m.reference
         self.engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
-        # sampler: the model the rollouts and evaluations sample from. One process: the student itself.
-        # Under torchrun: a full replica refreshed from the FSDP2 shards (gopd.sharded_student), and
-        # policy, the FSDP2 root whose forward computes the student's loss.
-        self.sampler, self.policy = self.student, None
-        if self.world.distributed:
-            from .sharded_student import shard_student
-
-            for name, model in [("student", self.student), ("reference", self.reference),
-                                ("teacher", self.default_teacher), *self.teachers.items()]:
-                if isinstance(model, torch.nn.Module):
-                    distributed.check_replicas_agree(name, model, self.device)
-            self.sampler = frozen_copy(self.student)
-            self.policy = shard_student(self.student, self._autocast)
-        self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=cfg.lr,
-                                           betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        warm = max(0, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.step = 0
-        self.bad_steps = 0
-        if resume and self._resume():
-            if self.world.is_main:
-                self._truncate_metrics(self.step)
-        elif os.path.exists(self.metrics_path) and self.world.is_main:
-            os.remove(self.metrics_path)
+        self.sampler, self.policy = self._place_student()
+        self.optimizer, self.scheduler = _optimizer(self.student, cfg)
+        self.step, self.bad_steps = 0, 0
+        self._start_metrics(resume)
         # An engine with its own copy of the weights (vllm) is refreshed lazily, before the next
         # generation after the weights changed (start, resume, each optimizer step).
         self._engine_stale = True
@@ -176,6 +147,27 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
                 yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
         distributed.barrier()  # no rank starts before rank 0 has reset or truncated the metrics
+
+    def _place_student(self):
+        """(sampler, policy). sampler: the model rollouts and evaluations sample from; policy: the FSDP2
+        root whose forward computes the student's loss. One process: (the student itself, None). Under
+        torchrun: a full replica refreshed from the FSDP2 shards (gopd.sharded_student), and the root."""
+        if not self.world.distributed:
+            return self.student, None
+        from .sharded_student import shard_student
+
+        for name, model in [("student", self.student), *self.models.frozen_modules()]:
+            distributed.check_replicas_agree(name, model, self.device)
+        return frozen_copy(self.student), shard_student(self.student, self._autocast)
+
+    def _start_metrics(self, resume: bool) -> None:
+        """Resumes from the run directory's checkpoint (then drops metrics logged after it), or starts a
+        fresh metrics file."""
+        if resume and self._resume():
+            if self.world.is_main:
+                self._truncate_metrics(self.step)
+        elif os.path.exists(self.metrics_path) and self.world.is_main:
+            os.remove(self.metrics_path)
 
     def _resume(self) -> bool:
         """Loads the run directory's checkpoint (this launch's format); False when there is none."""
@@ -205,7 +197,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def teacher_for(self, domain: str):
-        return self.teachers.get(domain, self.default_teacher)
+        return self.models.teacher_for(domain)
 
     def teacher_prompt(self, ex):
         return self.codec.prompt_ids(data_mod.privileged(ex, self.cfg.teacher_context))
@@ -248,11 +240,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        global_batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
-        mine = distributed.share(len(global_batch), self.world)
-        batch = [global_batch[i] for i in mine]
-        gens = [torch.Generator(device=self.device).manual_seed(prompt_seed(cfg.seed, step, i)) for i in mine]
+        global_size, batch, gens = self._draw_batch(step)
         prompts = [self.codec.prompt_ids(ex) for ex in batch]
         self._sync_engine()
         roll = self.engine.generate(self.sampler, prompts, max_new_tokens=cfg.max_new_tokens,
@@ -262,47 +250,14 @@ class Trainer:
         n_tokens = sum(len(r) for r in roll.responses)
         if self.world.distributed:  # every rank needs the global count: the token-mean's denominator
             n_tokens = int(distributed.all_reduce([n_tokens], device=self.device)[0])
-
-        # Micro-batches hold one domain each, so each fused call sees a single teacher head.
-        by_domain = defaultdict(list)
-        for i, ex in enumerate(batch):
-            by_domain[ex.domain].append(i)
-        groups = [(dom, by_domain[dom][k:k + cfg.micro_batch_size]) for dom in sorted(by_domain)
-                  for k in range(0, len(by_domain[dom]), cfg.micro_batch_size)]
-
+        groups = self._micro_batches(batch, prompts, roll)
         # (student prompt ids, response ids) per domain in scoring order, kept for inspection and tests.
         self._last_scored = defaultdict(list)
-        for dom, idx in groups:
-            if any(roll.responses[i] for i in idx):
-                self._last_scored[dom].extend((prompts[i], roll.responses[i]) for i in idx)
-        # updates_per_batch optimizer steps on this batch (PPO epochs). The first is on-policy
-        # (lp_old = lp_s, ratio 1); later ones pass the first pass's log-probs as lp_old, so clip_eps /
-        # dual_clip bound how far one batch moves the policy. Teacher / reference states are computed
-        # once per batch: those models are frozen.
-        frozen_states, old_lp, applied = {}, None, 0
-        for update in range(cfg.updates_per_batch):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_total, finite, sums, lp_now = self._score_and_backward(groups, batch, prompts, roll, n_tokens,
-                                                                        frozen_states, old_lp)
-            grad_norm = float("nan")
-            if finite and n_tokens > 0:
-                grad_norm = _clip_grad_norm(self.student.parameters(), cfg.grad_clip)
-                finite = math.isfinite(grad_norm)
-            if update == 0:
-                old_lp = lp_now
-                row = dict(step=step, loss=loss_total if finite else float("nan"), n_tokens=n_tokens,
-                           response_len=n_tokens / len(global_batch), grad_norm=grad_norm,
-                           lr=self.scheduler.get_last_lr()[0])
-                row.update({name: sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in sums})
-            else:
-                row.update(loss_last=loss_total if finite else float("nan"), grad_norm_last=grad_norm)
-            if not (finite and n_tokens > 0):
-                self.optimizer.zero_grad(set_to_none=True)
-                break
-            self.optimizer.step()
-            self.scheduler.step()
-            self._engine_stale = True
-            applied += 1
+        for mb in groups:
+            if mb.n_tokens:
+                self._last_scored[mb.domain].extend(zip(mb.prompts, mb.responses))
+
+        row, applied, finite = self._updates(step, groups, n_tokens, global_size)
         # A non-finite update ends the batch's updates and counts towards max_bad_steps.
         self.bad_steps = self.bad_steps + 1 if not finite else (0 if applied else self.bad_steps)
         if cfg.updates_per_batch > 1:
@@ -318,111 +273,137 @@ class Trainer:
         self.step = step
         return row
 
-    def _score_and_backward(self, groups, batch, prompts, roll, n_tokens, frozen_states, old_lp):
+    def _draw_batch(self, step: int):
+        """(global batch size, this rank's examples, one sampling generator per example). The batch is
+        drawn by a step-seeded RNG (a resumed run sees the same batches); each rank takes its contiguous
+        share, and prompt i of the global batch samples with a generator seeded from (seed, step, i)."""
+        cfg = self.cfg
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        global_batch = [self.train_set[rng.randrange(len(self.train_set))] for _ in range(cfg.batch_size)]
+        mine = distributed.share(len(global_batch), self.world)
+        gens = [torch.Generator(device=self.device).manual_seed(prompt_seed(cfg.seed, step, i)) for i in mine]
+        return len(global_batch), [global_batch[i] for i in mine], gens
+
+    def _micro_batches(self, batch, prompts, roll) -> List[MicroBatch]:
+        """Micro-batches of at most micro_batch_size examples of one domain each, domains sorted."""
+        by_domain = defaultdict(list)
+        for i, ex in enumerate(batch):
+            by_domain[ex.domain].append(i)
+        size = self.cfg.micro_batch_size
+        out = []
+        for dom in sorted(by_domain):
+            for k in range(0, len(by_domain[dom]), size):
+                idx = by_domain[dom][k:k + size]
+                resp = [roll.responses[i] for i in idx]
+                out.append(MicroBatch(
+                    dom, idx, [prompts[i] for i in idx], [self.teacher_prompt(batch[i]) for i in idx], resp,
+                    targets_of(resp, self.device),
+                    torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)))
+        return out
+
+    def _updates(self, step: int, groups: List[MicroBatch], n_tokens: int, global_size: int):
+        """updates_per_batch optimizer steps on this batch (PPO epochs); returns (metrics row, updates
+        applied, finite). The first update is on-policy (lp_old = lp_s, ratio 1); later ones pass the
+        first pass's log-probs as lp_old, so clip_eps / dual_clip bound how far one batch moves the
+        policy. The teacher / reference inputs are computed once per batch: those models are frozen."""
+        cfg = self.cfg
+        frozen: Dict[int, FrozenInputs] = {}
+        old_lp, applied, row = None, 0, {}
+        for update in range(cfg.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            res = self._score_and_backward(groups, n_tokens, frozen, old_lp)
+            finite, grad_norm = res.finite, float("nan")
+            if finite and n_tokens > 0:
+                grad_norm = _clip_grad_norm(self.student.parameters(), cfg.grad_clip)
+                finite = math.isfinite(grad_norm)
+            loss = res.loss if finite else float("nan")
+            if update == 0:
+                old_lp = res.lp_s
+                row = dict(step=step, loss=loss, n_tokens=n_tokens, response_len=n_tokens / global_size,
+                           grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+                row.update({name: res.sums[name] / max(1, n_tokens) for name in DIAGNOSTICS if name in res.sums})
+            else:
+                row.update(loss_last=loss, grad_norm_last=grad_norm)
+            if not (finite and n_tokens > 0):
+                self.optimizer.zero_grad(set_to_none=True)
+                break
+            self.optimizer.step()
+            self.scheduler.step()
+            self._engine_stale = True
+            applied += 1
+        return row, applied, finite
+
+    def _score_and_backward(self, groups: List[MicroBatch], n_tokens: int, frozen: Dict[int, FrozenInputs],
+                            old_lp) -> PassResult:
         """One pass over the micro-batches: fused loss, backward (gradients accumulate in the student).
 
-        frozen_states caches each group's teacher / reference hidden states across the updates of a
-        batch; old_lp (one [n] tensor per group, or None on the first update) is PPO's lp_old.
-        Returns (summed loss, finite, diagnostic sums, the student's lp_s per group, detached); under
-        torchrun the loss, `finite` and the sums are those of the global batch (reduced over ranks)."""
-        cfg, world = self.cfg, self.world
-        w_s, b_s = lm_head(self.student)
-        sums, lp_now = defaultdict(float), []
-        loss_total, finite = 0.0, True
-        # FSDP2's all-gathers and reduce-scatters are collectives: every rank runs as many forwards and
-        # backwards as the rank with the most micro-batches, padding with zero-loss ones.
-        n_calls = len(groups)
-        if world.distributed:
-            n_calls = int(distributed.all_reduce([n_calls], "max", self.device)[0])
+        frozen caches each micro-batch's FrozenInputs across the updates of a batch; old_lp (one [n]
+        tensor per micro-batch, or None on the first update) is PPO's lp_old. Under torchrun the result
+        is the global batch's. In one process a non-finite loss ends the pass before its backward."""
         # num_items_in_batch: gradients are averaged over the W ranks, so each divides by N_global / W.
-        num_items = n_tokens / world.size if world.distributed else n_tokens
-        bar = progress_bar(list(range(n_calls)), progress=cfg.progress, desc="scoring")
-        for g in bar:
-            dom, idx = groups[g] if g < len(groups) else (None, [])
-            resp = [roll.responses[i] for i in idx]
-            if sum(map(len, resp)) == 0:
-                lp_now.append(None)
-                if self.policy is not None:
-                    eos = [self.codec.eos_id]
-                    self.policy([eos], [eos], pad_id=self.codec.pad_id, dummy=True).backward()
+        num_items = n_tokens / self.world.size if self.world.distributed else n_tokens
+        res = PassResult()
+        for g in progress_bar(range(self._n_calls(len(groups))), progress=self.cfg.progress, desc="scoring"):
+            mb = groups[g] if g < len(groups) else None
+            if mb is None or mb.n_tokens == 0:
+                res.lp_s.append(None)
+                self._padding_backward()
                 continue
-            y = targets_of(resp, self.device)
-            teacher = self.teacher_for(dom)
-            student_prompts = [prompts[i] for i in idx]
-            h_s = None
-            with self._autocast():
-                if self.policy is None:
-                    h_s = response_hidden(self.student, student_prompts, resp, self.codec.pad_id)
-                if g not in frozen_states:
-                    with torch.no_grad():
-                        t_prompts = [self.teacher_prompt(batch[i]) for i in idx]
-                        if isinstance(teacher, ServedTeacher):
-                            h_t = self._served_scores(teacher, t_prompts, resp)
-                        else:
-                            h_t = response_hidden(teacher, t_prompts, resp, self.codec.pad_id)
-                        h_r = None
-                        if self.reference is not None:
-                            h_r = response_hidden(self.reference, student_prompts, resp, self.codec.pad_id)
-                    frozen_states[g] = (h_t, h_r)
-            h_t, h_r = frozen_states[g]
-            served = isinstance(teacher, ServedTeacher)
-            # A served teacher's h_t is its (log p_t(y) [n], top-k ids [n, k], top-k log-probs [n, k]).
-            w_t, b_t = (None, None) if served else lm_head(teacher)
-            t_head = (None, None) if served else (h_t.to(w_t.dtype), w_t)   # passed positionally, as before
-            t_kw = dict(teacher_bias=b_t, teacher_logprobs=h_t[0] if served else None)
-            if cfg.mode == "topk":
-                if served:
-                    ids, lps = h_t[1], h_t[2]
-                else:
-                    ids, lps = topk_of_hidden(h_t, w_t, b_t, cfg.top_k, w_s.shape[0], cfg.temperature)
-                t_head, t_kw = (None, None), dict(teacher_topk_ids=ids, teacher_topk_logprobs=lps)
-            ref_kw = {}
-            if h_r is not None:
-                w_r, b_r = lm_head(self.reference)
-                ref_kw = dict(ref_hidden=h_r.to(w_r.dtype), ref_weight=w_r, ref_bias=b_r)
-            sampled = cfg.mode == "sampled"
-            rollout_lp = torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)
-            options = dict(
-                **t_kw, **ref_kw, lam=cfg.lam, mode=cfg.mode, rollout_logprobs=rollout_lp if sampled else None,
-                old_logprobs=old_lp[g] if (sampled and old_lp is not None) else None,
-                clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
-                num_items_in_batch=num_items, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
-            if self.policy is None:
-                out = gk.fused_linear_gopd_loss(h_s.to(w_s.dtype), w_s, y, *t_head, student_bias=b_s, **options)
-            else:  # the student's forward and the loss inside the FSDP2 root's forward (sharded_student)
-                out = self.policy(student_prompts, resp, y, t_head[0], teacher_weight=t_head[1],
-                                  pad_id=self.codec.pad_id, **options)
-            lp_now.append(out.lp_s.detach())
-            if not torch.isfinite(out.loss):
-                finite = False
-                if self.policy is None:
-                    break
-                # Under torchrun the backward still runs (its reduce-scatter is a collective); the step
-                # is then skipped on every rank, as `finite` is reduced below.
+            if g not in frozen:
+                frozen[g] = self._frozen_inputs(mb)
+            out = self._loss(mb, frozen[g], None if old_lp is None else old_lp[g], num_items)
+            res.lp_s.append(out.lp_s.detach())
+            if self.policy is None and not torch.isfinite(out.loss):
+                res.finite = False
+                break
+            # Under torchrun the backward runs even on a non-finite loss (its reduce-scatter is a
+            # collective); the step is then skipped on every rank, as `finite` is reduced.
             out.loss.backward()
-            loss_total += float(out.loss.detach())
-            for name in DIAGNOSTICS:
-                value = getattr(out, name, None)
-                if value is not None:
-                    sums[name] += float(value.double().sum())
-        bar.close()
-        if world.distributed:
-            present = [float(name in sums) for name in DIAGNOSTICS]
-            reduced = distributed.all_reduce([loss_total, float(not finite)] + [sums[n] for n in DIAGNOSTICS]
-                                             + present, device=self.device)
-            k = len(DIAGNOSTICS)
-            # Each rank's loss is its token-loss sum / (N_global / W): their mean is the global token-mean.
-            loss_total, finite = reduced[0] / world.size, reduced[1] == 0
-            sums = {n: reduced[2 + j] for j, n in enumerate(DIAGNOSTICS) if reduced[2 + k + j] > 0}
-        return loss_total, finite, sums, lp_now
+            res.add(out)
+        return res.all_reduced(self.world, self.device) if self.world.distributed else res
 
-    def _served_scores(self, teacher: ServedTeacher, t_prompts, resp):
-        """The served teacher's (log p_t(y) [n], top-k ids [n, k], top-k log-probs [n, k]) of each response
-        token of a micro-batch, in batch order (the layout of targets_of); empty responses are not sent."""
-        keep = [i for i, r in enumerate(resp) if r]
-        scores = teacher.score([t_prompts[i] for i in keep], [resp[i] for i in keep])
-        return tuple(torch.cat([getattr(s, f) for s in scores]).to(self.device)
-                     for f in ("actual", "topk_ids", "topk_logprobs"))
+    def _n_calls(self, n_groups: int) -> int:
+        """FSDP2's all-gathers and reduce-scatters are collectives: every rank runs as many forwards and
+        backwards as the rank with the most micro-batches (the others pad with zero-loss ones)."""
+        if not self.world.distributed:
+            return n_groups
+        return int(distributed.all_reduce([n_groups], "max", self.device)[0])
+
+    def _padding_backward(self) -> None:
+        """Under torchrun: a zero-loss forward and backward touching every parameter (sharded_student)."""
+        if self.policy is not None:
+            eos = [self.codec.eos_id]
+            self.policy([eos], [eos], pad_id=self.codec.pad_id, dummy=True).backward()
+
+    def _frozen_inputs(self, mb: MicroBatch) -> FrozenInputs:
+        """The micro-batch's teacher input (on the teacher's prompts) and reference input (on the
+        student's), forwards under the models' autocast."""
+        cfg = self.cfg
+        teacher = teacher_input(self.teacher_for(mb.domain), mb.teacher_prompts, mb.responses,
+                                pad_id=self.codec.pad_id, mode=cfg.mode, top_k=cfg.top_k,
+                                vocab=lm_head(self.student)[0].shape[0], temperature=cfg.temperature,
+                                device=self.device, autocast=self._autocast)
+        reference = None
+        if self.reference is not None:
+            reference = head_input(self.reference, mb.prompts, mb.responses, self.codec.pad_id, self._autocast)
+        return FrozenInputs(teacher, reference)
+
+    def _loss(self, mb: MicroBatch, frozen: FrozenInputs, old_lp, num_items: float):
+        """The student's forward and the fused G-OPD loss (a GOPDOutput) of one micro-batch. Mode sampled
+        also gets the sampler's log-probs (the truncated IS weight) and, on later updates, lp_old."""
+        cfg = self.cfg
+        sampled = cfg.mode == "sampled"
+        options = dict(
+            frozen.loss_kwargs(), lam=cfg.lam, mode=cfg.mode,
+            rollout_logprobs=mb.rollout_logprobs if sampled else None, old_logprobs=old_lp if sampled else None,
+            clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
+            num_items_in_batch=num_items, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+        if self.policy is not None:  # the student's forward and the loss inside the FSDP2 root's forward
+            return self.policy(mb.prompts, mb.responses, mb.targets, pad_id=self.codec.pad_id, **options)
+        with self._autocast():
+            h_s = response_hidden(self.student, mb.prompts, mb.responses, self.codec.pad_id)
+        w_s, b_s = lm_head(self.student)
+        return gk.fused_linear_gopd_loss(h_s.to(w_s.dtype), w_s, mb.targets, student_bias=b_s, **options)
 
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:
@@ -522,26 +503,10 @@ class Trainer:
                 row["teacher_accuracy"] = self.evaluate_teachers()
             self.log(row)
             rows.append(row)
-        bar = progress_bar(total=cfg.steps, initial=self.step, desc="steps", progress=cfg.progress, leave=True)
-        while self.step < cfg.steps:
-            row = self.train_step()
-            if row.get("skipped") and self.bad_steps:
-                note(f"step {row['step']}: non-finite loss or gradient, step skipped "
-                     f"({self.bad_steps} in a row)")
-                if self.bad_steps >= cfg.max_bad_steps:
-                    self.log(row)
-                    raise TrainingStopped(f"{self.bad_steps} non-finite steps in a row (max_bad_steps="
-                                          f"{cfg.max_bad_steps}); stopping. The last checkpoint is intact.")
-            last = self.step == cfg.steps
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                row.update(self.evaluation())
-            self.log(row)
-            rows.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
-                self.save()
-        bar.close()
+        with phase(f"train {os.path.basename(os.path.normpath(self.run_dir))}", total=cfg.steps, done=self.step,
+                   bar=cfg.progress, leave=True) as steps:
+            while self.step < cfg.steps:
+                self._run_step(steps, rows)
         if cfg.save_final_model:
             self._sync_engine()  # under torchrun: the full weights, gathered into the replica
             if self.world.is_main:
@@ -554,11 +519,40 @@ class Trainer:
         distributed.barrier()  # the run's files are complete when any rank returns
         return rows
 
+    def _run_step(self, steps, rows: List[dict]) -> None:
+        """One optimizer step with its bookkeeping: the stop on max_bad_steps, evaluation every eval_every
+        steps and at the end, the metrics row, the checkpoint every save_every steps and at the end."""
+        cfg = self.cfg
+        row = self.train_step()
+        if row.get("skipped") and self.bad_steps:
+            note(f"step {row['step']}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.log(row)
+                raise TrainingStopped(f"{self.bad_steps} non-finite steps in a row (max_bad_steps="
+                                      f"{cfg.max_bad_steps}); stopping. The last checkpoint is intact.")
+        last = self.step == cfg.steps
+        if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+            row.update(self.evaluation())
+        self.log(row)
+        rows.append(row)
+        steps.advance(loss=f"{row['loss']:.4g}")
+        if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+            self.save()
+
 
 def prompt_seed(seed: int, step: int, index: int) -> int:
     """The seed of the generator that samples prompt `index` of step `step`'s global batch: a function of
     (seed, step, index) only, so a rank's share of the batch does not change what a prompt samples."""
     return ((seed * 1_000_003 + step) * 1_000_003 + index) % 2**63
+
+
+def _optimizer(student: torch.nn.Module, cfg: Config):
+    """AdamW on the student's trainable parameters, and a linear warmup over warmup_steps (then constant)."""
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    warm = max(0, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return optimizer, scheduler
 
 
 def _clip_grad_norm(parameters, max_norm: float) -> float:

@@ -22,7 +22,7 @@ import torch
 
 from .. import config as config_mod
 from ..models import load_model
-from ..progress import note
+from ..progress import note, phase
 from ..trainer import Trainer
 from .stats import paired_difference, wilson_interval
 
@@ -50,42 +50,45 @@ def run_demo(cfg: config_mod.Config = None) -> dict:
     t0 = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.student, cfg.device)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    t_load = time.perf_counter() - t0
-    results, curves, outcomes = {}, {}, {}
-    teacher_name = teacher_label(cfg)
-    for arm, lam in (("OPD", 1.0), ("ExOPD", cfg.lam if cfg.lam != 1.0 else 1.25)):
-        model.load_state_dict(initial)
-        first = not results
-        arm_cfg = dataclasses.replace(cfg, lam=lam, out_dir=os.path.join(cfg.out_dir, arm.lower()),
-                                      eval_at_start=False, eval_teachers=False, save_final_model=False,
-                                      # the initial student as pi_r in both arms: it cancels at lam = 1 but
-                                      # makes the reward / kl curves comparable
-                                      reference=cfg.student)
-        t = time.perf_counter()
-        trainer = Trainer(arm_cfg, student=(model, tok))  # the first one builds the SFT expert (or loads it)
-        if first:
-            t_teacher = time.perf_counter() - t
-            # Both arms start from the same weights: step 0 is measured once and starts both curves.
+    # The outer phase: its heartbeat lines show the demo is alive while a model loads or an expert builds.
+    with phase("demo", total=2) as arms:
+        model, tok = load_model(cfg.student, cfg.device)
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        t_load = time.perf_counter() - t0
+        results, curves, outcomes = {}, {}, {}
+        teacher_name = teacher_label(cfg)
+        for arm, lam in (("OPD", 1.0), ("ExOPD", cfg.lam if cfg.lam != 1.0 else 1.25)):
+            model.load_state_dict(initial)
+            first = not results
+            arm_cfg = dataclasses.replace(cfg, lam=lam, out_dir=os.path.join(cfg.out_dir, arm.lower()),
+                                          eval_at_start=False, eval_teachers=False, save_final_model=False,
+                                          # the initial student as pi_r in both arms: it cancels at lam = 1 but
+                                          # makes the reward / kl curves comparable
+                                          reference=cfg.student)
             t = time.perf_counter()
-            start = dict(step=0, **trainer.evaluation())
-            results["student before"] = (start["accuracy"], time.perf_counter() - t)
-            note(f"student before: pass@1 {start['accuracy']:.3f}, KL to teacher {start.get('kl_to_teacher')}")
-            outcomes["student before"] = _flat(trainer.last_outcomes)
+            trainer = Trainer(arm_cfg, student=(model, tok))  # the first one builds the SFT expert (or loads it)
+            if first:
+                t_teacher = time.perf_counter() - t
+                # Both arms start from the same weights: step 0 is measured once and starts both curves.
+                t = time.perf_counter()
+                start = dict(step=0, **trainer.evaluation())
+                results["student before"] = (start["accuracy"], time.perf_counter() - t)
+                note(f"student before: pass@1 {start['accuracy']:.3f}, KL to teacher {start.get('kl_to_teacher')}")
+                outcomes["student before"] = _flat(trainer.last_outcomes)
+                t = time.perf_counter()
+                per_dom = {}
+                teacher = trainer.evaluate_teachers(outcomes=per_dom)
+                results[teacher_name] = (sum(teacher.values()) / len(teacher), time.perf_counter() - t)
+                outcomes[teacher_name] = _flat(per_dom)
+                note(f"{teacher_name}: pass@1 {results[teacher_name][0]:.3f}")
             t = time.perf_counter()
-            per_dom = {}
-            teacher = trainer.evaluate_teachers(outcomes=per_dom)
-            results[teacher_name] = (sum(teacher.values()) / len(teacher), time.perf_counter() - t)
-            outcomes[teacher_name] = _flat(per_dom)
-            note(f"{teacher_name}: pass@1 {results[teacher_name][0]:.3f}")
-        t = time.perf_counter()
-        rows = trainer.train()
-        name = f"after {arm} (lam={lam:g})"
-        results[name] = (rows[-1]["accuracy"], time.perf_counter() - t)
-        outcomes[name] = _flat(trainer.last_outcomes)
-        note(f"{name}: pass@1 {results[name][0]:.3f} ({results[name][1]:.0f}s)")
-        curves[arm] = [start] + rows
+            rows = trainer.train()
+            name = f"after {arm} (lam={lam:g})"
+            results[name] = (rows[-1]["accuracy"], time.perf_counter() - t)
+            outcomes[name] = _flat(trainer.last_outcomes)
+            note(f"{name}: pass@1 {results[name][0]:.3f} ({results[name][1]:.0f}s)")
+            curves[arm] = [start] + rows
+            arms.advance()
     total = time.perf_counter() - t0
 
     n = len(outcomes["student before"])

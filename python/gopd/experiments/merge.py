@@ -27,7 +27,7 @@ import torch
 from .. import config as config_mod
 from ..eval import evaluate
 from ..models import load_model
-from ..progress import note
+from ..progress import note, phase
 from ..trainer import Trainer
 from .stats import paired_difference, wilson_interval
 
@@ -58,6 +58,7 @@ def run_merge(cfg: config_mod.Config, seeds: Sequence[int] = (0, 1), out_dir: st
         torch.set_num_threads(cfg.threads)
     if not cfg.teachers or len(cfg.teachers) < 2:
         raise config_mod.ConfigError("the merge experiment needs 'teachers' with one expert per domain (>= 2)")
+    runs = phase("merge", total=1 + len(LAMS) * len(seeds))  # the experts, then one run per arm and seed
     model, tok = load_model(cfg.student, cfg.device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
@@ -76,6 +77,7 @@ def run_merge(cfg: config_mod.Config, seeds: Sequence[int] = (0, 1), out_dir: st
     note("base and experts: " + json.dumps({k: {d: _mean(v) for d, v in o.items()} for k, o in outcomes.items()}))
     domains = first.eval_domains()
     del first
+    runs.advance()
 
     curves = {}
     for lam in LAMS:
@@ -91,6 +93,8 @@ def run_merge(cfg: config_mod.Config, seeds: Sequence[int] = (0, 1), out_dir: st
             times[name] = time.perf_counter() - t
             note(f"{name}: " + json.dumps({d: _mean(v) for d, v in outcomes[name].items()}) + f" ({times[name]:.0f}s)")
             del trainer
+            runs.advance()
+    runs.close()
 
     result = _summarize(outcomes, domains, seeds)
     result.update(command=command, seeds=list(seeds), lams=list(LAMS), wall_s=times,
