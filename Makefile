@@ -77,3 +77,26 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	+$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)
+
+# The verl plug-in's tests in their own venv (.venv-verl, isolated from every other site-packages): verl 0.9.1's
+# wheel without its dependencies (its trainer needs hydra-core, whose antlr4 dependency ships as an sdist
+# only) plus what its loss modules import, then tests/test_integrations_verl.py (no Ray cluster, no GPU).
+VERL_VENV := .venv-verl
+VERL_PIP  := $(VERL_VENV)/bin/python -m pip
+VERL_DEPS := "omegaconf>=2.4,<2.5" "tensordict>=0.10,<0.11" codetiming msgpack protobuf jsonschema requests \
+             "transformers>=5.5.3,<5.11,!=5.6.0" datasets pillow numpy pytest hypothesis
+
+.PHONY: test-verl
+$(VERL_VENV)/.ready:
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PIP) install -q $(WHEELS) $(TORCH_CPU) setuptools wheel pybind11 cmake ninja
+	$(VERL_PIP) install -q $(WHEELS) --no-deps verl==0.9.1 ray
+	$(VERL_PIP) install -q $(WHEELS) $(VERL_DEPS)
+	@touch $@
+
+$(VERL_VENV)/.installed: $(VERL_VENV)/.ready $(SOURCES)
+	$(VERL_PIP) install -q $(WHEELS) --no-build-isolation --no-deps -e .
+	@touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	GOPD_TEST_VERL=1 $(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_integrations_verl.py

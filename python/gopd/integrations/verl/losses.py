@@ -149,9 +149,10 @@ def gopd_topk_rows(student_logits: torch.Tensor, data, distillation_config) -> d
     input_ids = data["input_ids"]
     flat_ids = input_ids.values() if input_ids.is_nested else input_ids.reshape(-1)
     targets = torch.roll(flat_ids, shifts=-1, dims=0).unsqueeze(0)
-    rows = _response_rows(data, ids.shape[1]).unsqueeze(0)
+    rows = _response_rows(data, ids.shape[1]).unsqueeze(0).to(torch.int32)
     if get_ulysses_sequence_parallel_world_size() > 1:  # this rank's slice of the sequence, as verl's top-k
         ids, lps, targets, rows = (slice_input_tensor(x, dim=1) for x in (ids, lps, targets, rows))
+    rows = rows.bool()  # sequence-parallel padding rows are 0: not read
     if ids.shape[:2] != student_logits.shape[:2]:
         raise ValueError(f"teacher top-k rows {tuple(ids.shape[:2])} do not match the student's logits "
                          f"{tuple(student_logits.shape[:2])}")
