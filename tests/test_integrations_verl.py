@@ -461,3 +461,29 @@ def test_topk_refuses_lam_other_than_one(env):
     actor, dist = configs("gopd_topk")
     with pytest.raises(S.GOPDVerlConfigError, match="lam"):
         verl_losses.distillation_ppo_loss(actor, dist, data=batch.data(topk=True), student_logits=batch.logits[None])
+
+
+def test_topk_under_sequence_parallelism_gives_each_rank_its_rows(env, monkeypatch):
+    """With Ulysses sequence parallelism each rank holds a slice of the packed rows (padded to a multiple of
+    the group size, verl's slice_input_tensor); the ranks' per-row losses put together are the whole one."""
+    import verl.utils.ulysses as ulysses
+
+    env(lam=1.0)
+    batch = Batch(2, topk=3)
+    actor, dist = configs("gopd_topk")
+    data = batch.data(topk=True)
+    whole = verl_losses.distillation_ppo_loss(actor, dist, data=data, student_logits=batch.logits[None])
+    whole = whole["distillation_losses"][0]
+    n, sp = batch.logits.shape[0], 2
+    padded = torch.nn.functional.pad(batch.logits, (0, 0, 0, (-n) % sp))
+    parts = []
+    monkeypatch.setattr(ulysses, "get_ulysses_sequence_parallel_world_size", lambda *a: sp)
+    monkeypatch.setattr(ulysses.dist, "get_world_size", lambda *a: sp)
+    for rank in range(sp):
+        monkeypatch.setattr(ulysses, "get_ulysses_sequence_parallel_rank", lambda *a, r=rank: r)
+        local = padded.reshape(sp, -1, V)[rank]
+        parts.append(verl_losses.distillation_ppo_loss(actor, dist, data=data, student_logits=local[None])
+                     ["distillation_losses"][0])
+    joined = torch.cat(parts)
+    torch.testing.assert_close(joined[:n], whole)
+    assert bool((joined[n:] == 0).all())
