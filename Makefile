@@ -91,10 +91,35 @@ bench: $(STAMPS)/installed-test
 	$(PY) benchmarks/bench_cpu.py
 
 clean:
-	rm -rf build $(VENV) .make *.egg-info gopd_kernels/_C*.so
+	rm -rf build $(VENV) .venv-verl .venv-vllm .make *.egg-info gopd_kernels/_C*.so
 
 # One command for a fresh CUDA machine, no venv needed: build with CUDA, GPU tests, benchmarks.
 #   make gpu-check ARGS="OUT [--quick] [--liger WHEELS]"   make gpu-check --dry-run   (any machine: checks each step)
 .PHONY: gpu-check
 gpu-check:
 	+$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)
+
+# The verl plug-in's tests in their own venv (.venv-verl, isolated from every other site-packages): verl 0.9.1's
+# wheel without its dependencies (its trainer needs hydra-core, whose antlr4 dependency ships as an sdist
+# only) plus what its loss modules import, then tests/test_integrations_verl.py (no Ray cluster, no GPU).
+VERL_VENV := .venv-verl
+VERL_PIP  := $(VERL_VENV)/bin/python -m pip
+VERL_DEPS := "omegaconf>=2.4,<2.5" "tensordict>=0.10,<0.11" codetiming msgpack protobuf jsonschema requests \
+             "transformers>=5.5.3,<5.11,!=5.6.0" datasets pillow numpy pytest hypothesis
+
+.PHONY: test-verl
+$(VERL_VENV)/.ready:
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PIP) install -q $(WHEELS) $(TORCH_CPU) setuptools wheel pybind11 cmake ninja
+	$(VERL_PIP) install -q $(WHEELS) --no-deps verl==0.9.1 ray
+	$(VERL_PIP) install -q $(WHEELS) $(VERL_DEPS)
+	@touch $@
+
+# The extension is not rebuilt for this venv (same torch as the main one): the in-place build is used, or
+# it is built on first use (gopd_kernels/_extension.py).
+$(VERL_VENV)/.installed: $(VERL_VENV)/.ready $(SOURCES)
+	GOPD_BUILD_EXTENSION=0 $(VERL_PIP) install -q $(WHEELS) --no-build-isolation --no-deps -e .
+	@touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	GOPD_TEST_VERL=1 $(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_integrations_verl.py
