@@ -12,9 +12,10 @@ A candidate is timed only after two checks: at a small ragged shape (N, V, D mul
 the float64 truth (the torch backend on float64 logits of the same inputs: error at most 4x the defaults'
 own, or 1e-5), and at the timed shape against the defaults' result (1e-3, relative). A launch that fails
 (no such configuration, out of registers or shared memory) is recorded with its error.
-Then the implementations at each N: the chunked fused-linear path against the on-chip one (at its best tiles)
-for forward + backward of three heads in full and in sampled mode and forward-only scoring of one head, and
-the CUDA backend beside Triton (the chunked path, three heads, full mode).
+Before the sweep, the CUDA backend is timed beside Triton (the chunked path, three heads, full mode, each at
+its defaults); after each N's sweep, the implementations: the chunked fused-linear path against the on-chip
+one (at its best tiles) for forward + backward of three heads in full and in sampled mode and for
+forward-only scoring of one head.
 
 The table entry for this device (and torch / triton version) holds: `backend` (cuda where it beat triton at
 every N), `impl` per shape class and use (the faster of chunked / onchip), and `tiles` where a candidate beat
@@ -79,7 +80,7 @@ CANDIDATES = {
                      dict(block_v=2048, num_warps=8), dict(block_v=2048, num_warps=16)],
     "rows_backward": [{}, dict(block_v=2048, num_warps=4), dict(block_v=2048, num_warps=8),
                       dict(block_v=4096, num_warps=16), dict(block_v=8192, num_warps=16)],
-    "onchip_forward": [{}, _t(64, 64, 32, 8), _t(64, 64, 32, 4), _t(32, 64, 32, 4), _t(32, 128, 32, 8),
+    "onchip_forward": [{}, _t(64, 64, 32, 8), _t(32, 64, 32, 4), _t(32, 128, 32, 8), _t(64, 64, 32, 4),
                        _t(16, 128, 64, 4), _t(64, 64, 32, 8, 2), _t(128, 64, 32, 8, 2)],
     "onchip_backward": [{}, _t(64, 64, 32, 8), _t(32, 128, 32, 8), _t(64, 128, 32, 8, 2), _t(32, 64, 64, 4),
                         _t(128, 64, 32, 8, 2)],
@@ -95,7 +96,8 @@ TINY_CANDIDATES = {
 def rel_err(got, want, per_row=False):
     """Normwise relative error (inf where `got` is not finite); per_row: the worst row, each row's norm
     floored at sqrt(its length) (the statistics' rows are O(1) to O(10) per entry)."""
-    got, want = [x.double() for x in got], [x.double() for x in want]
+    # fp32 norms: the errors judged are >= 1e-6, and a float64 copy of [N, V] logits would not fit
+    got, want = [x.float() for x in got], [x.float() for x in want]
     err = 0.0
     for a, b in zip(got, want):
         if not torch.isfinite(a).all():
@@ -180,7 +182,10 @@ class Sweep:
 
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.deadline = time.monotonic() + args.seconds
+        # Candidates stop at 70% of the time: the implementation timings that decide `impl` and `backend`
+        # (a few forward + backward calls each) keep the rest.
+        start = time.monotonic()
+        self.sweep_deadline, self.deadline = start + 0.7 * args.seconds, start + args.seconds
         self.candidates, self.winners, self.impl, self.backend_rows = [], {}, [], []
         self.cands = TINY_CANDIDATES if args.tiny else {k: (c[:3] if args.quick else c) for k, c in CANDIDATES.items()}
 
@@ -188,16 +193,16 @@ class Sweep:
         """Seconds per call: do_bench's median on a GPU; one call under the interpreter (plumbing only)."""
         return harness.timed(fn, 1, warmup=0).median if self.args.tiny else harness.bench(fn, 1, rep_ms=100)
 
-    def out_of_time(self):
-        return time.monotonic() > self.deadline
+    def out_of_time(self, sweeping=True):
+        return time.monotonic() > (self.sweep_deadline if sweeping else self.deadline)
 
     def kernel(self, *args):
         self._kernel(*args)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def implementations(self, *args):
-        self._implementations(*args)
+    def implementations(self, *args, **kw):
+        self._implementations(*args, **kw)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -261,10 +266,11 @@ class Sweep:
     def best_tiles(self, kernel, cls):
         return (self.winners.get(kernel, {}).get(cls) or {}).get("tiles") or {}
 
-    def _implementations(self, n, v, d):
-        """Chunked against on-chip (train_full, train_sampled, score) and CUDA beside Triton, at one N."""
-        if self.out_of_time():
-            self.impl.append(dict(n=n, skipped="out of time"))
+    def _implementations(self, n, v, d, backends_only=False):
+        """Chunked against on-chip (train_full, train_sampled, score) at one N, or (backends_only) the CUDA
+        backend beside Triton: the chunked path, three heads, full mode, each backend at its defaults."""
+        if self.out_of_time(sweeping=False):
+            (self.backend_rows if backends_only else self.impl).append(dict(n=n, skipped="out of time"))
             return
         dtype = torch.bfloat16
         g = torch.Generator(device=self.device).manual_seed(2)
@@ -293,6 +299,8 @@ class Sweep:
                     return float(gk.fused_linear_logprobs(h[1], w[1], y, backend=backend).sum())
             return step
 
+        if backends_only:
+            return self._backends(n, c3, train)
         forced_tiles = {
             "train_full": {"onchip_forward": fwd3, "onchip_backward": self.best_tiles("onchip_backward", c3),
                            **rows_best},
@@ -302,7 +310,7 @@ class Sweep:
         for use, cls in (("train_full", c3), ("train_sampled", c3), ("score", c1)):
             rec = dict(n=n, use=use, shape_class=cls, tiles=forced_tiles[use])
             self.impl.append(rec)
-            if self.out_of_time():
+            if self.out_of_time(sweeping=False):
                 rec["skipped"] = "out of time"
                 continue
             mode = "sampled" if use == "train_sampled" else "full"
@@ -320,7 +328,8 @@ class Sweep:
                 rec.pop("onchip_s", None)
             print(f"  impl {use:14s} N={n:5d}: chunked {rec.get('chunked_s', float('nan')) * 1e3:9.2f} ms, "
                   f"onchip {rec.get('onchip_s', float('nan')) * 1e3:9.2f} ms", flush=True)
-        # The CUDA backend beside Triton: the chunked path, three heads, full mode.
+
+    def _backends(self, n, c3, train):
         rec = dict(n=n, shape_class=c3)
         self.backend_rows.append(rec)
         for backend in ("triton", "cuda"):
@@ -329,9 +338,8 @@ class Sweep:
                 continue
             try:
                 fn = train(backend, "full")
-                with tuning.forced({k: t for k, t in rows_best.items() if t and backend == "triton"}):
-                    rec[f"{backend}_loss"] = fn()
-                    rec[f"{backend}_s"] = self.time(fn)
+                rec[f"{backend}_loss"] = fn()
+                rec[f"{backend}_s"] = self.time(fn)
             except Exception as exc:
                 rec[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"  backend N={n:5d}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in rec.items() if k.endswith("_s")),
@@ -377,34 +385,44 @@ def main(argv=None):
     sweep.chunk = chunk
     print(f"autotune on {tuning.device_name(device)}: V={v}, D={d}, N in {list(ns)}, row-kernel chunk {chunk}, "
           f"{args.seconds:.0f} s", flush=True)
-    # What the fused path runs most first: its row kernels, then the on-chip kernels, then the choices between them.
-    sweep.kernel("rows_forward", torch.float32, 3, chunk, v, d, small)
-    sweep.kernel("rows_backward", torch.float32, 3, chunk, v, d, small)
-    for n in ns:
-        sweep.kernel("onchip_forward", torch.bfloat16, 1, n, v, d, small)
-        sweep.kernel("onchip_forward", torch.bfloat16, 3, n, v, d, small)
-        sweep.kernel("onchip_backward", torch.bfloat16, 3, n, v, d, small)
-        if not args.quick:
-            sweep.kernel("onchip_backward", torch.bfloat16, 1, n, v, d, small)
-    for n in ns:
-        sweep.implementations(n, v, d)
+    meta = harness.device_meta()
+    out = harness.out_path(args, "autotune.json", "autotune_quick.json")
+
+    def save():
+        """The results so far, and the table from them: written after every stage, so a run stopped by
+        its step's timeout still leaves what it measured."""
+        entry = sweep.entry()
+        result = dict(meta=meta, tiny=args.tiny, quick=args.quick, seconds_budget=args.seconds,
+                      seconds=round(time.monotonic() - started, 1), v=v, d=d, ns=list(ns), chunk=chunk, margin=MARGIN,
+                      timer="triton.testing.do_bench median" if on_gpu else
+                      "perf_counter under TRITON_INTERPRET=1 (not a performance number)",
+                      candidates=sweep.candidates, winners=sweep.winners, impl=sweep.impl, backends=sweep.backend_rows,
+                      entry=entry, table=None)
+        if args.table:
+            result["table"] = str(tuning.write(args.table, tuning.with_entry(tuning.load(), entry)))
+        harness.write_json(out, result)
+
+    # The CUDA backend beside Triton first (never timed on a GPU before), then the largest N first, so that
+    # a run cut short by its time still decides the goal's shape: the chunked path's row kernels, the on-chip
+    # kernels, then the choice between the implementations at that N.
+    stages = [("backends", None, None, n) for n in sorted(ns, reverse=True)]
+    stages += [("rows_forward", torch.float32, 3, chunk), ("rows_backward", torch.float32, 3, chunk)]
+    for n in sorted(ns, reverse=True):
+        stages += [("onchip_forward", torch.bfloat16, 1, n), ("onchip_forward", torch.bfloat16, 3, n),
+                   ("onchip_backward", torch.bfloat16, 3, n)]
+        stages += [] if args.quick else [("onchip_backward", torch.bfloat16, 1, n)]
+        stages.append(("implementations", None, None, n))
     if not (args.quick or args.tiny):  # the logit-level path: bf16 [N, V] logits
-        for n in ns:
-            sweep.kernel("rows_forward", torch.bfloat16, 3, n, v, d, small)
-            sweep.kernel("rows_backward", torch.bfloat16, 3, n, v, d, small)
+        stages += [(k, torch.bfloat16, 3, n) for n in ns for k in ("rows_forward", "rows_backward")]
+    for kernel, dtype, models, n in stages:
+        if kernel in ("implementations", "backends"):
+            sweep.implementations(n, v, d, backends_only=kernel == "backends")
+        else:
+            sweep.kernel(kernel, dtype, models, n, v, d, small)
+        save()
     entry = sweep.entry()
-    result = dict(meta=harness.device_meta(), tiny=args.tiny, quick=args.quick, seconds_budget=args.seconds,
-                  seconds=round(time.monotonic() - started, 1), v=v, d=d, ns=list(ns), chunk=chunk, margin=MARGIN,
-                  timer="triton.testing.do_bench median" if on_gpu else
-                  "perf_counter under TRITON_INTERPRET=1 (not a performance number)",
-                  candidates=sweep.candidates, winners=sweep.winners, impl=sweep.impl, backends=sweep.backend_rows,
-                  entry=entry, table=None)
-    if args.table:
-        table = tuning.with_entry(tuning.load(), entry)
-        result["table"] = str(tuning.write(args.table, table))
-        print(f"wrote the table {args.table} (entry for {entry['device']}, torch {entry['torch']}, "
-              f"triton {entry['triton']})")
-    harness.write_json(harness.out_path(args, "autotune.json", "autotune_quick.json"), result)
+    print(f"wrote the table {args.table} (entry for {entry['device']}, torch {entry['torch']}, "
+          f"triton {entry['triton']})" if args.table else "no --table: nothing written but the JSON")
     return 0
 
 

@@ -381,7 +381,7 @@ def _merge_rounds(results):
 
 
 def _summary(results):
-    """Ratios the issue's goals are stated in, per (N, mode)."""
+    """Ratios the CPU goals are stated in (time against eager and the GEMM floor, memory), per (N, mode)."""
     ok = [r for r in results if "error" not in r]
     key = {(r["variant"], r["mode"], r["n"]): r for r in ok}
     gemm = {r["n"]: r for r in ok if r["variant"] == "gemm"}

@@ -13,19 +13,20 @@ for first); a failing step is recorded and the next one still runs:
           reference (tests/test_triton_backend.py, tests/test_triton_onchip.py); JUnit XML first.xml
   build   the extension with its CUDA kernels against this torch: setup.py build_ext --inplace with
           GOPD_BUILD_CUDA=1 and GOPD_CUDA_ARCHS = this GPU's architecture only (a shorter compile)
-  tune    benchmarks/autotune.py: a short sweep of the row kernels' and the on-chip kernels' tiles at the
-          Qwen3-4B shapes, each candidate checked against the float64 truth before it is timed, then the
-          chunked against the on-chip implementation and the CUDA backend timed beside Triton; writes
+  tune    benchmarks/autotune.py: the CUDA backend timed beside Triton, then a short sweep of the row
+          kernels' and the on-chip kernels' tiles at the Qwen3-4B shapes, each candidate checked against the
+          float64 truth before it is timed, and the chunked against the on-chip implementation; writes
           autotune.json and tuning.json (the table with this device's entry: copy it to
           gopd_kernels/tuning.json to commit it). Its share: at most a quarter of --budget (default 180 s,
           --quick 100 s), enforced by the sweep itself, which starts no candidate after its time
-  tests   the other GPU tests, natively: the CUDA and Triton backends against the torch backend and the
-          reference (logits and fused-linear, fp32 / bf16 / fp16, ragged shapes, non-finite inputs,
-          the logit-offset precision test, the bf16 tensor-core dH / dW path); JUnit XML tests.xml
+  tests   the other GPU tests, natively, at the tiles the tune step chose (GOPD_TUNING_TABLE=OUT/tuning.json):
+          the CUDA and Triton backends against the torch backend and the reference (logits and
+          fused-linear, fp32 / bf16 / fp16, ragged shapes, non-finite inputs, the logit-offset precision
+          test, the bf16 tensor-core dH / dW path); JUnit XML tests.xml
   bench   benchmarks/bench_loss.py at Qwen3-4B shapes (N in {2048, 8192}, V = 151936, D = 2560, bf16,
           three heads, full and sampled) against eager torch, torch.compile of the reference, Liger's
           chunked JSD (importable, or from the wheels in --liger DIR) and the GEMM floor measured in the
-          same run, plus the copy bandwidth
+          same run, plus the copy bandwidth; at the tuned tiles too
 
 Outputs, in the folder given as the first argument: gpu_check.json (device name, versions, each
 step's status and time, test counts, the tuning summary, the benchmark summary), gpu_check.log (every
@@ -455,6 +456,9 @@ def main(argv=None):
             t1 = time.monotonic()
             if args.budget is not None:
                 step["timeout"] = budgeted(name, step["timeout"], args.budget, time.monotonic() - t0)
+            if name in ("tests", "bench") and (out / "tuning.json").exists() and not args.dry_run:
+                # The steps after the tune run at its tiles: the tests check them, the benchmark times them.
+                step["env"]["GOPD_TUNING_TABLE"] = str(out / "tuning.json")
             record = dry_check(name, step, args) if args.dry_run else run_step(name, step, log)
             record["seconds"] = round(time.monotonic() - t1, 1)
             report["steps"].append(record)
