@@ -190,7 +190,7 @@ def _load_cached(path: str, mtime_ns: int) -> dict:
 def load(path=None) -> dict:
     """The validated table at `path` (default: the one in use); an empty table if there is none."""
     path = table_path() if path is None else Path(path)
-    if path is None:
+    if path is None or (path == TABLE_PATH and not path.exists()):  # an install without the data file: defaults
         return {"format": FORMAT, "devices": []}
     try:
         mtime = path.stat().st_mtime_ns

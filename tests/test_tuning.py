@@ -167,6 +167,10 @@ def test_no_table_forced_tiles_and_writing_an_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("GOPD_TUNING_TABLE", "none")
     monkeypatch.setenv("GOPD_TUNING_DEVICE", FAKE)
     assert tuning.entry("cpu") is None
+    monkeypatch.setenv("GOPD_TUNING_TABLE", str(tmp_path / "missing.json"))  # named but absent: an error
+    with pytest.raises(tuning.TableError, match="missing.json: cannot be read"):
+        tuning.entry("cpu")
+    monkeypatch.setenv("GOPD_TUNING_TABLE", "none")
     with tuning.forced({"rows_backward": {"block_v": 64}}):
         assert tuning.tiles("rows_backward", "cpu", torch.float32, 1, 10) == {"block_v": 64}
     assert tuning.tiles("rows_backward", "cpu", torch.float32, 1, 10) == {}
