@@ -33,10 +33,10 @@ step's status and time, test counts, the tuning summary, the benchmark summary),
 step's output), first.xml, tests.xml, autotune.json, tuning.json and bench_loss.json; a short table is
 printed last.
 
-    python3 scripts/gpu_check.py OUT                 # everything (about 9 minutes on an H200)
-    python3 scripts/gpu_check.py OUT --quick         # a subset (about 5 minutes)
+    python3 scripts/gpu_check.py OUT                 # everything (step timeouts: 24 minutes in all)
+    python3 scripts/gpu_check.py OUT --quick         # a subset (step timeouts: 14 minutes in all)
     python3 scripts/gpu_check.py OUT --liger WHEELS  # Liger from a folder of wheels (no pip needed)
-    python3 scripts/gpu_check.py OUT --budget 420    # every step's timeout cut to fit 420 s in all
+    python3 scripts/gpu_check.py OUT --budget 540    # every step's timeout cut to fit 540 s in all
     python3 scripts/gpu_check.py OUT --dry-run       # any machine, CPU included (CI): check every step
     make gpu-check ARGS="OUT --quick"                # the same through make; `make gpu-check --dry-run`
 
