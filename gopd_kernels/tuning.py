@@ -90,7 +90,7 @@ def device_name(device) -> str:
     if fake:
         return fake
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():  # (auto is resolved for CUDA devices without one too)
         return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return device.type
 

@@ -62,6 +62,9 @@ def test_auto_follows_the_table_and_an_unlisted_device_gets_the_defaults(fake_ta
     fake_table()
     cpu = torch.device("cpu")
     assert backends.resolve("auto", cpu) == "torch"  # the table's winner, ahead of "cpu"
+    monkeypatch.delenv("GOPD_TUNING_DEVICE")  # a CUDA device is looked up by name with or without a GPU
+    assert backends.resolve("auto", torch.device("cuda")) in backends.BACKENDS
+    monkeypatch.setenv("GOPD_TUNING_DEVICE", FAKE)
     assert tuning.fused_impl(cpu, torch.bfloat16, 1, 2048, "score") == "onchip"
     assert tuning.fused_impl(cpu, torch.bfloat16, 1, 2048, "train_full") == "chunked"
     assert tuning.fused_impl(cpu, torch.bfloat16, 1, 8192, "score") == "chunked"  # class not in the table
