@@ -95,6 +95,7 @@ clean:
 
 # One command for a fresh CUDA machine, no venv needed: build with CUDA, GPU tests, benchmarks.
 #   make gpu-check ARGS="OUT [--quick] [--liger WHEELS]"   make gpu-check --dry-run   (any machine: checks each step)
+# Then `cp OUT/tuning.json gopd_kernels/tuning.json` commits the device's measured tiles and backend choice.
 .PHONY: gpu-check
 gpu-check:
 	+$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py $(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(ARGS)

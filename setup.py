@@ -77,6 +77,8 @@ setup(
     packages=find_packages(include=["gopd_kernels", "gopd_kernels.*"])
     + find_packages(where="python", include=["gopd", "gopd.*"]),
     package_dir={"gopd": "python/gopd"},
+    # The per-device tuning table (gopd_kernels/tuning.py reads it; make gpu-check writes it).
+    package_data={"gopd_kernels": ["tuning.json"]},
     ext_modules=[CMakeExtension(EXT.MODULE)] if BUILD_NOW else [],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithSources},
     zip_safe=False,

@@ -11,7 +11,8 @@ Variants (each (variant, mode, N) runs in its own subprocess so its peak RSS is 
   gopd_cpu_bf16  gopd_cpu with the heads' H and W in bf16 (the logits are still fp32 GEMMs of the
              up-cast inputs); only when asked for with --variants.
 
-Timing: one warm-up call, then the median of --repeats calls of forward + backward. Memory: peak RSS
+Timing (benchmarks/harness.py): one warm-up call, then the median of --repeats calls of forward + backward;
+--paired rotates the variants within one process. Memory: peak RSS
 of the subprocess (ru_maxrss), and that peak minus the RSS after the inputs (incl. the trainable copies
 of the student's hidden states and weight) were created ("extra").
 
@@ -29,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 VARIANTS = ("gopd_cpu", "eager", "liger_jsd", "gemm", "gopd_cpu_bf16")
 DEFAULT_VARIANTS = VARIANTS[:4]
@@ -143,14 +145,8 @@ def run_child(variant, mode, n, d, v, repeats, threads, chunk_size=None):
     base = _rss_mb()
     if step is None:
         return None
-    t0 = time.perf_counter()
-    step()  # warm-up (and torch.compile for Liger)
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    timing = harness.timed(step, repeats)  # one warm-up (and torch.compile for Liger)
+    times, warm = timing.times, timing.warmup_s
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flops = 5 * 2 * n * d * v  # three logit GEMMs + dH + dW
     return dict(variant=variant, mode=mode, n=n, d=d, v=v, heads=2 if variant == "liger_jsd" else 3,
@@ -161,8 +157,7 @@ def run_child(variant, mode, n, d, v, repeats, threads, chunk_size=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes (V=1024, D=64, N in {64, 256}), 1 repeat")
+    p = harness.parser(__doc__, quick_help="tiny shapes (V=1024, D=64, N in {64, 256}), 1 repeat")
     p.add_argument("--n", type=int, nargs="+", default=None)
     p.add_argument("--v", type=int, default=49152)
     p.add_argument("--d", type=int, default=576)
@@ -180,7 +175,6 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per variant subprocess")
     p.add_argument("--chunk-size", type=int, default=None, help="gopd_cpu tokens per chunk (default: the library's)")
-    p.add_argument("--out", default=None)
     p.add_argument("--child", nargs=3, metavar=("VARIANT", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -244,14 +238,11 @@ def main(argv=None):
     for line in summary:
         print(line)
 
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        "cpu_bench_quick.json" if args.quick else "cpu_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(**machine_meta(), v=args.v, d=args.d, lam=LAM,
+    out = harness.out_path(args, "cpu_bench.json", "cpu_bench_quick.json")
+    meta = dict(**harness.machine_meta(), v=args.v, d=args.d, lam=LAM,
                 repeats=args.repeats, rounds=args.rounds, dtype="float32",
                 note="median of repeats after one warm-up (median over rounds with --rounds); fwd+bwd")
-    out.write_text(json.dumps(dict(meta=meta, results=results, summary=summary), indent=1))
-    print(f"wrote {out}")
+    harness.write_json(out, dict(meta=meta, results=results, summary=summary))
     png = _plot(results, out.with_suffix(".png"), meta)
     if png:
         print(f"wrote {png}")
@@ -276,16 +267,7 @@ def run_paired(args):
                     print(f"N={n} {variant} skipped: would not fit in memory", flush=True)
                     continue
                 steps[(variant, mode)] = _step_fn(variant, mode, h, w, y, args.chunk_size)
-        for step in steps.values():
-            step()  # warm-up (and torch.compile for Liger)
-        keys = list(steps)
-        times = {k: [] for k in keys}
-        for rnd in range(args.paired):
-            shift = rnd % len(keys)
-            for k in keys[shift:] + keys[:shift]:
-                t0 = time.perf_counter()
-                steps[k]()
-                times[k].append(time.perf_counter() - t0)
+        times = harness.paired(steps, args.paired)  # one warm-up each (and torch.compile for Liger)
         row = dict(n=n, d=args.d, v=args.v, rounds=args.paired, threads=torch.get_num_threads(),
                    chunk_size=_chunk_of("gopd_cpu", n, args.v, args.chunk_size),
                    times_s={f"{v}/{m}": t for (v, m), t in times.items()},
@@ -304,13 +286,11 @@ def run_paired(args):
                       f"(quartiles {q[0]:.3f}-{q[2]:.3f}, {len(per_round)} paired rounds)", flush=True)
         results.append(row)
         del steps
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "cpu_bench_paired.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(**machine_meta(), v=args.v, d=args.d, lam=LAM, dtype="float32",
+    out = harness.out_path(args, "cpu_bench_paired.json", "cpu_bench_paired_quick.json")
+    meta = dict(**harness.machine_meta(), v=args.v, d=args.d, lam=LAM, dtype="float32",
                 note="paired: all variants in one process after one warm-up each, run once per round in "
                      "rotating order; ratios per round; fwd+bwd; no memory figures")
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    print(f"wrote {out}")
+    harness.write_json(out, dict(meta=meta, results=results))
     return 0
 
 
@@ -400,27 +380,8 @@ def _merge_rounds(results):
     return merged
 
 
-def machine_meta():
-    """What every CPU benchmark's JSON records about where it ran."""
-    import torch
-
-    return dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                processor=_cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _summary(results):
-    """Ratios the issue's goals are stated in, per (N, mode)."""
+    """Ratios the CPU goals are stated in (time against eager and the GEMM floor, memory), per (N, mode)."""
     ok = [r for r in results if "error" not in r]
     key = {(r["variant"], r["mode"], r["n"]): r for r in ok}
     gemm = {r["n"]: r for r in ok if r["variant"] == "gemm"}

@@ -15,17 +15,12 @@ Writes benchmarks/results/gemm_chunks.json (gemm_chunks_quick.json with --quick)
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_cpu  # noqa: E402  (machine_meta)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+import harness  # noqa: E402
 
 
 def measure(n, d, v, chunks, rounds, seed=0):
@@ -37,22 +32,15 @@ def measure(n, d, v, chunks, rounds, seed=0):
     outs = {c: [torch.empty(min(c, n), v) for _ in range(3)] for c in chunks}
 
     def run(c):
+        """The three heads' logits of all N tokens, chunk by chunk."""
         for start in range(0, n, c):
             rows = slice(start, min(n, start + c))
             m = rows.stop - rows.start
             for i in range(3):
                 torch.mm(h[i][rows], w[i].t(), out=outs[c][i][:m])
 
-    for c in chunks:  # warm-up: first-touch of the outputs, MKL's buffers
-        run(c)
-    times = {c: [] for c in chunks}
-    for r in range(rounds):
-        order = chunks[r % len(chunks):] + chunks[: r % len(chunks)]
-        for c in order:
-            t0 = time.perf_counter()
-            run(c)
-            times[c].append(time.perf_counter() - t0)
-    return times
+    # The warm-up call of each chunk size first-touches its outputs and MKL's buffers.
+    return harness.paired({c: (lambda c=c: run(c)) for c in chunks}, rounds)
 
 
 def fit_per_call(n, chunks, median_s):
@@ -69,14 +57,12 @@ def fit_per_call(n, chunks, median_s):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (N=256, V=4096, D=64), 3 rounds")
+    parser = harness.parser(__doc__, quick_help="tiny shapes (N=256, V=4096, D=64), 3 rounds")
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--v", type=int, default=49152)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.v, args.d, args.chunks, args.rounds = 256, 4096, 64, [64, 128, 256], 3
@@ -96,13 +82,10 @@ def main(argv=None):
         print(f"chunk {c:5d}: {calls:3d} calls, {median_s[c]:.3f} s{extra}")
     print(f"per call: {a * 1e3:.1f} ms fixed + {b * 1e6:.1f} us per token (least squares over {len(chunks)} chunk sizes)")
     result = dict(
-        meta=dict(**bench_cpu.machine_meta(), n=args.n, v=args.v, d=args.d,
+        meta=dict(**harness.machine_meta(), n=args.n, v=args.v, d=args.d,
                   rounds=args.rounds, heads=3, dtype="float32"),
         fit=dict(fixed_per_call_s=a, per_token_s=b), results=rows)
-    out = args.out or RESULTS / ("gemm_chunks_quick.json" if args.quick else "gemm_chunks.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    harness.write_json(harness.out_path(args, "gemm_chunks.json", "gemm_chunks_quick.json"), result)
     return result
 
 

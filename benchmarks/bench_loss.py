@@ -40,14 +40,11 @@ benchmarks/results/loss_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,10 +52,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+harness.use_checkout()
 
 import triton  # noqa: E402
-import triton.testing  # noqa: E402
 
 import gopd_kernels as gk  # noqa: E402
 from gopd_kernels import reference as R  # noqa: E402
@@ -94,19 +93,6 @@ def device_name():
     return torch.cuda.get_device_name() if ON_GPU else f"cpu ({platform.processor() or platform.machine()})"
 
 
-def bench(fn, reps):
-    """Median seconds of fn() (fn runs forward and backward)."""
-    if ON_GPU:
-        return triton.testing.do_bench(fn, warmup=5, rep=200, return_mode="median") / 1e3
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def peak_extra_bytes(fn):
     """(peak allocated memory above what was allocated before fn() (GPU only, else None), fn())."""
     if not ON_GPU:
@@ -124,7 +110,7 @@ def copy_bandwidth(nbytes):
     """Device copy bandwidth (bytes read + written per second) on a buffer of nbytes."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), reps=5)
+    t = harness.bench(lambda: dst.copy_(src), 5)
     return 2 * src.numel() * 2 / t
 
 
@@ -299,7 +285,7 @@ def run(shapes, which, reps, dtype, modes=("full",)):
                 rows.append(row)
                 continue
             try:
-                seconds = bench(fn, reps)
+                seconds = harness.bench(fn, reps)
                 peak, loss = peak_extra_bytes(fn)
             except torch.OutOfMemoryError:
                 row.update(seconds=None, error="OOM")
@@ -367,12 +353,10 @@ def summarize(rows, copy_gb_per_s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes (the only option without a GPU)")
+    p = harness.parser(__doc__, quick_help="tiny shapes (the only option without a GPU)")
     p.add_argument("--variants", default="triton,eager,compile,liger,floor",
                    help="comma list of: triton, eager, compile, liger, floor")
     p.add_argument("--reps", type=int, default=3, help="timer repetitions without a GPU")
-    p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/loss_<device>.json)")
     p.add_argument("--shapes", default=None,
                    help=f"comma list of MODEL:N, MODEL in {sorted(MODELS)} or NAME=V:D (default: the full sweep)")
     p.add_argument("--modes", default="full", help="comma list of: full, sampled")
@@ -391,7 +375,7 @@ def main(argv=None):
         p.error(str(exc))
     if args.dry_run:
         print(json.dumps(dict(plan="bench_loss", shapes=shapes, variants=sorted(which), modes=modes,
-                              gpu=ON_GPU, out=args.out)))
+                              gpu=ON_GPU, out=None if args.out is None else str(args.out))))
         return
     if not ON_GPU and not args.quick:
         p.error("no CUDA GPU: only --quick runs here (tiny shapes under the Triton interpreter)")
@@ -400,7 +384,7 @@ def main(argv=None):
     result = dict(device=device_name(), gpu=ON_GPU, quick=args.quick, torch=torch.__version__,
                   triton=triton.__version__, lam=LAM, timer="triton.testing.do_bench median"
                   if ON_GPU else "perf_counter median under TRITON_INTERPRET=1 (not a performance number)",
-                  rows=[])
+                  meta=harness.device_meta(), rows=[])
     if ON_GPU:
         result["copy_gb_per_s"] = copy_bandwidth(1 << 30) / 1e9
     result["modes"] = modes
@@ -410,10 +394,7 @@ def main(argv=None):
 
     tag = "quick_" if args.quick else ""
     tag += re.sub(r"[^a-z0-9]+", "_", (torch.cuda.get_device_name() if ON_GPU else "cpu").lower()).strip("_")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"loss_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    harness.write_json(harness.out_path(args, f"loss_{tag}.json"), result)
 
 
 if __name__ == "__main__":

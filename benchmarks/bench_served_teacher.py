@@ -1,5 +1,5 @@
 """Trainer step time and bytes on the wire: a served top-k teacher (`gopd serve` on loopback, mode topk) against
-the co-located teacher in full mode (issue 17).
+the co-located teacher in full mode.
 
 Variants, each a few `Trainer.train_step` calls on the same config and seed (the same first batch; later
 batches differ as the modes update the student differently):
@@ -18,17 +18,18 @@ Writes JSON to benchmarks/results/served_teacher.json (served_teacher_quick.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
 TINY_T = {"tiny": {"hidden_size": 48, "num_hidden_layers": 1}, "seed": 1}
 TINY_S = {"tiny": {"hidden_size": 32, "num_hidden_layers": 2}, "seed": 0}
 
@@ -72,18 +73,15 @@ def run_variant(name, base: dict, teacher, mode: str, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny random models, k = 4 and 8 (seconds)")
+    ap = harness.parser(__doc__, quick_help="tiny random models, k = 4 and 8 (seconds)")
     ap.add_argument("--k", type=int, nargs="+", default=None, help="top-k sizes (default 20 100; quick 4 8)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant after a warm-up")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--server-threads", type=int, default=1,
                     help="torch threads of the server process (it shares the CPU with the trainer)")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "python"))
-    import torch
+    harness.use_checkout()
 
     student, teacher = (TINY_S, TINY_T) if args.quick else ("smollm2", "smollm2")
     ks = args.k or ([4, 8] if args.quick else [20, 100])
@@ -101,16 +99,10 @@ def main(argv=None) -> int:
         stop(proc)
     summary = [f"{r['variant']:>16}: {r['step_s']:.3f} s/step, {r['bytes_per_step'] / 1024:.1f} KiB/step "
                f"({r['bytes_per_token']:.0f} B/token)" for r in rows]
-    result = dict(meta=dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
-                            torch=torch.__version__, python=platform.python_version(), student=student,
-                            teacher=teacher, quick=args.quick),
+    result = dict(meta=dict(**harness.machine_meta(), student=student, teacher=teacher, quick=args.quick),
                   config=base, rows=rows, summary=summary)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "served_teacher_quick.json" if args.quick else "served_teacher.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
     print("\n".join(summary))
-    print(f"wrote {out}")
+    harness.write_json(harness.out_path(args, "served_teacher.json", "served_teacher_quick.json"), result)
     return 0
 
 

@@ -19,17 +19,12 @@ Writes benchmarks/results/sharp_logits.json (sharp_logits_quick.json with --quic
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cpu  # noqa: E402  (shared inputs and step functions)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+import harness  # noqa: E402
 
 
 def subnormal_fraction(h, w, y, backend):
@@ -46,25 +41,13 @@ def subnormal_fraction(h, w, y, backend):
     return float(((g != 0) & (g.abs() < torch.finfo(torch.float32).tiny)).double().mean())
 
 
-def time_step(step, repeats):
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (N=64, V=4096, D=64), 1 repeat")
+    parser = harness.parser(__doc__, quick_help="tiny shapes (N=64, V=4096, D=64), 1 repeat")
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--v", type=int, default=49152)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 8.0, 14.0, 20.0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.v, args.d, args.repeats = 64, 4096, 64, 1
@@ -77,21 +60,18 @@ def main(argv=None):
                    subnormal_frac_eager=subnormal_fraction(h, ws, y, "torch"),
                    subnormal_frac_gopd=subnormal_fraction(h, ws, y, "cpu"))
         for variant in ("gopd_cpu", "eager"):
-            row[f"{variant}_s"], row[f"{variant}_times_s"] = time_step(
-                bench_cpu._step_fn(variant, "full", h, ws, y), args.repeats)
+            timing = harness.timed(bench_cpu._step_fn(variant, "full", h, ws, y), args.repeats)
+            row[f"{variant}_s"], row[f"{variant}_times_s"] = timing.median, timing.times
         rows.append(row)
         print(f"scale {scale:5.1f} (logit std {row['logit_std']:5.1f}): subnormal gradient entries "
               f"eager {row['subnormal_frac_eager']:.4f}, gopd {row['subnormal_frac_gopd']:.4f}; "
               f"step gopd_cpu {row['gopd_cpu_s']:.3f} s, eager {row['eager_s']:.3f} s", flush=True)
     result = dict(
-        meta=dict(**bench_cpu.machine_meta(), n=args.n, v=args.v, d=args.d,
+        meta=dict(**harness.machine_meta(), n=args.n, v=args.v, d=args.d,
                   repeats=args.repeats, heads=3, dtype="float32", mode="full", lam=bench_cpu.LAM,
                   quick=args.quick),
         results=rows)
-    out = args.out or RESULTS / ("sharp_logits_quick.json" if args.quick else "sharp_logits.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    harness.write_json(harness.out_path(args, "sharp_logits.json", "sharp_logits_quick.json"), result)
     return result
 
 

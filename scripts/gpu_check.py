@@ -1,38 +1,50 @@
 #!/usr/bin/env python3
-"""`make gpu-check`: one command that proves gopd on a fresh CUDA machine (issue 16, part 1).
+"""`make gpu-check`: one command that proves gopd on a fresh CUDA machine and tunes it.
 
 The machine needs a CUDA build of torch, triton, nvcc, cmake and ninja; no internet and no copy of our
-virtual environment (it runs with the Python it is started with). Steps, in order; a failing step is
-recorded and the next one still runs:
+virtual environment (it runs with the Python it is started with). Steps, in order (what GPU time is rarest
+for first); a failing step is recorded and the next one still runs:
 
   env     the machine: GPU and driver (nvidia-smi), torch / CUDA / triton versions, nvcc / cmake / ninja,
           and whether this torch runs the bf16 GEMMs with fp32 output that the tensor-core dH / dW path
           uses (gopd_kernels.autograd.gemm_out_dtype_support: probed by running them)
+  first   the Triton kernels natively, before anything else: the row kernels against the float64 oracle
+          (the test that caught FMA contraction in the forward) and the on-chip kernels against the
+          reference (tests/test_triton_backend.py, tests/test_triton_onchip.py); JUnit XML first.xml
   build   the extension with its CUDA kernels against this torch: setup.py build_ext --inplace with
           GOPD_BUILD_CUDA=1 and GOPD_CUDA_ARCHS = this GPU's architecture only (a shorter compile)
-  tests   the GPU tests, natively: the CUDA and Triton backends against the torch backend and the
-          reference (logits and fused-linear, fp32 / bf16 / fp16, ragged shapes, non-finite inputs,
-          the logit-offset precision test, the bf16 tensor-core dH / dW path); JUnit XML kept
+  tune    benchmarks/autotune.py: the CUDA backend timed beside Triton, then a short sweep of the row
+          kernels' and the on-chip kernels' tiles at the Qwen3-4B shapes, each candidate checked against the
+          float64 truth before it is timed, and the chunked against the on-chip implementation; writes
+          autotune.json and tuning.json (the table with this device's entry: copy it to
+          gopd_kernels/tuning.json to commit it). Its share: at most a quarter of --budget (default 180 s,
+          --quick 100 s), enforced by the sweep itself, which starts no candidate after its time
+  tests   the other GPU tests, natively, at the tiles the tune step chose (GOPD_TUNING_TABLE=OUT/tuning.json):
+          the CUDA and Triton backends against the torch backend and the reference (logits and
+          fused-linear, fp32 / bf16 / fp16, ragged shapes, non-finite inputs, the logit-offset precision
+          test, the bf16 tensor-core dH / dW path); JUnit XML tests.xml
   bench   benchmarks/bench_loss.py at Qwen3-4B shapes (N in {2048, 8192}, V = 151936, D = 2560, bf16,
           three heads, full and sampled) against eager torch, torch.compile of the reference, Liger's
           chunked JSD (importable, or from the wheels in --liger DIR) and the GEMM floor measured in the
-          same run, plus the copy bandwidth
+          same run, plus the copy bandwidth; at the tuned tiles too
 
 Outputs, in the folder given as the first argument: gpu_check.json (device name, versions, each
-step's status and time, test counts, the benchmark summary), gpu_check.log (every step's output),
-tests.xml and bench_loss.json; a short table is printed last.
+step's status and time, test counts, the tuning summary, the benchmark summary), gpu_check.log (every
+step's output), first.xml, tests.xml, autotune.json, tuning.json and bench_loss.json; a short table is
+printed last.
 
-    python3 scripts/gpu_check.py OUT                 # everything (budget: 8 minutes on an H100)
-    python3 scripts/gpu_check.py OUT --quick         # a subset (budget: 3 minutes)
+    python3 scripts/gpu_check.py OUT                 # everything (step timeouts: 24 minutes in all)
+    python3 scripts/gpu_check.py OUT --quick         # a subset (step timeouts: 14 minutes in all)
     python3 scripts/gpu_check.py OUT --liger WHEELS  # Liger from a folder of wheels (no pip needed)
-    python3 scripts/gpu_check.py OUT --budget 420    # every step's timeout cut to fit 420 s in all
+    python3 scripts/gpu_check.py OUT --budget 540    # every step's timeout cut to fit 540 s in all
     python3 scripts/gpu_check.py OUT --dry-run       # any machine, CPU included (CI): check every step
     make gpu-check ARGS="OUT --quick"                # the same through make; `make gpu-check --dry-run`
 
 --dry-run runs nothing heavy: it checks that each step's programs and files exist and parse (Python
-files compile; pytest collects the step's test selection; bench_loss.py accepts the step's arguments
+files compile; pytest collects the test steps' selections; bench_loss.py accepts the step's arguments
 with --dry-run; setup.py and CMakeLists.txt are there; the tools are found, a missing nvcc only warned
-about off a GPU) and writes the same JSON with "dry_run": true.
+about off a GPU), runs the autotune at tiny shapes (Triton's interpreter on CPU) through to the table it
+writes, and writes the same JSON with "dry_run": true.
 """
 
 from __future__ import annotations
@@ -50,19 +62,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3 = "qwen3-4b"
-TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_triton_backend.py", "tests/test_backends.py",
-              "tests/test_mixed_precision.py", "tests/test_compile.py", "tests/test_triton_onchip.py"]
+FIRST_FILES = ["tests/test_triton_backend.py", "tests/test_triton_onchip.py"]
+TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_backends.py", "tests/test_mixed_precision.py",
+              "tests/test_compile.py"]
 # --quick: every CUDA / Triton test, and of the cross-backend file the ones that involve them.
 QUICK_K = "cuda or triton or gemm_out_dtype or tensor_core or onchip or float64_reference"
+STEPS = ("first", "build", "tune", "tests", "bench")
+# The tune step's share of --budget, and the seconds it keeps for writing its results after the sweep's end.
+TUNE_SHARE, TUNE_MARGIN = 0.25, 30
 
 
 def plan(args, out: Path, facts):
     """The steps: name -> dict(argv, env, timeout, files that must exist, python files that must compile)."""
     py = sys.executable
-    tests = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", f"--junitxml={out / 'tests.xml'}",
-             *TEST_FILES]
-    if args.quick:
-        tests += ["-k", QUICK_K]
+
+    def pytest(xml, files):
+        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", f"--junitxml={out / xml}", *files]
+
+    tests = pytest("tests.xml", TEST_FILES) + (["-k", QUICK_K] if args.quick else [])
+    tune = [py, "benchmarks/autotune.py", "--out", str(out / "autotune.json"), "--table", str(out / "tuning.json")]
+    tune += ["--quick"] if args.quick else []
     bench = ["benchmarks/bench_loss.py", "--out", str(out / "bench_loss.json")]
     if args.quick:
         bench += ["--shapes", f"{QWEN3}:2048", "--modes", "full", "--variants", "triton,eager,floor"]
@@ -76,10 +95,15 @@ def plan(args, out: Path, facts):
     if wheels:
         bench_env["PYTHONPATH"] = os.pathsep.join(map(str, wheels))
     return {
+        "first": dict(argv=pytest("first.xml", FIRST_FILES), env={}, timeout=120 if args.quick else 180,
+                      files=FIRST_FILES, compile=FIRST_FILES + ["tests/helpers.py"]),
         "build": dict(argv=[py, "setup.py", "build_ext", "--inplace"], env=build_env, timeout=300 if args.quick else 360,
                       files=["setup.py", "CMakeLists.txt", "csrc/cuda/rows.cu", "csrc/cuda/bindings.cpp"],
                       compile=["setup.py"]),
-        "tests": dict(argv=[py, *tests], env={}, timeout=150 if args.quick else 300, files=TEST_FILES,
+        "tune": dict(argv=tune, env={}, timeout=100 if args.quick else 180, files=["benchmarks/autotune.py"],
+                     compile=["benchmarks/autotune.py", "benchmarks/harness.py", "gopd_kernels/tuning.py"],
+                     seconds_flag=True),
+        "tests": dict(argv=tests, env={}, timeout=150 if args.quick else 300, files=TEST_FILES,
                       compile=TEST_FILES + ["tests/cuda_emulation.py", "tests/helpers.py"]),
         "bench": dict(argv=[py, *bench], env=bench_env, timeout=150 if args.quick else 420,
                       files=["benchmarks/bench_loss.py"], compile=["benchmarks/bench_loss.py"]),
@@ -161,12 +185,29 @@ def environment(log):
     return facts
 
 
+def budgeted(name, timeout, budget, elapsed):
+    """A step's timeout under --budget: at most what is left of it, less 10 s to write the report; the tune
+    step at most TUNE_SHARE of the whole budget."""
+    timeout = min(timeout, budget - elapsed - 10)
+    if name == "tune":
+        timeout = min(timeout, TUNE_SHARE * budget)
+    return max(1.0, timeout)
+
+
+def step_argv(step):
+    """The step's command; the tune step is told its time (its timeout less what writing its results takes)."""
+    if step.get("seconds_flag"):
+        return step["argv"] + ["--seconds", str(int(max(10, step["timeout"] - TUNE_MARGIN)))]
+    return step["argv"]
+
+
 def run_step(name, step, log):
     """Runs one step, its output streamed to the terminal and the log; returns its record."""
+    argv = step_argv(step)
     env = dict(os.environ, **step["env"])
     if "PYTHONPATH" in step["env"] and os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = step["env"]["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
-    header = f"\n== {name}: {' '.join(step['argv'])}" + (f"  [{' '.join(f'{k}={v}' for k, v in step['env'].items())}]"
+    header = f"\n== {name}: {' '.join(argv)}" + (f"  [{' '.join(f'{k}={v}' for k, v in step['env'].items())}]"
                                                         if step["env"] else "")
     print(header, flush=True)
     log.write(header + "\n")
@@ -174,7 +215,7 @@ def run_step(name, step, log):
     start = time.monotonic()
     tail = []
     try:
-        proc = subprocess.Popen(step["argv"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
     except OSError as exc:
         return dict(name=name, status="error", rc=None, seconds=0.0, detail=str(exc))
@@ -215,7 +256,7 @@ def dry_check(name, step, args):
                 problems.append(f"{tool} not found")
         if shutil.which("nvcc") is None:
             notes.append("nvcc not found here (needed on the GPU machine)")
-    elif name == "tests":
+    elif name in ("first", "tests"):
         argv = [a for a in step["argv"] if not a.startswith("--junitxml")] + ["--collect-only"]
         res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         collected = [line for line in res.stdout.splitlines() if "::" in line]
@@ -223,6 +264,8 @@ def dry_check(name, step, args):
             problems.append(f"pytest --collect-only failed (rc {res.returncode}): {res.stdout[-800:]}{res.stderr[-800:]}")
         else:
             notes.append(f"{len(collected)} tests collected")
+    elif name == "tune":
+        problems += dry_tune(step, env, notes)
     elif name == "bench":
         res = subprocess.run(step["argv"] + ["--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
@@ -238,6 +281,50 @@ def dry_check(name, step, args):
             problems.append(f"--liger {args.liger}: no liger_kernel*.whl there")
     return dict(name=name, status="failed" if problems else "ok", rc=None, seconds=0.0,
                 detail="; ".join(problems + notes))
+
+
+_TABLE_CHECK = r"""
+import json, sys
+from gopd_kernels import tuning
+table = tuning.load(sys.argv[1])
+entry = tuning.entry("cpu", table=table)
+print(json.dumps(dict(devices=len(table["devices"]), found=entry is not None)))
+"""
+
+
+def dry_tune(step, env, notes):
+    """The autotune at tiny shapes (the interpreter on CPU), then its table read back; returns the problems."""
+    argv = step["argv"] + ["--tiny", "--seconds", "240"]
+    table = Path(argv[argv.index("--table") + 1])
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        return [f"autotune.py --tiny failed (rc {res.returncode}): {res.stdout[-600:]}{res.stderr[-800:]}"]
+    check = subprocess.run([sys.executable, "-c", _TABLE_CHECK, str(table)], cwd=ROOT,
+                           env=dict(env, GOPD_TUNING_DEVICE="cpu"), capture_output=True, text=True, timeout=300)
+    try:
+        got = json.loads(check.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [f"the table autotune.py wrote does not load: {check.stderr[-800:]}"]
+    if not got["found"]:
+        return [f"the table {table} has no entry for this machine"]
+    notes.append(f"tiny sweep ok, table written with {got['devices']} device entr{'y' if got['devices'] == 1 else 'ies'}")
+    return []
+
+
+def tune_summary(path: Path):
+    """What gpu_check.json keeps of autotune.json: the entry, the winners, the implementation timings."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return None
+    cands = data.get("candidates", [])
+    return dict(entry=data.get("entry"), winners=data.get("winners"), impl=data.get("impl"),
+                backends=data.get("backends"), seconds=data.get("seconds"), tiny=data.get("tiny"),
+                candidates_timed=sum("seconds" in c for c in cands),
+                candidates_failed=sum("error" in c for c in cands),
+                candidates_skipped=sum("skipped" in c for c in cands))
 
 
 def test_counts(xml_path: Path):
@@ -264,8 +351,8 @@ def table(report):
              f"{'step':<7} {'status':<8} {'seconds':>8}  detail"]
     for s in report["steps"]:
         detail = s.get("detail", "")
-        if s["name"] == "tests" and report.get("tests"):
-            t = report["tests"]
+        t = report.get(s["name"]) if s["name"] in ("first", "tests") else None
+        if t:
             detail = f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
         lines.append(f"{s['name']:<7} {s['status']:<8} {s['seconds']:>8.1f}  {detail[:150]}")
     rows = (report.get("bench") or {}).get("rows") or []
@@ -302,7 +389,36 @@ def table(report):
                     f"{tile} {ms:.2f}" for tile, ms in s["score_onchip_ms_by_tile"].items()))
         if report["bench"].get("copy_gb_per_s"):
             lines.append(f"  copy bandwidth {report['bench']['copy_gb_per_s']:.0f} GB/s")
+    lines += tune_lines(report.get("tune"))
     return "\n".join(lines)
+
+
+def tune_lines(tune):
+    """The tuning summary's lines of the table: winners against the defaults, implementations, backends."""
+    if not tune:
+        return []
+    out = [f"tune{' (tiny shapes: not performance numbers)' if tune.get('tiny') else ''}: "
+           f"{tune['candidates_timed']} candidates timed, {tune['candidates_failed']} failed a check or to launch, "
+           f"{tune['candidates_skipped']} left out of time, {tune.get('seconds')} s"]
+    for kernel, by_class in (tune.get("winners") or {}).items():
+        for cls, win in by_class.items():
+            speed = f"{win['speedup']:.2f}x the defaults" if win.get("speedup") else "defaults not timed"
+            out.append(f"  {kernel:16s} {cls:18s} {win['seconds'] * 1e3:9.3f} ms  {win['tiles'] or 'defaults'} ({speed})")
+    for r in tune.get("impl") or []:
+        if "use" in r:
+            ms = {k: f"{r[k + '_s'] * 1e3:.2f}" if r.get(k + "_s") else r.get(k + "_error", "-")[:40]
+                  for k in ("chunked", "onchip")}
+            out.append(f"  impl {r['use']:13s} N={r['n']:5d}: chunked {ms['chunked']} ms, onchip {ms['onchip']} ms")
+    for r in tune.get("backends") or []:
+        cells = [f"{b} {r[b + '_s'] * 1e3:.2f} ms" if r.get(b + "_s") else f"{b} {r.get(b + '_error', '-')[:40]}"
+                 for b in ("triton", "cuda")]
+        out.append(f"  fused 3h full N={r['n']}: " + ", ".join(cells))
+    entry = tune.get("entry") or {}
+    if entry:
+        out.append(f"  table entry for {entry.get('device')}: backend {entry.get('backend', '-')}, impl "
+                   f"{json.dumps(entry.get('impl'))}, {sum(len(v) for v in (entry.get('tiles') or {}).values())} "
+                   "tile choice(s) beating the defaults")
+    return out
 
 
 def main(argv=None):
@@ -312,19 +428,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the subset that fits ~3 minutes")
     p.add_argument("--liger", default=None, help="a folder of wheels holding liger-kernel (imported from the wheel)")
     p.add_argument("--dry-run", action="store_true", help="check that every step exists and parses; run nothing")
-    p.add_argument("--skip", default="", help="comma list of steps to leave out (build, tests, bench)")
+    p.add_argument("--skip", default="", help=f"comma list of steps to leave out ({', '.join(STEPS)})")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run: each step's timeout is cut to what is left (less a margin), "
                         "so the JSON and the table are written even when a lease's time is short")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     skip = {s for s in args.skip.split(",") if s}
-    if not skip <= {"build", "tests", "bench"}:
-        p.error(f"--skip: unknown step(s) {sorted(skip - {'build', 'tests', 'bench'})}")
+    if not skip <= set(STEPS):
+        p.error(f"--skip: unknown step(s) {sorted(skip - set(STEPS))}; expected some of {', '.join(STEPS)}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     report = dict(dry_run=args.dry_run, quick=args.quick, out=str(out), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  steps=[], tests=None, bench=None)
+                  steps=[], first=None, tests=None, tune=None, bench=None)
     with open(out / "gpu_check.log", "w") as log:
         t0 = time.monotonic()
         report["env"] = environment(log)
@@ -338,13 +454,18 @@ def main(argv=None):
                 report["steps"].append(dict(name=name, status="skipped", rc=None, seconds=0.0, detail="--skip"))
                 continue
             t1 = time.monotonic()
-            if args.budget is not None:  # what is left of the budget, less time to write the report
-                step["timeout"] = max(1.0, min(step["timeout"], args.budget - (time.monotonic() - t0) - 10))
+            if args.budget is not None:
+                step["timeout"] = budgeted(name, step["timeout"], args.budget, time.monotonic() - t0)
+            if name in ("tests", "bench") and (out / "tuning.json").exists() and not args.dry_run:
+                # The steps after the tune run at its tiles: the tests check them, the benchmark times them.
+                step["env"]["GOPD_TUNING_TABLE"] = str(out / "tuning.json")
             record = dry_check(name, step, args) if args.dry_run else run_step(name, step, log)
             record["seconds"] = round(time.monotonic() - t1, 1)
             report["steps"].append(record)
-            if not args.dry_run and name == "tests":
-                report["tests"] = test_counts(out / "tests.xml")
+            if not args.dry_run and name in ("first", "tests"):
+                report[name] = test_counts(out / f"{name}.xml")
+            if name == "tune":
+                report["tune"] = tune_summary(out / "autotune.json")
             if not args.dry_run and name == "bench" and (out / "bench_loss.json").exists():
                 report["bench"] = json.loads((out / "bench_loss.json").read_text())
     report["seconds"] = round(time.time() - started, 1)

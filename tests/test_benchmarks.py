@@ -23,6 +23,34 @@ def _run(script, *args, timeout=300):
     return proc.stdout
 
 
+def test_the_shared_harness(tmp_path):
+    """benchmarks/harness.py: the warm-up is not timed, paired rounds rotate the order, the writer and the
+    common options work, and every script uses the harness rather than a timer of its own."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+    calls = []
+    timing = harness.timed(lambda: calls.append(1), 3, warmup=2)
+    assert len(calls) == 5 and len(timing.times) == 3 and timing.median >= 0 and timing.warmup_s >= 0
+    order = []
+    times = harness.paired({k: (lambda k=k: order.append(k)) for k in "abc"}, 3, warmup=1)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(t) for k, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    args = harness.parser("doc").parse_args(["--quick", "--out", str(tmp_path / "x.json")])
+    assert args.quick and harness.out_path(args, "a.json", "a_quick.json") == tmp_path / "x.json"
+    args = harness.parser("doc").parse_args(["--quick"])
+    assert harness.out_path(args, "a.json", "a_quick.json") == harness.RESULTS / "a_quick.json"
+    meta = harness.device_meta()
+    assert {"torch", "python", "processor", "cpu_count", "threads", "gpu", "device"} <= set(meta)
+    path = harness.write_json(tmp_path / "sub" / "r.json", dict(meta=meta, rows=[1]))
+    assert json.loads(path.read_text())["rows"] == [1]
+    for script in sorted(BENCH.glob("bench_*.py")):
+        text = script.read_text()
+        assert "import harness" in text and "argparse.ArgumentParser(" not in text, script.name
+
+
 def test_bench_loss_quick(tmp_path):
     need("triton")
     out = tmp_path / "loss.json"

@@ -63,6 +63,8 @@ from __future__ import annotations
 
 import importlib
 
+from .. import tuning
+
 # Row indices of the stats tensor returned by rows_forward.
 LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
 NSTATS = 9
@@ -124,7 +126,7 @@ def resolve(name: str, device) -> str:
         get(name)  # raises with a clear message if unknown / not built
         return name
     candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for cand in candidates:
+    for cand in tuning.preferred(device, candidates):  # the measured winner on this device first
         if is_available(cand):
             return cand
     _warn_fallback(device.type, candidates)

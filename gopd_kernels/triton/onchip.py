@@ -49,14 +49,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ..backends import NSTATS
 from .rows import _not_finite, _split  # one hi/lo split and finiteness test for both
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite initial running max (as rows.py): no -inf - -inf
 
-# Tile sizes: chosen so the forward's three [BLOCK_N, BLOCK_V] fp32 accumulators plus the tile of each
-# operand fit the registers of one program; NOT tuned on a GPU (no measurement exists). Tests pass
-# smaller blocks to cross many tiles at small shapes. tl.dot needs every dimension >= 16.
+# Default tile sizes: chosen so the forward's three [BLOCK_N, BLOCK_V] fp32 accumulators plus the tile of
+# each operand fit the registers of one program, not measured; a device in gopd_kernels/tuning.json gets
+# its measured tiles instead, and an explicit `blocks` argument wins over both. Tests pass smaller blocks to
+# cross many tiles at small shapes. tl.dot needs every dimension >= 16.
 BLOCKS = dict(block_n=64, block_v=128, block_d=64)
 _WARPS = 8
 
@@ -323,7 +325,8 @@ def onchip_forward(hs, ws, ht, wt, hr, wr, targets, ts, tt, tr, ignore_index, *,
     acc_tl, acc_torch = _acc(hs.dtype)
     n = hs.shape[0]
     v = ws.shape[0] if vocab is None else vocab
-    b = dict(BLOCKS, **(blocks or {}))
+    models = 1 + (ht is not None) + (hr is not None)
+    b = {**BLOCKS, "num_warps": _WARPS, **(blocks or tuning.tiles("onchip_forward", hs.device, hs.dtype, models, n))}
     stats = torch.zeros(NSTATS, n, dtype=torch.float64, device=hs.device)
     zy = torch.zeros(3, n, dtype=acc_torch, device=hs.device)
     if n == 0:
@@ -337,7 +340,8 @@ def onchip_forward(hs, ws, ht, wt, hr, wr, targets, ts, tt, tr, ignore_index, *,
         n, v, s_args[2], t_args[2], r_args[2], *s_args[3:], *t_args[3:], *r_args[3:],
         stats.stride(0), _params(hs.device, ts, tt, tr, 0.0), ignore_index,
         HAS_T=ht is not None, HAS_R=hr is not None, ACC=acc_tl,
-        BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], DOT_F32=_dot_f32(hs), num_warps=_WARPS,
+        BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], DOT_F32=_dot_f32(hs),
+        num_warps=b["num_warps"], **tuning.stages(b),
         enable_fp_fusion=False,  # see rows.py's _NO_FMA: differences of scaled logits must use one rounding
     )
     return stats, zy
@@ -355,12 +359,14 @@ def onchip_backward(hs, ws, ht, wt, hr, wr, targets, stats, g_lp, g_loss, lam, t
     acc_tl, acc_torch = _acc(hs.dtype)
     n = hs.shape[0]
     v = ws.shape[0] if vocab is None else vocab
-    b = dict(BLOCKS, **(blocks or {}))
+    lam = float(lam)
+    use_t, use_r = need_full and ht is not None and lam != 0.0, need_full and hr is not None and lam != 1.0
+    b = {**BLOCKS, "num_warps": _WARPS,
+         **(blocks or tuning.tiles("onchip_backward", hs.device, hs.dtype, 1 + use_t + use_r, n))}
     dh = torch.zeros(hs.shape, dtype=acc_torch, device=hs.device)
     dw = torch.zeros(ws.shape, dtype=acc_torch, device=hs.device)
     if n == 0:
         return dh, dw
-    lam = float(lam)
     s_args = _head_args(hs, ws, None)
     t_args = _head_args(ht, wt, (hs, ws))
     r_args = _head_args(hr, wr, (hs, ws))
@@ -370,9 +376,9 @@ def onchip_backward(hs, ws, ht, wt, hr, wr, targets, stats, g_lp, g_loss, lam, t
         g_lp.contiguous(), g_loss.contiguous(), dh, dw,
         n, v, s_args[2], t_args[2], r_args[2], *s_args[3:], *t_args[3:], *r_args[3:],
         stats.stride(0), dh.stride(0), dw.stride(0), _params(hs.device, ts, tt, tr, lam), ignore_index,
-        USE_T=need_full and ht is not None and lam != 0.0, USE_R=need_full and hr is not None and lam != 1.0,
+        USE_T=use_t, USE_R=use_r,
         ACC=acc_tl, BLOCK_N=b["block_n"], BLOCK_V=b["block_v"], BLOCK_D=b["block_d"], DOT_F32=_dot_f32(hs),
-        num_warps=_WARPS,
+        num_warps=b["num_warps"], **tuning.stages(b),
         enable_fp_fusion=False,  # see rows.py's _NO_FMA
     )
     return dh, dw

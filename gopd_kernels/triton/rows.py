@@ -53,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ..backends import NSTATS
 
 # Finite stand-in for -inf as the initial running max (see module docstring).
@@ -294,7 +295,8 @@ def _block_and_warps(v: int, cap: int):
 
 # The forward keeps eleven [BLOCK_V] lane states live across its loop (three models), so it holds 4
 # columns per thread: 1024 columns over 8 warps, 80 registers for bf16 x 3 on sm_90 (8 per thread takes
-# 177). Chosen from ptxas' register report, not from a GPU measurement (issue 18, item 9).
+# 177). These are the defaults, from ptxas' register report; a device in gopd_kernels/tuning.json gets its
+# measured tiles instead.
 _FWD_BLOCK = 1024
 _BWD_BLOCK = 4096
 
@@ -312,6 +314,10 @@ def _params(device, ts, tt, tr, lam):
     return torch.tensor([1.0 / ts, 1.0 / tt, 1.0 / tr, lam], dtype=torch.float64, device=device)
 
 
+def _models(zt, zr):
+    return 1 + (zt is not None) + (zr is not None)
+
+
 def _row_stride(z):
     return 0 if z is None else z.stride(0)
 
@@ -327,14 +333,15 @@ def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index, *, block_v=None)
     stats = torch.zeros(NSTATS, n, dtype=torch.float64, device=zs.device)
     if n == 0:
         return stats
-    block = _block_and_warps(v, block_v or _FWD_BLOCK)[0]
-    warps = _forward_warps(block)
+    tuned = {} if block_v else tuning.tiles("rows_forward", zs.device, zs.dtype, _models(zt, zr), n)
+    block = _block_and_warps(v, tuned.get("block_v", block_v or _FWD_BLOCK))[0]
+    warps = tuned.get("num_warps", _forward_warps(block))
     _rows_forward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), stats.stride(0),
         _params(zs.device, float(ts), float(tt), float(tr), 0.0), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
-        enable_fp_fusion=False,  # see _NO_FMA
+        **tuning.stages(tuned), enable_fp_fusion=False,  # see _NO_FMA
     )
     return stats
 
@@ -349,12 +356,14 @@ def rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ign
     stats = stats.to(torch.float64)  # no copy for this backend's own (fp64) statistics
     g_lp = g_lp.contiguous()  # read in their own dtype (fp64 from autograd), no cast kernel
     g_loss = g_loss.contiguous()
-    block, warps = _block_and_warps(v, block_v or _BWD_BLOCK)
+    tuned = {} if block_v else tuning.tiles("rows_backward", zs.device, zs.dtype, _models(zt, zr), n)
+    block, warps = _block_and_warps(v, tuned.get("block_v", block_v or _BWD_BLOCK))
+    warps = tuned.get("num_warps", warps)
     _rows_backward_kernel[(n,)](
         zs, zt if zt is not None else zs, zr if zr is not None else zs, targets, stats, g_lp, g_loss, out,
         v, zs.stride(0), _row_stride(zt), _row_stride(zr), out.stride(0), stats.stride(0),
         _params(zs.device, float(ts), float(tt), float(tr), float(lam)), ignore_index,
         HAS_T=zt is not None, HAS_R=zr is not None, ACC=acc_tl, BLOCK_V=block, num_warps=warps,
-        enable_fp_fusion=False,  # see _NO_FMA
+        **tuning.stages(tuned), enable_fp_fusion=False,  # see _NO_FMA
     )
     return out
