@@ -125,11 +125,14 @@ def resolve(name: str, device) -> str:
     if name != "auto":
         get(name)  # raises with a clear message if unknown / not built
         return name
-    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for cand in tuning.preferred(device, candidates):  # the measured winner on this device first
+    fast = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    order = tuning.preferred(device, fast + ("torch",))  # the measured winner on this device first
+    for cand in order:
+        if cand == "torch" and cand != order[0]:
+            break  # reached only because no faster backend can run here
         if is_available(cand):
             return cand
-    _warn_fallback(device.type, candidates)
+    _warn_fallback(device.type, fast)
     return "torch"
 
 
