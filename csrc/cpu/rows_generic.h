@@ -161,22 +161,6 @@ GOPD_INLINE void add_block_of_other(const acc_t* b, int64_t n, acc_t s_s, acc_t&
   s += block_sumexp(b, n, m);
 }
 
-// One block of the student (scaled logits bs[0..n), running max ms) into sums[0] = S_s, sums[1] = A_ss
-// and sums[2 + k] = the cross term of the k-th of K other models (scaled logits bo[k], running max
-// mo[k]). Columns with w = 0 add nothing to the A's; a NaN w is not 0, so it reaches every sum.
-template <int K, typename acc_t>
-GOPD_INLINE void add_block_of_student(const acc_t* bs, acc_t ms, const acc_t* const* bo, const acc_t* mo, int64_t n,
-                                      acc_t* sums) {
-  lane_sums<2 + K>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
-    const acc_t d = bs[j] - ms;
-    const acc_t w = fast_exp(d);
-    const bool on = w != 0;
-    acc[0][l] += w;
-    acc[1][l] += on ? w * d : acc_t(0);
-    for (int k = 0; k < K; ++k) acc[2 + k][l] += on ? w * (bo[k][j] - mo[k]) : acc_t(0);
-  }, sums);
-}
-
 // The stats of one valid row into st[] (layout of stats_layout.h; zt / zr may be nullptr: their stats
 // are left untouched). bs, bt, br: kBlock-column buffers.
 template <typename scalar_t, typename acc_t>
@@ -206,23 +190,41 @@ GOPD_INLINE void forward_row(const scalar_t* zs, const scalar_t* zt, const scala
       r.m_s = mx;
     }
     const acc_t ms = r.m_s, mt = r.m_t, mr = r.m_r;
-    // sums[0..3] = S_s, A_ss, A_st, A_sr of this block.
+    // sums[0..3] = S_s, A_ss, A_st, A_sr of this block (w = 0 columns add nothing to the A's).
     acc_t sums[4] = {0, 0, 0, 0};
     if (has_t && has_r) {
-      const acc_t* bo[2] = {bt, br};
-      const acc_t mo[2] = {mt, mr};
-      add_block_of_student<2>(bs, ms, bo, mo, n, sums);
+      lane_sums<4>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        const bool on = w != 0;  // NaN w included: it must reach the sums
+        acc[0][l] += w;
+        acc[1][l] += on ? w * d : acc_t(0);
+        acc[2][l] += on ? w * (bt[j] - mt) : acc_t(0);
+        acc[3][l] += on ? w * (br[j] - mr) : acc_t(0);
+      }, sums);
     } else if (has_t || has_r) {
       // One of teacher / reference: its cross term goes to sums[2] (teacher) or sums[3] (reference).
-      const acc_t* bo[1] = {has_t ? bt : br};
-      const acc_t mo[1] = {has_t ? mt : mr};
+      const acc_t* bo = has_t ? bt : br;
+      const acc_t mo = has_t ? mt : mr;
       acc_t three[3] = {0, 0, 0};
-      add_block_of_student<1>(bs, ms, bo, mo, n, three);
+      lane_sums<3>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        const bool on = w != 0;  // NaN w included: it must reach the sums
+        acc[0][l] += w;
+        acc[1][l] += on ? w * d : acc_t(0);
+        acc[2][l] += on ? w * (bo[j] - mo) : acc_t(0);
+      }, three);
       sums[0] = three[0];
       sums[1] = three[1];
       sums[has_t ? 2 : 3] = three[2];
     } else {
-      add_block_of_student<0, acc_t>(bs, ms, nullptr, nullptr, n, sums);
+      lane_sums<2>(n, [&](int64_t j, int l, acc_t(*acc)[kLanes]) GOPD_LAMBDA_INLINE {
+        const acc_t d = bs[j] - ms;
+        const acc_t w = fast_exp(d);
+        acc[0][l] += w;
+        acc[1][l] += w != 0 ? w * d : acc_t(0);
+      }, sums);
     }
     r.s_s += sums[0];
     r.a_ss += sums[1];
