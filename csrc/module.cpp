@@ -7,12 +7,14 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include "stats_layout.h"
+
 #ifndef GOPD_VERSION
 #define GOPD_VERSION "0.0.0"
 #endif
 
 TORCH_LIBRARY(gopd, m) {
-  // stats [9, N] (fp64 for fp64 input, else fp32): LSE_S LSE_T LSE_R LP_S LP_T LP_R E_S E_T E_R.
+  // stats [NSTATS, N] (fp64 for fp64 input, else fp32), one row per statistic (csrc/stats_layout.h).
   m.def("rows_forward(Tensor zs, Tensor? zt, Tensor? zr, Tensor targets, float ts, float tt, float tr, "
         "int ignore_index) -> Tensor");
   // Writes d(g_lp . lp_s + g_loss . L)/d zs into out ([N, V], dtype of zs); out may be zs itself.
@@ -36,5 +38,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Whether the CUDA kernels were compiled into this build.");
+  m.def(
+      "stats_layout",
+      []() {
+        pybind11::dict d;
+        d["LSE_S"] = static_cast<int>(gopd::LSE_S);
+        d["LSE_T"] = static_cast<int>(gopd::LSE_T);
+        d["LSE_R"] = static_cast<int>(gopd::LSE_R);
+        d["LP_S"] = static_cast<int>(gopd::LP_S);
+        d["LP_T"] = static_cast<int>(gopd::LP_T);
+        d["LP_R"] = static_cast<int>(gopd::LP_R);
+        d["E_S"] = static_cast<int>(gopd::E_S);
+        d["E_T"] = static_cast<int>(gopd::E_T);
+        d["E_R"] = static_cast<int>(gopd::E_R);
+        d["NSTATS"] = static_cast<int>(gopd::NSTATS);
+        return d;
+      },
+      "The row of each statistic in the [NSTATS, N] stats the row kernels return (csrc/stats_layout.h), "
+      "and NSTATS: {name: index}.");
   m.attr("__version__") = GOPD_VERSION;
 }

@@ -14,7 +14,7 @@ import subprocess
 
 import torch
 
-from gopd_kernels.backends import NSTATS
+from gopd_kernels._layout import NSTATS
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def nvcc():
 def build(directory):
     """Compile the emulation into `directory`; returns an Emulated, or raises with nvcc's message."""
     lib = pathlib.Path(directory) / "libgopd_emu.so"
-    cmd = [nvcc(), "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-x", "cu",
+    cmd = [nvcc(), "-O2", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-I", str(_ROOT / "csrc"), "-x", "cu",
            str(_ROOT / "csrc" / "cuda" / "emulate_rows.cuh"), "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

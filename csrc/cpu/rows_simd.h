@@ -1,12 +1,12 @@
 // Vectorised row kernels for fp32 / bf16 / fp16 logits (fp32 math), written once against the
-// vector operations `Ops` (simd_avx2.h: 8 lanes, simd_avx512.h: 16 lanes). rows.cpp includes this
+// vector operations `Ops` (simd_avx2.h: 8 lanes, simd_avx512.h: 16 lanes). row_dispatch.h includes this
 // file once per ISA, inside that ISA's namespace and `#pragma GCC target` region, and calls a copy
 // only when the CPU has its features. No include guard on purpose.
 //
-// Forward, per row (the stats of the contract; layout of rows.cpp's Stat enum):
+// Forward, per row (the stats of the contract, laid out as stats_layout.h says):
 //   pass 1  M_m = max_v z_m(v) for the three models (the row's one read from memory);
 //   pass 2  with the maxima fixed (the row is now in cache; the next row is prefetched meanwhile,
-//           see NextRow in rows.cpp), a vector of columns at a time,
+//           see NextRow in row_dispatch.h), a vector of columns at a time,
 //             w = exp(z'_s - M'_s),  S_m += exp(z'_m - M'_m),
 //             A_ss += w (z'_s - M'_s),  A_st += w (z'_t - M'_t),  A_sr += w (z'_r - M'_r)
 //           with z'_m = z_m * (1/T_m) rounded to fp32 once and M'_m = M_m * (1/T_m) (rounding is
@@ -29,7 +29,7 @@
 //   c = (z'_s - lse_s) - ct (z'_t - lse_t) - cr (z'_r - lse_r), a = g_loss / T_s,
 //   so out(v) = p(v) (a (c(v) - L) - g_lp / T_s), L = sum_v p c (summed by the backward itself);
 //   the target column gets + g_lp / T_s.
-// Entries below kTinyGrad<float> = 2^-100 in magnitude are written as 0 (rows.cpp, zero_if_tiny, says why).
+// Entries below kTinyGrad<float> = 2^-100 in magnitude are written as 0 (rows_generic.h, zero_if_tiny, says why).
 
 using Vec = Ops::Vec;
 constexpr int W = Ops::kWidth;
@@ -132,36 +132,34 @@ void forward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, int
   else if (hr) row_sums<false, true>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
   else row_sums<false, false>(zs, zt, zr, v, its, itt, itr, ms, mt, mr, s, next);
   const double log_ss = std::log(s[0]);
-  st[0] = ms + log_ss;
-  st[3] = static_cast<double>(static_cast<float>(zs[y]) * its - ms) - log_ss;
-  st[6] = s[3] / s[0] - log_ss;
+  st[LSE_S] = ms + log_ss;
+  st[LP_S] = static_cast<double>(static_cast<float>(zs[y]) * its - ms) - log_ss;
+  st[E_S] = s[3] / s[0] - log_ss;
   if (ht) {
     const double log_st = std::log(s[1]);
-    st[1] = mt + log_st;
-    st[4] = static_cast<double>(static_cast<float>(zt[y]) * itt - mt) - log_st;
-    st[7] = s[4] / s[0] - log_st;
+    st[LSE_T] = mt + log_st;
+    st[LP_T] = static_cast<double>(static_cast<float>(zt[y]) * itt - mt) - log_st;
+    st[E_T] = s[4] / s[0] - log_st;
   }
   if (hr) {
     const double log_sr = std::log(s[2]);
-    st[2] = mr + log_sr;
-    st[5] = static_cast<double>(static_cast<float>(zr[y]) * itr - mr) - log_sr;
-    st[8] = s[5] / s[0] - log_sr;
+    st[LSE_R] = mr + log_sr;
+    st[LP_R] = static_cast<double>(static_cast<float>(zr[y]) * itr - mr) - log_sr;
+    st[E_R] = s[5] / s[0] - log_sr;
   }
 }
 
-// Coefficients of one backward row (see the header comment).
-// lse_m = hi + lo: the fp64 statistic split into two floats, so z' - lse keeps its low bits.
-struct BackwardCoef {
-  float lse_s, lse_t, lse_r, lo_s, lo_t, lo_r, ct, cr, a, g_lp_s, its, itt, itr;  // a = g_loss / T_s
-};
-
+// The gradient of one row from its coefficients b (rows_generic.h, BackwardRow: each lse_m as hi + lo,
+// the fp64 statistic split into two floats, so z' - lse keeps its low bits) and the teacher's and
+// reference's 1 / T.
 template <bool UT, bool UR, typename scalar_t>
 void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v,
-                       int64_t y, const BackwardCoef& k, float g_lp_scaled) {
-  const Vec its = Ops::set1(k.its), itt = Ops::set1(k.itt), itr = Ops::set1(k.itr);
-  const Vec ls = Ops::set1(k.lse_s), lt = Ops::set1(k.lse_t), lr = Ops::set1(k.lse_r);
-  const Vec ls_lo = Ops::set1(k.lo_s), lt_lo = Ops::set1(k.lo_t), lr_lo = Ops::set1(k.lo_r);
-  const Vec ct = Ops::set1(k.ct), cr = Ops::set1(k.cr), a = Ops::set1(k.a);
+                       int64_t y, const BackwardRow<float>& b, float inv_tt, float inv_tr) {
+  const float a_s = b.g_loss * b.inv_ts, g_lp_s = b.g_lp * b.inv_ts;  // g_loss / T_s, g_lp / T_s
+  const Vec its = Ops::set1(b.inv_ts), itt = Ops::set1(inv_tt), itr = Ops::set1(inv_tr);
+  const Vec ls = Ops::set1(b.lse_s), lt = Ops::set1(b.lse_t), lr = Ops::set1(b.lse_r);
+  const Vec ls_lo = Ops::set1(b.lo_s), lt_lo = Ops::set1(b.lo_t), lr_lo = Ops::set1(b.lo_r);
+  const Vec ct = Ops::set1(b.ct), cr = Ops::set1(b.cr), a = Ops::set1(a_s);
   auto log_p_and_c = [&](Vec xs, Vec xt, Vec xr, Vec& p) GOPD_LAMBDA_INLINE {
     const Vec lp = Ops::sub(Ops::sub(Ops::mul(xs, its), ls), ls_lo);
     p = Ops::exp(lp);
@@ -175,7 +173,7 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   // from the forward's sums: c - L is then exactly consistent, as in a log-softmax backward, and a
   // one-hot row gets an exactly zero loss gradient however large its logits.
   float loss = 0.0f;
-  if (k.a != 0.0f) {
+  if (a_s != 0.0f) {
     double pc = 0.0;
     for (int64_t start = 0; start < v; start += kBlockCols) {
       const int64_t end = std::min(v, start + kBlockCols);
@@ -197,7 +195,7 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
     }
     loss = static_cast<float>(pc);
   }
-  const Vec lv = Ops::set1(loss), glp = Ops::set1(k.g_lp_s);
+  const Vec lv = Ops::set1(loss), glp = Ops::set1(g_lp_s);
   // a (c - L) - g_lp / T_s, with c - L formed first: folding a L + g_lp / T_s into one constant
   // would round away the small difference left on a near one-hot row.
   auto grad = [&](Vec xs, Vec xt, Vec xr) GOPD_LAMBDA_INLINE {
@@ -208,7 +206,7 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   auto at = [](const scalar_t* z, int64_t i) { return Ops::set1(z == nullptr ? 0.0f : static_cast<float>(z[i])); };
   // The target column is computed first in fp32 and written last: out may alias zs, and adding
   // g_lp / T_s after a round to bf16 would round twice.
-  const float g_y = zero_if_tiny(Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_scaled);
+  const float g_y = zero_if_tiny(Ops::first(grad(at(zs, y), at(zt, y), at(zr, y))) + g_lp_s);
   int64_t j = 0;
   // Every vector is loaded before the store of the same columns: out may alias zs.
   for (; j + W <= v; j += W) {
@@ -227,12 +225,14 @@ void backward_row_impl(const scalar_t* zs, const scalar_t* zt, const scalar_t* z
   out[y] = static_cast<scalar_t>(g_y);
 }
 
-// use_t / use_r: whether the teacher / reference term is kept (its coefficient and g_loss are non-zero).
+// A teacher / reference term runs only where it is kept and g_loss reaches it.
 template <typename scalar_t>
 void backward_row(const scalar_t* zs, const scalar_t* zt, const scalar_t* zr, scalar_t* out, int64_t v, int64_t y,
-                  const BackwardCoef& k, bool use_t, bool use_r, float g_lp_scaled) {
-  if (use_t && use_r) backward_row_impl<true, true>(zs, zt, zr, out, v, y, k, g_lp_scaled);
-  else if (use_t) backward_row_impl<true, false>(zs, zt, zr, out, v, y, k, g_lp_scaled);
-  else if (use_r) backward_row_impl<false, true>(zs, zt, zr, out, v, y, k, g_lp_scaled);
-  else backward_row_impl<false, false>(zs, zt, zr, out, v, y, k, g_lp_scaled);
+                  const BackwardRow<float>& b, float inv_tt, float inv_tr) {
+  const bool with_loss = b.g_loss != 0;
+  const bool use_t = with_loss && b.use_t, use_r = with_loss && b.use_r;
+  if (use_t && use_r) backward_row_impl<true, true>(zs, zt, zr, out, v, y, b, inv_tt, inv_tr);
+  else if (use_t) backward_row_impl<true, false>(zs, zt, zr, out, v, y, b, inv_tt, inv_tr);
+  else if (use_r) backward_row_impl<false, true>(zs, zt, zr, out, v, y, b, inv_tt, inv_tr);
+  else backward_row_impl<false, false>(zs, zt, zr, out, v, y, b, inv_tt, inv_tr);
 }

@@ -1,5 +1,5 @@
 // The vector operations rows_simd.h is written against, for AVX2 + FMA + F16C (8 fp32 lanes).
-// Included by rows.cpp inside `namespace avx2` and a matching `#pragma GCC target` region; no include
+// Included by row_dispatch.h inside `namespace avx2` and a matching `#pragma GCC target` region; no include
 // guard on purpose (each ISA namespace gets its own copy).
 struct Ops {
   using Vec = __m256;
@@ -18,7 +18,7 @@ struct Ops {
   GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm256_and_ps(_mm256_cmp_ps(w, zero(), _CMP_NEQ_UQ), x); }
   // w x where w != 0 (NaN included), else +0.
   GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return mul(w, where_nonzero(w, x)); }
-  // x, or +0 where |x| < kTinyGrad<float> (rows.cpp); NaN and inf are kept (unordered compare).
+  // x, or +0 where |x| < kTinyGrad<float> (rows_generic.h); NaN and inf are kept (unordered compare).
   GOPD_INLINE static Vec zero_if_tiny(Vec x) {
     const Vec mag = _mm256_andnot_ps(set1(-0.0f), x);
     return _mm256_and_ps(_mm256_cmp_ps(mag, set1(kTinyGrad<float>), _CMP_NLT_UQ), x);

@@ -1,5 +1,5 @@
 // The vector operations rows_simd.h is written against, for AVX-512 F/BW/VL/DQ (16 fp32 lanes).
-// Included by rows.cpp inside `namespace avx512` and a matching `#pragma GCC target` region; no
+// Included by row_dispatch.h inside `namespace avx512` and a matching `#pragma GCC target` region; no
 // include guard on purpose (each ISA namespace gets its own copy).
 struct Ops {
   using Vec = __m512;
@@ -18,7 +18,7 @@ struct Ops {
   GOPD_INLINE static Vec where_nonzero(Vec w, Vec x) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), x); }
   // w x where w != 0 (NaN included), else +0: one masked multiply.
   GOPD_INLINE static Vec mul_where_nonzero(Vec w, Vec x) { return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, zero(), _CMP_NEQ_UQ), w, x); }
-  // x, or +0 where |x| < kTinyGrad<float> (rows.cpp); NaN and inf are kept (unordered compare).
+  // x, or +0 where |x| < kTinyGrad<float> (rows_generic.h); NaN and inf are kept (unordered compare).
   GOPD_INLINE static Vec zero_if_tiny(Vec x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_andnot_ps(set1(-0.0f), x), set1(kTinyGrad<float>), _CMP_NLT_UQ), x);
   }

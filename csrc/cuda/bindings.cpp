@@ -12,7 +12,7 @@
 
 namespace {
 
-using gopd::cuda::kNumStats;
+using gopd::NSTATS;
 
 void check_logits(const at::Tensor& t, const at::Tensor& zs, const char* name) {
   TORCH_CHECK(t.is_cuda(), "gopd cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
@@ -84,7 +84,7 @@ at::Tensor rows_forward_cuda(const at::Tensor& zs, const c10::optional<at::Tenso
   TORCH_CHECK(ts > 0 && tt > 0 && tr > 0, "gopd cuda backend: temperatures must be > 0");
   const c10::cuda::CUDAGuard guard(zs.device());
   const int64_t n = zs.size(0), v = zs.size(1);
-  auto stats = at::empty({kNumStats, n}, zs.options().dtype(at::kDouble));
+  auto stats = at::empty({NSTATS, n}, zs.options().dtype(at::kDouble));
   if (n == 0) return stats;
   const at::Tensor y = targets.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(zs.device().index()).stream();
@@ -110,9 +110,9 @@ void rows_backward_cuda(const at::Tensor& zs, const c10::optional<at::Tensor>& z
   TORCH_CHECK(out.device() == zs.device() && out.sizes() == zs.sizes() && out.scalar_type() == zs.scalar_type() &&
                   (v <= 1 || out.stride(1) == 1),
               "gopd cuda backend: out must be a [N, V] tensor like zs with stride(-1) == 1");
-  TORCH_CHECK(stats.device() == zs.device() && stats.dim() == 2 && stats.size(0) == kNumStats &&
+  TORCH_CHECK(stats.device() == zs.device() && stats.dim() == 2 && stats.size(0) == NSTATS &&
                   stats.size(1) == n,
-              "gopd cuda backend: stats must be [", kNumStats, ", N] on ", zs.device());
+              "gopd cuda backend: stats must be [", NSTATS, ", N] on ", zs.device());
   if (n == 0 || v == 0) return;
   const c10::cuda::CUDAGuard guard(zs.device());
   const at::Tensor st = stats.to(at::kDouble).contiguous();

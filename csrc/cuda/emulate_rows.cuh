@@ -20,7 +20,7 @@ static void fwd(const float* const* z, const int64_t* stride, const float* temp,
   float inv[NM]; for (int k = 0; k < NM; ++k) inv[k] = inv_temp(temp[k]);
   for (int64_t row = 0; row < n; ++row) {
     const int64_t y = targets[row];
-    if (y == ig) { for (int s = 0; s < kNumStats; ++s) stats[s * n + row] = 0.0; continue; }
+    if (y == ig) { for (int s = 0; s < gopd::NSTATS; ++s) stats[s * n + row] = 0.0; continue; }
     std::vector<RowState<NM>> st(nthreads);
     for (int t = 0; t < nthreads; ++t) {
       st[t].init();

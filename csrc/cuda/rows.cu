@@ -44,8 +44,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // The per-row math is host-callable too, so it can be exercised without a GPU.
 #define GOPD_HD __host__ __device__ __forceinline__
 
-// Stats rows (match gopd_kernels.backends): LSE_m = m, LP_m = 3 + m, E_m = 6 + m for m in {s, t, r}.
-constexpr int kLse = 0, kLp = 3, kE = 6;
+// The stats rows of model id (0: s, 1: t, 2: r) are LSE_S + id, LP_S + id and E_S + id.
+static_assert(LSE_T == LSE_S + 1 && LSE_R == LSE_S + 2 && LP_T == LP_S + 1 && LP_R == LP_S + 2 && E_T == E_S + 1 &&
+                  E_R == E_S + 2,
+              "stats_layout.h: each statistic's rows must run s, t, r");
 
 GOPD_HD float neg_inf() { return -INFINITY; }
 
@@ -259,19 +261,19 @@ GOPD_HD void write_row_stats(const RowState<NM>& st, const float (&zy)[NM], cons
     present |= 1u << id;
     const double log_sk = log(static_cast<double>(st.s[k]));
     const double m = st.m[k];
-    stats[static_cast<int64_t>(kLse + id) * n + row] = m + log_sk;
-    stats[static_cast<int64_t>(kLp + id) * n + row] = (static_cast<double>(zy[k]) - m) - log_sk;
+    stats[static_cast<int64_t>(LSE_S + id) * n + row] = m + log_sk;
+    stats[static_cast<int64_t>(LP_S + id) * n + row] = (static_cast<double>(zy[k]) - m) - log_sk;
     // E_k = w_k / S_s + (R_k - M_k) - log S_k with R_s = M_s (R_k - M_k exact in fp64).
     const double r = k == 0 ? st.m[0] : st.ref[k];
-    stats[static_cast<int64_t>(kE + id) * n + row] =
+    stats[static_cast<int64_t>(E_S + id) * n + row] =
         static_cast<double>(st.w[k]) / static_cast<double>(st.s[0]) + (r - m) - log_sk;
   }
 #pragma unroll
   for (int id = 1; id < 3; ++id) {
     if (!(present & (1u << id))) {
-      stats[static_cast<int64_t>(kLse + id) * n + row] = 0.0;
-      stats[static_cast<int64_t>(kLp + id) * n + row] = 0.0;
-      stats[static_cast<int64_t>(kE + id) * n + row] = 0.0;
+      stats[static_cast<int64_t>(LSE_S + id) * n + row] = 0.0;
+      stats[static_cast<int64_t>(LP_S + id) * n + row] = 0.0;
+      stats[static_cast<int64_t>(E_S + id) * n + row] = 0.0;
     }
   }
 }
@@ -283,6 +285,23 @@ struct Models {
   int64_t stride[NM];
   float inv_temp[NM];  // 1 / T_k, rounded to fp32 once
   int id[NM];
+};
+
+// One row of the present models as a thread reads it: pointers, 1 / T_k, and whether model k's rows
+// take 16-byte loads (bit k of the launcher's vec_mask).
+template <typename T, int NM>
+struct RowModels {
+  const T* z[NM];
+  float inv[NM];
+  bool aligned[NM];
+  __device__ __forceinline__ RowModels(const Models<T, NM>& mod, int64_t row, unsigned vec_mask) {
+#pragma unroll
+    for (int k = 0; k < NM; ++k) {
+      z[k] = mod.z[k] + row * mod.stride[k];
+      inv[k] = mod.inv_temp[k];
+      aligned[k] = (vec_mask >> k) & 1u;
+    }
+  }
 };
 
 // The present models' scaled columns of 16-byte chunks u[k] into the online state.
@@ -313,19 +332,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t y = targets[row];
 
   if (y == ignore_index) {  // masked row: zero stats, no vocabulary pass
-    if (tid < kNumStats) stats[static_cast<int64_t>(tid) * n + row] = 0.0;
+    if (tid < NSTATS) stats[static_cast<int64_t>(tid) * n + row] = 0.0;
     return;  // uniform over the block (block mode) or the warp (warp mode)
   }
 
-  const T* zrow[NM];
-  float inv[NM];
-  bool aligned[NM];
-#pragma unroll
-  for (int k = 0; k < NM; ++k) {
-    zrow[k] = mod.z[k] + row * mod.stride[k];
-    inv[k] = mod.inv_temp[k];
-    aligned[k] = (vec_mask >> k) & 1u;
-  }
+  const RowModels<T, NM> rm(mod, row, vec_mask);
 
   RowState<NM> st;
   st.init();
@@ -338,24 +349,24 @@ __global__ void __launch_bounds__(kThreads)
     for (; c + nthreads < nvec; c += 2 * static_cast<int64_t>(nthreads)) {
       Vec16<T> u0[NM], u1[NM];
 #pragma unroll
-      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u0[k]);
+      for (int k = 0; k < NM; ++k) load16<T>(rm.z[k] + c * VEC, rm.aligned[k], u0[k]);
 #pragma unroll
-      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + (c + nthreads) * VEC, aligned[k], u1[k]);
-      update_chunk<T, NM>(st, u0, inv);
-      update_chunk<T, NM>(st, u1, inv);
+      for (int k = 0; k < NM; ++k) load16<T>(rm.z[k] + (c + nthreads) * VEC, rm.aligned[k], u1[k]);
+      update_chunk<T, NM>(st, u0, rm.inv);
+      update_chunk<T, NM>(st, u1, rm.inv);
     }
     if (c < nvec) {
       Vec16<T> u0[NM];
 #pragma unroll
-      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u0[k]);
-      update_chunk<T, NM>(st, u0, inv);
+      for (int k = 0; k < NM; ++k) load16<T>(rm.z[k] + c * VEC, rm.aligned[k], u0[k]);
+      update_chunk<T, NM>(st, u0, rm.inv);
     }
     col0 = nvec * VEC;
   }
   for (int64_t c = col0 + tid; c < v; c += nthreads) {  // scalar path, or the chunked path's tail
     float x[NM][1];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) x[k][0] = scale(to_float(zrow[k][c]), inv[k]);
+    for (int k = 0; k < NM; ++k) x[k][0] = scale(to_float(rm.z[k][c]), rm.inv[k]);
     st.template update<1>(x);
   }
 
@@ -391,7 +402,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool y_ok = y >= 0 && y < v;  // out-of-range targets are the caller's error: give NaN, not a stray read
   float zy[NM];
 #pragma unroll
-  for (int k = 0; k < NM; ++k) zy[k] = y_ok ? scale(to_float(zrow[k][y]), inv[k]) : NAN;
+  for (int k = 0; k < NM; ++k) zy[k] = y_ok ? scale(to_float(rm.z[k][y]), rm.inv[k]) : NAN;
   write_row_stats<NM>(st, zy, mod.id, stats, n, row);
 }
 
@@ -422,14 +433,14 @@ template <int NM>
 GOPD_HD RowConst<NM> make_row_const(const int (&ids)[NM], const double* stats, const float* g_lp,
                                     const float* g_loss, int64_t n, int64_t row, float lam, float inv_ts) {
   RowConst<NM> rc;
-  const double lse_s = stats[static_cast<int64_t>(kLse) * n + row];
+  const double lse_s = stats[static_cast<int64_t>(LSE_S) * n + row];
   split_f64(lse_s, rc.hi, rc.lo);
   double loss = 0.0;  // L, only for the rule on undefined rows
 #pragma unroll
   for (int k = 0; k < NM; ++k) {
     const int id = ids[k];
-    const double e = stats[static_cast<int64_t>(kE + id) * n + row];
-    split_f64(stats[static_cast<int64_t>(kLse + id) * n + row] + e, rc.khi[k], rc.klo[k]);
+    const double e = stats[static_cast<int64_t>(E_S + id) * n + row];
+    split_f64(stats[static_cast<int64_t>(LSE_S + id) * n + row] + e, rc.khi[k], rc.klo[k]);
     rc.coef[k] = id == 0 ? 1.f : (id == 1 ? lam : 1.f - lam);
     if (rc.coef[k] != 0.f) loss += (id == 0 ? 1.0 : -static_cast<double>(rc.coef[k])) * e;
   }
@@ -479,15 +490,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const RowConst<NM> rc = make_row_const<NM>(mod.id, stats, g_lp, g_loss, n, row, lam, mod.inv_temp[0]);
 
-  const T* zrow[NM];
-  float inv[NM];
-  bool aligned[NM];
-#pragma unroll
-  for (int k = 0; k < NM; ++k) {
-    zrow[k] = mod.z[k] + row * mod.stride[k];
-    inv[k] = mod.inv_temp[k];
-    aligned[k] = (vec_mask >> k) & 1u;
-  }
+  const RowModels<T, NM> rm(mod, row, vec_mask);
 
   int64_t col0 = 0;
   if (vec_mask & 1u) {
@@ -495,13 +498,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t c = first; c < nvec; c += step) {
       Vec16<T> u[NM];
 #pragma unroll
-      for (int k = 0; k < NM; ++k) load16<T>(zrow[k] + c * VEC, aligned[k], u[k]);
+      for (int k = 0; k < NM; ++k) load16<T>(rm.z[k] + c * VEC, rm.aligned[k], u[k]);
       float g[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         float a[NM];
 #pragma unroll
-        for (int k = 0; k < NM; ++k) a[k] = scale(to_float(u[k].elem[j]), inv[k]);
+        for (int k = 0; k < NM; ++k) a[k] = scale(to_float(u[k].elem[j]), rm.inv[k]);
         g[j] = column_grad<NM>(rc, a, c * VEC + j == y);
       }
       store_vec<T>(orow + c * VEC, g);
@@ -511,7 +514,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = col0 + first; c < v; c += step) {
     float a[NM];
 #pragma unroll
-    for (int k = 0; k < NM; ++k) a[k] = scale(to_float(zrow[k][c]), inv[k]);
+    for (int k = 0; k < NM; ++k) a[k] = scale(to_float(rm.z[k][c]), rm.inv[k]);
     orow[c] = from_float<T>(column_grad<NM>(rc, a, c == y));
   }
 }

@@ -8,8 +8,8 @@
 //                row strides given separately (in elements). zt and/or zr may be nullptr.
 //   targets    : [n] int64, each in [0, v) or == ignore_index.
 //   ts, tt, tr : temperatures (> 0); log p_m = z_m * (1 / T_m) - lse_m, computed in fp32.
-//   stats      : [9, n] fp64, contiguous (fp64 so that lse_m keeps its low bits at |z / T| ~ 1e4), rows
-//                LSE_S LSE_T LSE_R LP_S LP_T LP_R E_S E_T E_R
+//   stats      : [NSTATS, n] fp64, contiguous (fp64 so that lse_m keeps its low bits at |z / T| ~ 1e4), rows
+//                LSE_S LSE_T LSE_R LP_S LP_T LP_R E_S E_T E_R (stats_layout.h)
 //                with E_S = sum_v p_s log p_s, E_T = sum_v p_s log p_t, E_R = sum_v p_s log p_r.
 //   Backward writes, for each valid row i and column v,
 //       out(v) = ( g_loss_i * p(v) * (c(v) - L_i) + g_lp_i * ([v == y_i] - p(v)) ) / ts
@@ -25,10 +25,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include "stats_layout.h"
+
 namespace gopd {
 namespace cuda {
-
-constexpr int kNumStats = 9;
 
 // T in {float, __nv_bfloat16, __half}. Returns the launch error (cudaSuccess when queued).
 template <typename T>
