@@ -2,7 +2,7 @@
 
 A row whose logits spread over ~85 nats or more has columns with p ~ 1e-37; their gradient p * (...) is an
 fp32 subnormal, and x86 GEMMs (MKL) that read subnormal inputs run on microcode assists. The CPU backend
-writes such entries as 0 (csrc/cpu/rows.cpp, flush_subnormal); plain torch keeps them. This script scales
+writes such entries as 0 (csrc/cpu/rows_generic.h, zero_if_tiny); plain torch keeps them. This script scales
 the heads' weights of bench_cpu.py's inputs by --scales (logit standard deviation ~ scale) and, per scale:
 
   subnormal_frac_eager / _gopd   fraction of the student's logit gradient that is an fp32 subnormal

@@ -1,4 +1,4 @@
-"""The C++ CPU backend (csrc/cpu/rows.cpp) against the plain-torch backend and the reference.
+"""The C++ CPU backend (csrc/cpu/) against the plain-torch backend and the reference.
 
 Row-kernel level: rows_forward / rows_backward of ``gopd_kernels.backends.cpu`` against
 ``gopd_kernels.backends.torch`` (the contract's oracle) in float64 (tight), and in float32 / bfloat16 /
