@@ -283,7 +283,7 @@ def test_fused_linear_with_triton_matches_the_reference(mode, lam):
 def test_a_minus_inf_expectation_survives_a_jump_of_the_student_max(block_v, who):
     """A teacher (reference) -inf where the student has weight makes A_t (A_r) -inf; when the student's
     running max later jumps by more than ~104, the old sums are scaled by exp(-huge) = 0, and
-    -inf * 0 must not become NaN: the old mass is now negligible, as in the torch backend (issue 18.2)."""
+    -inf * 0 must not become NaN: the old mass is now negligible, as in the torch backend."""
     n, v = 2, 64
     zs = torch.zeros(n, v)
     zs[:, :32] = -200.0

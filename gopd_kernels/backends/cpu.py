@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compile
-
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NOT_BUILT = "the C++ extension is not built: run `pip install --no-build-isolation -e .`"
 _state: dict = {}
 
@@ -23,7 +22,6 @@ def available():
             from gopd_kernels import _C  # noqa: F401  (importing registers torch.ops.gopd.* for CPU)
 
             torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
-            _compile.register_fakes()  # so that torch.compile can trace the ops
             _state["ok"], _state["why"] = True, ""
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _state["ok"], _state["why"] = False, f"{_NOT_BUILT} ({type(exc).__name__}: {exc})"
@@ -42,12 +40,9 @@ def _check_cpu(**tensors):
             raise ValueError(f"backend='cpu': {name} must be a CPU tensor, got device {t.device}")
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_dtype(zs):
-    if zs.dtype not in _DTYPES:
-        raise TypeError(f"backend='cpu' does not support dtype {zs.dtype} (expected one of {_DTYPES})")
+    if zs.dtype not in DTYPES:
+        raise TypeError(f"backend='cpu' does not support dtype {zs.dtype} (expected one of {DTYPES})")
 
 
 def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):
