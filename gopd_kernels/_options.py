@@ -45,7 +45,3 @@ class Options:
     advantage_from: str = "current"
     denominator: Optional[Union[float, torch.Tensor]] = None
     impl: str = "chunked"
-
-    @property
-    def per_sequence(self) -> bool:
-        return self.reduction in SEQUENCE_REDUCTIONS

@@ -15,7 +15,7 @@ import torch
 from . import _validate as check
 from . import backends, topk
 from ._layout import LP_S
-from ._options import Options
+from ._options import IMPLS, Options
 from ._output import GOPDOutput
 from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, OnchipFusedLinearRows, RowConfig
 from .objective import (
@@ -432,8 +432,8 @@ def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None
     _check_head("", hidden, weight, bias, lead)
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
-    if impl not in ("chunked", "onchip"):
-        raise ValueError(f"impl: expected one of ('chunked', 'onchip'), got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _check_chunk(chunk_size)
     vocab = weight.shape[0]
     check.same_device("hidden", hidden, targets=targets)
