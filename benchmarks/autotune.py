@@ -285,18 +285,19 @@ class Sweep:
         c_rows = tuning.shape_class(torch.float32, 3, self.chunk)
         rows_best = {k: self.best_tiles(k, c_rows) for k in ("rows_forward", "rows_backward")}
 
-        def train(backend, mode):
+        def train(backend, mode, impl="chunked"):
             def step():
-                out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=LAM, mode=mode, backend=backend)
+                out = gk.fused_linear_gopd_loss(hs, ws, y, h[1], w[1], h[2], w[2], lam=LAM, mode=mode, backend=backend,
+                                                impl=impl)
                 out.loss.backward()
                 hs.grad = ws.grad = None
                 return float(out.loss.detach())
             return step
 
-        def score(backend):
+        def score(backend, impl="chunked"):
             def step():
                 with torch.no_grad():
-                    return float(gk.fused_linear_logprobs(h[1], w[1], y, backend=backend).sum())
+                    return float(gk.fused_linear_logprobs(h[1], w[1], y, backend=backend, impl=impl).sum())
             return step
 
         if backends_only:
@@ -314,8 +315,8 @@ class Sweep:
                 rec["skipped"] = "out of time"
                 continue
             mode = "sampled" if use == "train_sampled" else "full"
-            for impl, backend in (("chunked", "triton"), ("onchip", "triton_onchip")):
-                fn = score(backend) if use == "score" else train(backend, mode)
+            for impl in ("chunked", "onchip"):
+                fn = score("triton", impl) if use == "score" else train("triton", mode, impl)
                 try:
                     with tuning.forced({k: t for k, t in forced_tiles[use].items() if t}):
                         rec[f"{impl}_loss"] = fn()

@@ -6,7 +6,7 @@ reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full 
                        its effective bandwidth (3 logit reads + 1 gradient write) is compared with the
                        device's copy bandwidth measured in the same run.
   fused/triton-3h      fused_linear_gopd_loss, backend="triton", student + teacher + reference heads
-  fused/onchip-3h      the same with backend="triton_onchip" (logit tiles kept on chip; not picked by auto)
+  fused/onchip-3h      the same with impl="onchip" (logit tiles kept on chip)
   fused/triton-2h      the same with student + teacher only (lam = 1), Liger's setting
   eager/torch-3h       logits = (h @ W.T).float() per head, then gopd_kernels.reference.gopd_loss
   compile/torch-3h     torch.compile of that eager function
@@ -15,7 +15,7 @@ reverse KL with two heads; Liger's JSD has no sampled mode and is timed in full 
                        the same run: the time no fused-linear loss can beat.
 Forward only (scoring one head without gradient, as a teacher or reference is scored; timed once per shape):
   score/triton-1h      fused_linear_logprobs under no_grad, backend="triton" (chunked logits)
-  score/onchip-1h      the same, backend="triton_onchip": where keeping logits on chip can pay, since the
+  score/onchip-1h      the same, impl="onchip": where keeping logits on chip can pay, since the
                        forward alone needs no recompute (fwd + bwd recomputes the tiles: docs/design.md §5.6)
   score/torch-1h       log_softmax of (h @ W.T).float(), gathered at the targets
   score/onchip-1h@BNxBVxBD  the on-chip forward kernel alone at other tiles than its default
@@ -157,14 +157,14 @@ def _onchip_tiles(h, w, y, bn, bv, bd):
     return score
 
 
-def _scorer(h, w, y, backend):
+def _scorer(h, w, y, backend, impl="chunked"):
     """Forward only: the sum of one head's target log-probs, with a fused backend or (None) eager torch."""
     def score():
         with torch.no_grad():
             if backend is None:
                 lp = torch.log_softmax((h @ w.T).float(), -1).gather(-1, y.clamp(min=0)[:, None])[:, 0]
                 return torch.where(y == -100, 0.0, lp).sum()
-            return gk.fused_linear_logprobs(h, w, y, backend=backend).sum()
+            return gk.fused_linear_logprobs(h, w, y, backend=backend, impl=impl).sum()
     return score
 
 
@@ -179,24 +179,25 @@ def variants(h, w, y, n, v, d, which, mode="full", with_floor=True):
 
     if "triton" in which:
         def fused3():
-            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="triton")
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="triton",
+                                             impl="chunked")
             return _backward(out3.loss, hs, ws)
 
         def fused2():
-            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode=mode, backend="triton")
+            out2 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, lam=1.0, mode=mode, backend="triton", impl="chunked")
             return _backward(out2.loss, hs, ws)
 
         def onchip3():
-            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode,
-                                             backend="triton_onchip")
+            out3 = gk.fused_linear_gopd_loss(hs, ws, y, ht, wt, hr, wr, lam=LAM, mode=mode, backend="triton",
+                                             impl="onchip")
             return _backward(out3.loss, hs, ws)
 
         out["fused/triton-3h"] = (fused3, {})
         out["fused/triton-2h"] = (fused2, {})
         out["fused/onchip-3h"] = (onchip3, {})
         if with_floor:  # forward-only scoring does not depend on the mode either
-            for backend in ("triton", "triton_onchip"):
-                out[f"score/{backend.replace('triton_', '')}-1h"] = (_scorer(ht, wt, y, backend), {})
+            for impl, name in (("chunked", "triton"), ("onchip", "onchip")):
+                out[f"score/{name}-1h"] = (_scorer(ht, wt, y, "triton", impl), {})
             for bn, bv, bd in ONCHIP_TILES:  # the on-chip forward kernel alone at other tiles (not tuned yet)
                 out[f"score/onchip-1h@{bn}x{bv}x{bd}"] = (_onchip_tiles(ht, wt, y, bn, bv, bd), {})
 

@@ -1,84 +1,70 @@
-"""What torch.compile needs to trace the ops in one graph (fullgraph=True).
+"""The one route by which every backend's row kernels reach torch.compile.
 
-torch.compile traces with fake tensors (shapes, dtypes, devices, no data). A row kernel is an opaque
-node in the graph, so it needs a fake implementation that gives its outputs' metadata:
-- the extension's ops ``torch.ops.gopd.rows_forward`` / ``rows_backward`` / ``rows_forward_backward``
-  (csrc/module.cpp): fakes registered here (register_fakes);
-- the Triton kernels: custom ops with fakes in gopd_kernels.backends.triton;
-- the plain-torch backend: its row loops select valid rows with data-dependent ``nonzero``, which
-  cannot be traced, so under compile it is called through the custom ops below (``gopd_torch::``),
-  opaque like the kernels (``torch_backend_ops``).
-Every row op's statistics are [NSTATS, N] float64 here (the CPU kernels' own; the others up-cast,
-O(N)); the backward ops only write into ``out``. tests/test_compile.py checks the fakes against the
-real ops (torch.library.opcheck) and a compiled step against eager.
+torch.compile traces with fake tensors (shapes, dtypes, devices, no data). A row kernel must be an
+opaque node in the graph: the C++ and CUDA ops, Triton's launcher and the plain-torch backend's
+data-dependent row loops (``nonzero``) cannot be traced into. So while compiling, the row calls of
+``gopd_kernels.autograd.RowConfig`` go through the three custom ops below, whose first argument names
+the backend and whose bodies call that backend's module (``gopd_kernels.backends.get``) at run time:
+
+    torch.ops.gopd_kernels.rows_forward(backend, zs, zt, zr, targets, ts, tt, tr, ignore_index) -> stats
+    torch.ops.gopd_kernels.rows_backward(backend, ..., out)            (writes out)
+    torch.ops.gopd_kernels.rows_forward_backward(backend, ..., out) -> stats   (writes out)
+
+One fake each: the statistics are [NSTATS, N] float64 (every backend's own; an fp32 one would be up-cast,
+O(N)); the backward ops only write into ``out``. Eager calls go to the backend module directly.
+tests/test_compile.py checks the fakes against every backend (torch.library.opcheck) and a compiled step
+against eager.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .backends import NSTATS
+from . import backends
+from ._layout import NSTATS
+
+Tensor = torch.Tensor
 
 
 def _stats_like(zs):
     return zs.new_empty((NSTATS, zs.shape[0]), dtype=torch.float64)
 
 
-def register_fakes() -> None:
-    """Fakes for the extension's ops, once their schemas are defined (idempotent)."""
-    if getattr(register_fakes, "done", False):
-        return
-
-    @torch.library.register_fake("gopd::rows_forward")
-    def _rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):
-        return _stats_like(zs)
-
-    @torch.library.register_fake("gopd::rows_backward")
-    def _rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
-        return None
-
-    @torch.library.register_fake("gopd::rows_forward_backward")
-    def _rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
-        return _stats_like(zs)
-
-    register_fakes.done = True
+@torch.library.custom_op("gopd_kernels::rows_forward", mutates_args=())
+def rows_forward(backend: str, zs: Tensor, zt: Optional[Tensor], zr: Optional[Tensor], targets: Tensor, ts: float,
+                 tt: float, tr: float, ignore_index: int) -> Tensor:
+    return backends.get(backend).rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index).to(torch.float64)
 
 
-@torch.library.custom_op("gopd_torch::rows_forward", mutates_args=())
-def _torch_rows_forward(zs: torch.Tensor, zt: Optional[torch.Tensor], zr: Optional[torch.Tensor],
-                        targets: torch.Tensor, ts: float, tt: float, tr: float, ignore_index: int) -> torch.Tensor:
-    from .backends import torch as backend
-
-    return backend.rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index).to(torch.float64)
-
-
-@_torch_rows_forward.register_fake
-def _(zs, zt, zr, targets, ts, tt, tr, ignore_index):
+@rows_forward.register_fake
+def _(backend, zs, zt, zr, targets, ts, tt, tr, ignore_index):
     return _stats_like(zs)
 
 
-@torch.library.custom_op("gopd_torch::rows_backward", mutates_args=("out",))
-def _torch_rows_backward(zs: torch.Tensor, zt: Optional[torch.Tensor], zr: Optional[torch.Tensor],
-                         targets: torch.Tensor, stats: torch.Tensor, g_lp: torch.Tensor, g_loss: torch.Tensor,
-                         lam: float, ts: float, tt: float, tr: float, ignore_index: int, out: torch.Tensor) -> None:
-    from .backends import torch as backend
+@torch.library.custom_op("gopd_kernels::rows_backward", mutates_args=("out",))
+def rows_backward(backend: str, zs: Tensor, zt: Optional[Tensor], zr: Optional[Tensor], targets: Tensor,
+                  stats: Tensor, g_lp: Tensor, g_loss: Tensor, lam: float, ts: float, tt: float, tr: float,
+                  ignore_index: int, out: Tensor) -> None:
+    backends.get(backend).rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index,
+                                        out)
 
-    backend.rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out)
 
-
-@_torch_rows_backward.register_fake
-def _(zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
+@rows_backward.register_fake
+def _(backend, zs, zt, zr, targets, stats, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
     return None
 
 
-def _backward_then_out(*args):
-    torch.ops.gopd_torch.rows_backward(*args)
-    return args[-1]
+@torch.library.custom_op("gopd_kernels::rows_forward_backward", mutates_args=("out",))
+def rows_forward_backward(backend: str, zs: Tensor, zt: Optional[Tensor], zr: Optional[Tensor], targets: Tensor,
+                          g_lp: Tensor, g_loss: Tensor, lam: float, ts: float, tt: float, tr: float,
+                          ignore_index: int, out: Tensor) -> Tensor:
+    module = backends.get(backend)
+    return module.rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index,
+                                        out).to(torch.float64)
 
 
-# The torch backend as torch.compile sees it: the same contract, through the opaque ops above.
-torch_backend_ops = SimpleNamespace(rows_forward=torch.ops.gopd_torch.rows_forward,
-                                    rows_backward=_backward_then_out)
+@rows_forward_backward.register_fake
+def _(backend, zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out):
+    return _stats_like(zs)

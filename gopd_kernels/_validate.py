@@ -9,8 +9,8 @@ from numbers import Real
 
 import torch
 
-MODES = ("sampled", "full", "topk")
-REDUCTIONS = ("mean", "sum", "none")
+from ._options import ADVANTAGE_FROM, IMPLS, MODES, REDUCTIONS, SEQUENCE_REDUCTIONS, Options
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -108,7 +108,10 @@ def temperatures(temperature):
     return tuple(float(t) for t in temps)
 
 
-def scalars(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap, num_items_in_batch):
+def options(*, mode, lam, reduction, clip_eps, clip_eps_high, dual_clip, is_cap, temperature, ignore_index,
+            num_items_in_batch=None, num_sequences_in_batch=None, advantage_from="current",
+            impl="auto") -> Options:
+    """The call's Options, every scalar keyword checked once (errors name the keyword)."""
     if not isinstance(lam, Real) or not math.isfinite(float(lam)):
         raise ValueError(f"lam: expected a finite number, got {lam!r}")
     if mode not in MODES:
@@ -123,23 +126,55 @@ def scalars(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap,
         raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
     if not isinstance(is_cap, Real) or not is_cap > 0:
         raise ValueError(f"is_cap: expected a number > 0 (math.inf for no truncation), got {is_cap!r}")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError(f"num_items_in_batch is only used with reduction='mean', got reduction={reduction!r}")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError(f"num_items_in_batch: expected one token count, got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-            if compiling():
-                torch._assert_async(num_items_in_batch > 0, "num_items_in_batch: expected a positive token count")
-                return
-            if not _reads_device_values(num_items_in_batch):
-                return  # its value stays on the device: reading it would synchronise every call
-            value = num_items_in_batch.item()
-        else:
-            value = num_items_in_batch
-        if not isinstance(value, Real) or not value > 0:
-            raise ValueError(f"num_items_in_batch: expected a positive token count, got {num_items_in_batch!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if advantage_from not in ADVANTAGE_FROM:
+        raise ValueError(f"advantage_from: expected one of {ADVANTAGE_FROM}, got {advantage_from!r}")
+    if advantage_from == "old" and mode != "sampled":
+        raise ValueError(f"advantage_from='old' applies to mode='sampled' (the only mode with an advantage), "
+                         f"got mode={mode!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch is only used with reduction='mean', got reduction={reduction!r}"
+                         + ("; a sequence reduction takes num_sequences_in_batch" if reduction in SEQUENCE_REDUCTIONS
+                            else ""))
+    if num_sequences_in_batch is not None and reduction not in SEQUENCE_REDUCTIONS:
+        raise ValueError(f"num_sequences_in_batch is only used with reduction in {SEQUENCE_REDUCTIONS}, got "
+                         f"reduction={reduction!r}")
+    denominator = num_items_in_batch if num_sequences_in_batch is None else num_sequences_in_batch
+    _positive_count("num_items_in_batch" if num_sequences_in_batch is None else "num_sequences_in_batch",
+                    denominator, "token count" if num_sequences_in_batch is None else "sequence count")
+    return Options(mode=mode, lam=float(lam), temps=temperatures(temperature), ignore_index=int(ignore_index),
+                   reduction=reduction, clip_eps=clip_eps, clip_eps_high=clip_eps if clip_eps_high is None
+                   else clip_eps_high, dual_clip=dual_clip, is_cap=is_cap, advantage_from=advantage_from,
+                   denominator=denominator, impl=impl)
+
+
+def _positive_count(name, count, what):
+    if count is None:
+        return
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1:
+            raise ValueError(f"{name}: expected one {what}, got shape {tuple(count.shape)}")
+        if compiling():
+            torch._assert_async(count > 0, f"{name}: expected a positive {what}")
+            return
+        if not _reads_device_values(count):
+            return  # its value stays on the device: reading it would synchronise every call
+        value = count.item()
+    else:
+        value = count
+    if not isinstance(value, Real) or not value > 0:
+        raise ValueError(f"{name}: expected a positive {what}, got {count!r}")
+
+
+def sequences(reduction, targets):
+    """A sequence reduction needs targets [..., T]: the leading dims index the sequences."""
+    if reduction in SEQUENCE_REDUCTIONS and targets.dim() < 2:
+        raise ValueError(f"targets: reduction={reduction!r} needs targets of shape [..., T] with at least 2 dims "
+                         f"(the leading dims index the sequences, the last one their tokens), got shape "
+                         f"{tuple(targets.shape)}")
 
 
 def models(*, mode, lam, teacher, teacher_logprobs, ref, ref_logprobs, teacher_word="teacher_logits",
@@ -190,7 +225,10 @@ def targets_in_range(targets, vocab_size, ignore_index):
                          f"ignore_index={ignore_index}")
 
 
-def optimizer_like_options(mode, old_logprobs):
-    if mode == "full" and old_logprobs is not None:
-        raise ValueError("old_logprobs: PPO ratio clipping applies to mode='sampled' only; "
-                         "mode='full' is strictly on-policy")
+def policy_logprobs(mode, advantage_from, old_logprobs):
+    """old_logprobs: sampled mode only; advantage_from='old' needs them."""
+    if mode != "sampled" and old_logprobs is not None:
+        raise ValueError(f"old_logprobs: PPO ratio clipping applies to mode='sampled' only; "
+                         f"mode={mode!r} is strictly on-policy")
+    if advantage_from == "old" and old_logprobs is None:
+        raise ValueError("advantage_from='old' takes the advantage from old_logprobs: pass old_logprobs")

@@ -7,17 +7,30 @@ through an autograd function (``gopd_kernels.autograd``) and apply the per-token
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
 
 from . import _validate as check
-from . import backends
-from . import topk as topk_mod
+from . import backends, topk, tuning
+from ._layout import LP_S
+from ._options import IMPLS, Options
 from ._output import GOPDOutput
 from .autograd import FusedLinearLoss, FusedLinearRows, LogitRows, OnchipFusedLinearRows, RowConfig
-from .backends import LP_S, ONCHIP
-from .objective import full_loss_from_stats, stat_free_gradients, token_objective
+from .objective import (
+    Rows,
+    TokenInputs,
+    full_loss_from_stats,
+    reduce,
+    stat_free_gradients,
+    token_objective,
+    token_scale,
+)
+
+# The former spelling of backend="triton", impl="onchip" (still accepted, with a DeprecationWarning).
+ONCHIP_BACKEND = "triton_onchip"
 
 # fp32 bytes of logits a fused-linear chunk may hold (all heads together); see default_chunk_size.
 # CPU: every chunk re-reads each head's [V, D] weight (logit GEMM, dH, dW), so bigger chunks are faster
@@ -48,71 +61,89 @@ def default_chunk_size(n_tokens: int, vocab: int, n_heads: int, device: torch.de
     return max(1, min(rows, max(n_tokens, 1)))
 
 
-def _common_checks(*, lam, mode, reduction, clip_eps, clip_eps_high, dual_clip, is_cap, num_items_in_batch,
-                   temperature, old_logprobs, targets, lead, per_token_inputs, ignore_index):
-    check.scalars(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                  dual_clip=dual_clip, is_cap=is_cap, num_items_in_batch=num_items_in_batch)
-    check.optimizer_like_options(mode, old_logprobs)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    for name, x in per_token_inputs.items():
-        check.per_token(name, x, lead, targets)
-    return check.temperatures(temperature)
-
-
-def _flat(x, dtype):
-    return None if x is None else x.reshape(-1).to(dtype)
-
-
-def _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch):
-    if reduction == "none":
-        loss = per_token.reshape(lead)
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / _denominator(valid, num_items_in_batch, per_token)
-    return GOPDOutput(loss=loss, **{k: (None if v is None else v.reshape(lead)) for k, v in diagnostics.items()})
-
-
-def _denominator(valid, num_items_in_batch, like):
-    if num_items_in_batch is None:
-        return valid.sum().clamp(min=1).to(like.dtype)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.to(device=like.device, dtype=like.dtype)
-    return float(num_items_in_batch)
-
-
-def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, teacher_logprobs=None,
-              ref_logprobs=None, lam=1.0, mode="sampled", old_logprobs=None, rollout_logprobs=None,
-              clip_eps=0.2, clip_eps_high=None, dual_clip=3.0, is_cap=5.0, temperature=1.0,
-              ignore_index=-100, reduction="mean", num_items_in_batch=None, backend="auto",
-              inplace_backward=False, teacher_topk_ids=None, teacher_topk_logprobs=None) -> GOPDOutput:
-    """G-OPD loss on logits, fused over the vocabulary (no [N, V] intermediate in the fused backends).
-
-    student_logits: [..., V], float16 / bfloat16 / float32 / float64.
-    targets: [...] sampled token ids (int), ignore_index marks tokens that count for nothing.
-    teacher_logits / ref_logits: [..., V'] with V' >= V (a padded vocabulary is cut to the student's V),
-        any floating dtype; or, in mode="sampled" only, teacher_logprobs / ref_logprobs: [...].
-    Dtypes: one rule for every op (gopd_kernels._validate.math_dtype): any mix is accepted; the math
-        is fp32, or fp64 if any logits are fp64; nothing is rounded down. Logits of different dtypes
-        are up-cast to their common one (an [N, V] copy) before the row kernel.
+# ---------------------------------------------------------------------------------------------------------
+# Docstring of the options every loss op shares (appended to gopd_loss / fused_linear_gopd_loss's own).
+_OPTIONS_DOC = """
     lam: reward scale (1 = OPD, > 1 = ExOPD); lam != 1 needs a reference.
-    mode: "sampled" (the paper's estimator: PPO-clip policy gradient with advantage
-        lam (lp_t - lp_r) - (lp_s - lp_r)), "full" (sum_v p_s (log p_s - lam log p_t - (1-lam) log p_r)) or
-        "topk" (full over k + 1 buckets: the teacher's top-k ids and the tail; gopd_kernels.topk).
-    teacher_topk_ids / teacher_topk_logprobs: [..., k] (mode="topk" only, instead of teacher_logits): the
-        teacher's k distinct ids and their log-probs, sorted descending (as a server returns them).
+    mode: one of gopd_kernels.MODES: "sampled" (the paper's estimator: PPO-clip policy gradient with
+        advantage lam (lp_t - lp_r) - (lp_s - lp_r)), "full" (sum_v p_s (log p_s - lam log p_t - (1-lam)
+        log p_r)) or "topk" (full over k + 1 buckets: the teacher's top-k ids and the tail; gopd_kernels.topk).
+    teacher_topk_ids / teacher_topk_logprobs: [..., k] (mode="topk" only, instead of the teacher's logits
+        or head): the teacher's k distinct ids and their log-probs, sorted descending (as a server returns them).
     old_logprobs: [...] log-probs of the policy that sampled (PPO ratio; default: on-policy, ratio = 1).
+    advantage_from: "current" (A uses the student's current lp_s, detached) or "old" (A = lam lp_t +
+        (1 - lam) lp_r - old_logprobs, as the paper authors' verl code computes it; needs old_logprobs).
+        The same on-policy. mode="sampled" only.
     rollout_logprobs: [...] the rollout engine's log-probs; the loss is weighted by
         min(exp(lp_old - lp_rollout), is_cap).
     temperature: a float, or a (student, teacher, reference) triple; log-probs are of logits / T.
-    reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum" or "none" (per token,
-        differentiable with any upstream gradient).
-    backend: "auto", "torch", "cpu", "cuda" or "triton".
-    inplace_backward: let backward write the logit gradient into student_logits' storage (saves one
-        [N, V] buffer; student_logits must not be used after backward).
-    Returns a GOPDOutput: .loss plus detached per-token diagnostics (see GOPDOutput).
-    """
+    reduction: one of gopd_kernels.REDUCTIONS. "mean": sum / D over valid tokens, D = num_items_in_batch
+        (the global number of valid tokens, for gradient accumulation) or the local count; "sum"; "none"
+        (per token, differentiable with any upstream gradient); "seq-mean-token-mean": each sequence's
+        token mean, summed over sequences and divided by S; "seq-mean-token-sum": each sequence's token
+        sum, summed and divided by S (verl's loss_agg_mode names). Sequences are the leading dims of
+        targets ([B, T] or [..., T]: targets.reshape(-1, T) has one row per sequence). S =
+        num_sequences_in_batch: the number of sequences, with at least one valid token, in the global batch
+        (every micro-batch and rank whose losses are summed), or by default those of this call.
+"""
+
+
+def _flat64(x):
+    return None if x is None else x.reshape(-1).to(torch.float64)
+
+
+def _token_inputs(opts: Options, targets, lead, vocab, *, teacher, ref, teacher_name, words, teacher_logprobs,
+                  ref_logprobs, old_logprobs, rollout_logprobs, teacher_topk_ids, teacher_topk_logprobs):
+    """Checks which models and per-token inputs a call has, for its mode; returns (flat int64 targets,
+    their valid mask, the top-k ids [N, k] (k = 0 outside mode="topk"), TokenInputs)."""
+    topk.check_args(opts.mode, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, targets=targets,
+                    ignore_index=opts.ignore_index, others={teacher_name: teacher, "teacher_logprobs":
+                                                            teacher_logprobs, "ref_logprobs": ref_logprobs,
+                                                            "old_logprobs": old_logprobs})
+    if opts.mode == "topk":
+        if opts.lam != 1.0 and ref is None:
+            raise ValueError(f"lam={opts.lam} needs a reference model: pass {words[1]}; only lam=1 (plain OPD) is "
+                             "independent of the reference")
+    else:
+        check.models(mode=opts.mode, lam=opts.lam, teacher=teacher, teacher_logprobs=teacher_logprobs, ref=ref,
+                     ref_logprobs=ref_logprobs, teacher_word=words[0], ref_word=words[1])
+    check.policy_logprobs(opts.mode, opts.advantage_from, old_logprobs)
+    for name, x in (("teacher_logprobs", teacher_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
+        check.per_token(name, x, lead, targets)
+    check.sequences(opts.reduction, targets)
+    y = targets.reshape(-1).to(torch.int64).contiguous()
+    valid = y != opts.ignore_index
+    if opts.mode == "topk":
+        ids, lpk_t = topk.prepare(teacher_topk_ids, teacher_topk_logprobs, valid, vocab)
+    else:
+        ids, lpk_t = torch.zeros((y.shape[0], 0), dtype=torch.int64, device=y.device), None
+    inputs = TokenInputs(has_ref=ref is not None, teacher_logprobs=_flat64(teacher_logprobs),
+                         ref_logprobs=_flat64(ref_logprobs), old_logprobs=_flat64(old_logprobs),
+                         rollout_logprobs=_flat64(rollout_logprobs), topk_logprobs=lpk_t)
+    return y, valid, ids, inputs
+
+
+def _result(loss, diagnostics, lead, dtype) -> GOPDOutput:
+    """The GOPDOutput in the math dtype, diagnostics in the targets' shape."""
+    # Field by field, not vars() / **: torch 2.11's dynamo cannot trace a dataclass's __dict__ (fullgraph).
+    def cast(t):
+        return None if t is None else t.reshape(lead).to(dtype)
+
+    d = diagnostics
+    return GOPDOutput(loss=loss.to(dtype), lp_s=cast(d["lp_s"]), lp_t=cast(d["lp_t"]), lp_r=cast(d["lp_r"]),
+                      reward=cast(d["reward"]), kl=cast(d["kl"]), advantage=cast(d["advantage"]),
+                      entropy=cast(d["entropy"]), is_weight=cast(d["is_weight"]))
+
+
+def _output(rows: Rows, valid, lead, opts: Options, inputs: TokenInputs, dtype) -> GOPDOutput:
+    per_token, diagnostics = token_objective(rows, valid, opts, inputs)
+    return _result(reduce(per_token, valid, lead, opts), diagnostics, lead, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- on logits
+def _check_logits(student_logits, targets, teacher_logits, ref_logits):
+    """(leading shape, V) of a gopd_loss call."""
     check.tensor("student_logits", student_logits)
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(student_logits.shape[:-1])
@@ -131,62 +162,63 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, 
         check.vocab(name, z.shape[-1], vocab)
     check.same_device("student_logits", student_logits, targets=targets, teacher_logits=teacher_logits,
                       ref_logits=ref_logits)
-    topk_mod.check_args(mode, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, targets=targets,
-                        ignore_index=ignore_index, others=dict(teacher_logits=teacher_logits,
-                                                               teacher_logprobs=teacher_logprobs,
-                                                               ref_logprobs=ref_logprobs, old_logprobs=old_logprobs))
-    if mode == "topk":
-        return _topk(student_logits.reshape(-1, vocab), None, None, None if ref_logits is None else
-                     ref_logits.reshape(-1, ref_logits.shape[-1]), None, None, targets, teacher_topk_ids,
-                     teacher_topk_logprobs, lead=lead, vocab=vocab, lam=lam, reduction=reduction, is_cap=is_cap,
-                     temperature=temperature, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                     rollout_logprobs=rollout_logprobs, backend=backend, chunk=None,
-                     dtype=check.math_dtype(student_logits, ref_logits))
-    check.models(mode=mode, lam=lam, teacher=teacher_logits, teacher_logprobs=teacher_logprobs,
-                 ref=ref_logits, ref_logprobs=ref_logprobs)
-    temps = _common_checks(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps,
-                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
-                           num_items_in_batch=num_items_in_batch, temperature=temperature,
-                           old_logprobs=old_logprobs, targets=targets, lead=lead, ignore_index=ignore_index,
-                           per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
-                                                 old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
-    check.targets_in_range(targets, vocab, ignore_index)
-    module = backends.get(backends.resolve(backend, student_logits.device))
-    # The row kernels take the three logits in one dtype: a lower-precision one is up-cast to it (an
-    # [N, V] copy; give all logits in one dtype to avoid it), never the other way round.
+    return lead, vocab
+
+
+def _logit_rows(z, vocab, dtype):
+    """[N, V] rows of logits for a row kernel: a column slice of a padded vocabulary (no copy) in the call's
+    common dtype (a lower-precision one is up-cast: an [N, V] copy; give all logits in one dtype to avoid it)."""
+    if z is None:
+        return None
+    z2 = z.reshape(-1, z.shape[-1])[:, :vocab].to(dtype)
+    return z2 if z2.stride(-1) == 1 else z2.contiguous()
+
+
+def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *, teacher_logprobs=None,
+              ref_logprobs=None, lam=1.0, mode="sampled", old_logprobs=None, rollout_logprobs=None,
+              clip_eps=0.2, clip_eps_high=None, dual_clip=3.0, is_cap=5.0, temperature=1.0,
+              ignore_index=-100, reduction="mean", num_items_in_batch=None, backend="auto",
+              inplace_backward=False, teacher_topk_ids=None, teacher_topk_logprobs=None, advantage_from="current",
+              num_sequences_in_batch=None) -> GOPDOutput:
+    opts = check.options(mode=mode, lam=lam, reduction=reduction, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                         dual_clip=dual_clip, is_cap=is_cap, temperature=temperature, ignore_index=ignore_index,
+                         num_items_in_batch=num_items_in_batch, num_sequences_in_batch=num_sequences_in_batch,
+                         advantage_from=advantage_from)
+    lead, vocab = _check_logits(student_logits, targets, teacher_logits, ref_logits)
+    if backend == ONCHIP_BACKEND:
+        raise ValueError(f"backend={ONCHIP_BACKEND!r} is a fused-linear kernel: it works with fused_linear_gopd_loss "
+                         f"and fused_linear_logprobs only (as impl='onchip'); on logits use one of {backends.BACKENDS}")
+    y, valid, ids, inputs = _token_inputs(
+        opts, targets, lead, vocab, teacher=teacher_logits, ref=ref_logits, teacher_name="teacher_logits",
+        words=("teacher_logits", "ref_logits"), teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
+        old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs, teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs)
+    check.targets_in_range(targets, vocab, opts.ignore_index)
+    cfg = RowConfig.from_options(backends.resolve(backend, student_logits.device), opts)
     common = check.common_dtype(student_logits, teacher_logits, ref_logits)
-
-    def rows(z):
-        if z is None:
-            return None
-        z2 = z.reshape(-1, z.shape[-1])[:, :vocab].to(common)
-        return z2 if z2.stride(-1) == 1 else z2.contiguous()
-
-    y = targets.reshape(-1).to(torch.int64).contiguous()
-    cfg = RowConfig(module, lam, temps, ignore_index)
-    lp_s, full, stats = LogitRows.apply(rows(student_logits), rows(teacher_logits), rows(ref_logits), y, cfg,
-                                        bool(inplace_backward))
-    valid = y != ignore_index
-    dt = stats.dtype  # the objective runs in the statistics' precision (fp64 from the CPU backend)
-    per_token, diagnostics = token_objective(
-        lp_s, full, stats, valid, mode=mode, lam=float(lam), has_ref_logits=ref_logits is not None,
-        teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
-        old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt), clip_eps=clip_eps,
-        clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
-    out = _finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch)
-    return _in_dtype(out, check.math_dtype(student_logits, teacher_logits, ref_logits))
+    rows = LogitRows.apply(_logit_rows(student_logits, vocab, common), _logit_rows(teacher_logits, vocab, common),
+                           _logit_rows(ref_logits, vocab, common), y, ids, cfg, bool(inplace_backward))
+    return _output(Rows(*rows), valid, lead, opts, inputs, check.math_dtype(student_logits, teacher_logits,
+                                                                            ref_logits))
 
 
-def _in_dtype(out: GOPDOutput, dtype) -> GOPDOutput:
-    # Field by field, not vars(out): torch 2.11's dynamo cannot trace a dataclass's __dict__ (fullgraph).
-    def cast(t):
-        return None if t is None else t.to(dtype)
+gopd_loss.__doc__ = """G-OPD loss on logits, fused over the vocabulary (no [N, V] intermediate in the fused backends).
 
-    return GOPDOutput(loss=cast(out.loss), lp_s=cast(out.lp_s), lp_t=cast(out.lp_t), lp_r=cast(out.lp_r),
-                      reward=cast(out.reward), kl=cast(out.kl), advantage=cast(out.advantage),
-                      entropy=cast(out.entropy), is_weight=cast(out.is_weight))
+    student_logits: [..., V], float16 / bfloat16 / float32 / float64.
+    targets: [...] sampled token ids (int), ignore_index marks tokens that count for nothing.
+    teacher_logits / ref_logits: [..., V'] with V' >= V (a padded vocabulary is cut to the student's V),
+        any floating dtype; or, in mode="sampled" only, teacher_logprobs / ref_logprobs: [...].
+    Dtypes: one rule for every op (gopd_kernels._validate.math_dtype): any mix is accepted; the math
+        is fp32, or fp64 if any logits are fp64; nothing is rounded down. Logits of different dtypes
+        are up-cast to their common one (an [N, V] copy) before the row kernel.""" + _OPTIONS_DOC + """\
+    backend: "auto" or one of gopd_kernels.backends.BACKENDS ("torch", "cpu", "cuda", "triton").
+    inplace_backward: let backward write the logit gradient into student_logits' storage (saves one
+        [N, V] buffer; student_logits must not be used after backward).
+    Returns a GOPDOutput: .loss plus detached per-token diagnostics (see GOPDOutput).
+    """
 
 
+# ---------------------------------------------------------------------------------------- on hidden states
 def _check_head(prefix, hidden, weight, bias, lead):
     """Checks one (hidden, weight, bias) head; names in errors are f"{prefix}hidden" etc."""
     check.tensor(f"{prefix}hidden", hidden)
@@ -206,160 +238,71 @@ def _check_head(prefix, hidden, weight, bias, lead):
     check.same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
 
 
-def _check_chunk(chunk_size):
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
-
-
-def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None,
-                           ref_hidden=None, ref_weight=None, *, student_bias=None, teacher_bias=None,
-                           ref_bias=None, teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
-                           old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
-                           dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
-                           num_items_in_batch=None, backend="auto", chunk_size=None, teacher_topk_ids=None,
-                           teacher_topk_logprobs=None, vocab_parallel_group=None) -> GOPDOutput:
-    """G-OPD loss from final hidden states and LM-head weights; never holds [N, V] logits.
-
-    student_hidden: [..., D_s] with student_weight [V, D_s] (student_bias [V]); teacher / reference
-    likewise with their own hidden sizes and V' >= V (padding cut). Logits of each chunk of
-    ``chunk_size`` tokens are computed in fp32, scored by the backend's row kernel and dropped:
-    extra memory O(chunk x V). With reduction "mean" / "sum" the gradients (to student_hidden,
-    student_weight, student_bias) are built chunk by chunk during forward, so backward does no
-    GEMM recompute; with "none" each chunk is recomputed in backward. Other keywords as gopd_loss.
-    Dtypes as gopd_loss (gopd_kernels._validate.math_dtype): hidden states, weights and biases may mix
-    (bf16 hidden states from torch.autocast with an fp32 head, a bf16 teacher, ...); the logits are
-    computed in fp32 (fp64 if any input is fp64) with autocast off, and each gradient comes back in
-    its input's dtype.
-
-    vocab_parallel_group: a torch.distributed process group over which every head's vocabulary is split
-    (gopd_kernels/vocab_parallel.py): each weight (and bias) is this rank's contiguous slice of rows, in
-    rank order, the same rows for the three heads; hidden states and targets (global ids) are the same on
-    every rank. Every rank gets the same loss and diagnostics, the full student_hidden gradient and the
-    gradient of its own weight slice. Every rank must make the call.
-
-    backend="triton_onchip" (CUDA, or CPU tensors under TRITON_INTERPRET=1): the kernels of
-    gopd_kernels/triton/onchip.py, which keep the logit tiles on chip instead of writing each chunk's logits
-    (chunk_size is then unused); modes "full" and "sampled", no biases, no vocab_parallel_group, not
-    under torch.compile. Never chosen by "auto": not measured on a GPU yet.
-    """
+def _check_heads(targets, student, teacher, ref):
+    """(leading shape, V) of a fused_linear_gopd_loss call; each head is (hidden, weight, bias)."""
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
-    _check_head("student_", student_hidden, student_weight, student_bias, lead)
-    vocab = student_weight.shape[0]
-    for prefix, h, w, b in (("teacher", teacher_hidden, teacher_weight, teacher_bias),
-                            ("ref", ref_hidden, ref_weight, ref_bias)):
+    _check_head("student_", *student, lead)
+    vocab = student[1].shape[0]
+    for prefix, (h, w, b) in (("teacher", teacher), ("ref", ref)):
         if (h is None) != (w is None):
             raise ValueError(f"{prefix}_hidden and {prefix}_weight go together: give both or neither")
         if h is not None:
             _check_head(f"{prefix}_", h, w, b, lead)
             check.vocab(f"{prefix}_weight", w.shape[0], vocab)
-            check.same_device("student_hidden", student_hidden, **{f"{prefix}_hidden": h})
-    check.same_device("student_hidden", student_hidden, targets=targets)
-    topk_mod.check_args(mode, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, targets=targets,
-                        ignore_index=ignore_index, others=dict(teacher_hidden=teacher_hidden,
-                                                               teacher_logprobs=teacher_logprobs,
-                                                               ref_logprobs=ref_logprobs, old_logprobs=old_logprobs))
-    onchip = backend == ONCHIP
-    if onchip:
-        _check_onchip(mode, vocab_parallel_group, student_bias=student_bias, teacher_bias=teacher_bias,
-                      ref_bias=ref_bias)
-    if mode == "topk":
-        if vocab_parallel_group is not None:
-            raise ValueError("vocab_parallel_group: not supported with mode='topk' yet; use mode='full' or "
-                             "'sampled' with a split vocabulary")
-        _check_chunk(chunk_size)
-        flat = (lambda h: None if h is None else h.reshape(-1, h.shape[-1]))
-        return _topk(flat(student_hidden), student_weight, student_bias, flat(ref_hidden), ref_weight, ref_bias,
-                     targets, teacher_topk_ids, teacher_topk_logprobs, lead=lead, vocab=vocab, lam=lam,
-                     reduction=reduction, is_cap=is_cap, temperature=temperature, ignore_index=ignore_index,
-                     num_items_in_batch=num_items_in_batch, rollout_logprobs=rollout_logprobs, backend=backend,
-                     chunk=chunk_size, dtype=check.math_dtype(student_hidden, student_weight, student_bias,
-                                                              ref_hidden, ref_weight, ref_bias))
-    check.models(mode=mode, lam=lam, teacher=teacher_hidden, teacher_logprobs=teacher_logprobs, ref=ref_hidden,
-                 ref_logprobs=ref_logprobs, teacher_word="teacher_hidden/teacher_weight",
-                 ref_word="ref_hidden/ref_weight")
-    temps = _common_checks(lam=lam, mode=mode, reduction=reduction, clip_eps=clip_eps,
-                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap,
-                           num_items_in_batch=num_items_in_batch, temperature=temperature,
-                           old_logprobs=old_logprobs, targets=targets, lead=lead, ignore_index=ignore_index,
-                           per_token_inputs=dict(teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
-                                                 old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs))
-    _check_chunk(chunk_size)
-    module = backends.get(backends.resolve("triton" if onchip else backend, student_hidden.device))
-    if onchip:
-        _onchip_devices(student_hidden=student_hidden, student_weight=student_weight, targets=targets,
-                        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, ref_hidden=ref_hidden,
-                        ref_weight=ref_weight)
-    cfg, global_vocab = _row_config(module, lam, temps, ignore_index, vocab, student_hidden.device,
-                                    vocab_parallel_group, [w for w in (teacher_weight, ref_weight) if w is not None])
-    check.targets_in_range(targets, global_vocab, ignore_index)
+            check.same_device("student_hidden", student[0], **{f"{prefix}_hidden": h})
+    check.same_device("student_hidden", student[0], targets=targets)
+    return lead, vocab
 
-    def flat(h):
-        return None if h is None else h.reshape(-1, h.shape[-1])
 
-    y = targets.reshape(-1).to(torch.int64).contiguous()
-    n = y.shape[0]
-    n_heads = 1 + (teacher_hidden is not None) + (ref_hidden is not None)
-    chunk = chunk_size or default_chunk_size(n, vocab, n_heads, student_hidden.device)
-    valid = y != ignore_index
-    dt = check.math_dtype(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                          teacher_bias, ref_hidden, ref_weight, ref_bias)
-    extras = dict(teacher_logprobs=_flat(teacher_logprobs, dt), ref_logprobs=_flat(ref_logprobs, dt),
-                  old_logprobs=_flat(old_logprobs, dt), rollout_logprobs=_flat(rollout_logprobs, dt))
-    options = dict(mode=mode, lam=float(lam), has_ref_logits=ref_hidden is not None, clip_eps=clip_eps,
-                   clip_eps_high=clip_eps_high, dual_clip=dual_clip, is_cap=is_cap)
-    heads = (flat(student_hidden), student_weight, student_bias, flat(teacher_hidden), teacher_weight,
-             teacher_bias, flat(ref_hidden), ref_weight, ref_bias)
+def _check_chunk(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
 
-    if reduction != "none" and not check.compiling() and not onchip:
-        # Gradient in forward: the objective is row-local, so each chunk's per-token gradients are
-        # known once its statistics are; backward only scales by the upstream scalar. Not under
-        # torch.compile: the hand-over of a gradient computed in forward (and the autograd.grad that
-        # builds it) cannot be traced, so a compiled graph takes the per-token path below, which
-        # recomputes each chunk's logits in backward, and reduces.
-        if reduction == "mean":
-            # A 0-dim tensor on the device, not a Python float: reading it would synchronise every call.
-            scale = 1.0 / _denominator(valid, num_items_in_batch, torch.zeros((), dtype=dt, device=y.device))
-        else:
-            scale = 1.0
 
-        def objective(lp_s, full, stats_c, rows):
-            sliced = {k: (None if v is None else v[rows]) for k, v in extras.items()}
-            per_token, _ = token_objective(lp_s, full, stats_c, valid[rows], **options, **sliced)
-            return per_token
-
-        known = None
-        if cfg.has_forward_backward:  # a backend that can use gradients known before the forward
-            known = stat_free_gradients(valid, mode=mode, old_logprobs=extras["old_logprobs"],
-                                        rollout_logprobs=extras["rollout_logprobs"], is_cap=is_cap, scale=scale)
-        loss, stats = FusedLinearLoss.apply(*heads, y, cfg, vocab, chunk, objective, scale, known)
-        with torch.no_grad():
-            _, diagnostics = token_objective(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, valid,
-                                             **options, **extras)
-        return GOPDOutput(loss=loss.to(dt), **{k: (None if v is None else v.reshape(lead).to(dt))
-                                              for k, v in diagnostics.items()})
-
-    if onchip:
-        lp_s, full, stats = OnchipFusedLinearRows.apply(*heads[0:2], *heads[3:5], *heads[6:8], y, cfg, vocab)
-    else:
-        lp_s, full, stats = FusedLinearRows.apply(*heads, y, cfg, vocab, chunk)
-    per_token, diagnostics = token_objective(lp_s, full, stats, valid, **options, **extras)
-    return _in_dtype(_finish(per_token, diagnostics, valid, lead, reduction, num_items_in_batch), dt)
+def _backend_and_impl(backend, impl):
+    """(backend, impl) of a fused-linear call: backend="triton_onchip" is the deprecated spelling of
+    backend="triton", impl="onchip"; impl="onchip" runs on Triton only."""
+    if backend == ONCHIP_BACKEND:
+        warnings.warn(f"backend={ONCHIP_BACKEND!r} is deprecated: use backend='triton', impl='onchip'",
+                      DeprecationWarning, stacklevel=3)
+        return "triton", "onchip"
+    if impl == "onchip":
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"impl='onchip': the on-chip kernels are Triton's; use backend='triton' (or 'auto'), "
+                             f"got backend={backend!r}")
+        return "triton", impl
+    return backend, impl
 
 
 def _check_onchip(mode, group, **biases):
-    """What backend="triton_onchip" does not take, each named in its error."""
+    """What impl="onchip" does not take, each named in its error."""
     if mode not in ("full", "sampled"):
-        raise ValueError(f"mode: backend={ONCHIP!r} supports mode='full' and 'sampled', got {mode!r}; use "
-                         "backend='triton' for mode='topk'")
+        raise ValueError(f"mode: impl='onchip' supports mode='full' and 'sampled', got {mode!r}; use "
+                         "impl='chunked' for mode='topk'")
     if group is not None:
-        raise ValueError(f"vocab_parallel_group: not supported with backend={ONCHIP!r}; use backend='triton'")
+        raise ValueError("vocab_parallel_group: not supported with impl='onchip'; use impl='chunked'")
     for name, b in biases.items():
         if b is not None:
-            raise ValueError(f"{name}: backend={ONCHIP!r} takes no LM-head bias yet; use backend='triton'")
+            raise ValueError(f"{name}: impl='onchip' takes no LM-head bias yet; use impl='chunked'")
     if check.compiling():
-        raise RuntimeError(f"backend={ONCHIP!r} cannot be traced by torch.compile yet (its kernels are not "
-                           "custom ops); use backend='triton' in a compiled graph")
+        raise RuntimeError("impl='onchip' cannot be traced by torch.compile yet (its kernels are not custom ops); "
+                           "use impl='chunked' in a compiled graph")
+
+
+def _auto_impl(impl, backend, device, dtype, models, n, mode, group, biases, needs_grad) -> str:
+    """impl="auto": "onchip" only where the device's tuning table measured it faster for this use
+    ("score" without gradients, else "train_<mode>") and shape class, and the call is one it takes."""
+    if impl != "auto":
+        return impl
+    if (backend != "triton" or mode not in ("full", "sampled") or group is not None
+            or any(b is not None for b in biases) or check.compiling()):
+        return "chunked"
+    return tuning.fused_impl(device, dtype, models, n, f"train_{mode}" if needs_grad else "score")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _onchip_devices(**tensors):
@@ -368,10 +311,10 @@ def _onchip_devices(**tensors):
     triton_backend._check_device(**tensors)
 
 
-def _row_config(module, lam, temps, ignore_index, vocab, device, group, other_weights):
+def _row_config(name, lam, temps, ignore_index, vocab, device, group, other_weights):
     """(RowConfig, global vocabulary size): a plain one, or a vocab-parallel one over `group`."""
     if group is None:
-        return RowConfig(module, lam, temps, ignore_index), vocab
+        return RowConfig(name, lam, temps, ignore_index), vocab
     from . import vocab_parallel
 
     vocab_parallel.check_group(group)
@@ -381,65 +324,156 @@ def _row_config(module, lam, temps, ignore_index, vocab, device, group, other_we
                              f"vocabulary rows; the student's has {vocab} rows and another head's {w.shape[0]} "
                              "(padded vocabularies are not supported with a split vocabulary)")
     start, global_vocab = vocab_parallel.shard_layout(group, vocab, device)
-    cfg = vocab_parallel.VocabParallelRowConfig(module, lam, temps, ignore_index, group, start, vocab)
+    cfg = vocab_parallel.VocabParallelRowConfig(name, lam, temps, ignore_index, group, start, vocab)
     return cfg, global_vocab
 
 
-def _topk(s_h, s_w, s_b, r_h, r_w, r_b, targets, ids, lps, *, lead, vocab, lam, reduction, is_cap, temperature,
-          ignore_index, num_items_in_batch, rollout_logprobs, backend, chunk, dtype) -> GOPDOutput:
-    """mode="topk" for both ops (s_w None: s_h / r_h are logits). The same chunked torch code on every
-    backend (gather / scatter over [chunk, V] buffers; gopd_kernels.topk); the backend name is still checked."""
-    if float(lam) != 1.0 and r_h is None:
-        raise ValueError(f"lam={lam} needs a reference model: pass ref_logits / ref_hidden + ref_weight; only "
-                         "lam=1 (plain OPD) is independent of the reference")
-    temps = _common_checks(lam=lam, mode="topk", reduction=reduction, clip_eps=0.2, clip_eps_high=None,
-                           dual_clip=None, is_cap=is_cap, num_items_in_batch=num_items_in_batch,
-                           temperature=temperature, old_logprobs=None, targets=targets, lead=lead,
-                           ignore_index=ignore_index, per_token_inputs=dict(rollout_logprobs=rollout_logprobs))
-    check.targets_in_range(targets, vocab, ignore_index)
-    check.same_device("targets", targets, student=s_h, reference=r_h)
-    backends.resolve(backend, s_h.device)
-    n = targets.numel()
-    chunk = chunk or default_chunk_size(n, vocab, 1 + (r_h is not None), s_h.device)
-    per_token, diags = topk_mod.topk_loss((s_h, s_w, s_b), (r_h, r_w, r_b), ids, lps, targets, lam=lam, temps=temps,
-                                          ignore_index=ignore_index, rollout_logprobs=rollout_logprobs,
-                                          is_cap=is_cap, dtype=dtype, vocab=vocab, chunk=max(1, chunk))
-    valid = targets.reshape(-1) != ignore_index
-    return _finish(per_token, diags, valid, lead, reduction, num_items_in_batch)
+def _flat_heads(*heads):
+    """(hidden [N, D], weight, bias) of each head, flattened, in one tuple of 9."""
+    out = ()
+    for h, w, b in heads:
+        out += (None if h is None else h.reshape(-1, h.shape[-1]), w, b)
+    return out
+
+
+def _loss_in_forward(heads, y, valid, ids, cfg, vocab, chunk, lead, opts, inputs, dtype) -> GOPDOutput:
+    """A scalar reduction's loss with its gradient built in forward: the objective is row-local, so each
+    chunk's per-token gradients are known once its statistics are; backward only scales by the upstream
+    scalar. Not under torch.compile: the hand-over of a gradient computed in forward (and the autograd.grad
+    that builds it) cannot be traced, so a compiled graph takes the per-token path, which recomputes each
+    chunk's logits in backward, and reduces."""
+    # A tensor on the device, not a Python float: reading a count would synchronise every call.
+    scale = token_scale(valid, lead, opts)
+
+    def objective(rows, sl):
+        per_token, _ = token_objective(rows, valid[sl], opts, inputs.rows(sl))
+        return per_token * (scale if scale.dim() == 0 else scale[sl])
+
+    known = stat_free_gradients(valid, opts, inputs, scale) if cfg.has_forward_backward else None
+    loss, stats, lpk_s, lpk_r = FusedLinearLoss.apply(*heads, y, ids, cfg, vocab, chunk, objective, known)
+    with torch.no_grad():
+        _, diagnostics = token_objective(Rows(stats[LP_S], full_loss_from_stats(stats, cfg.lam), stats, lpk_s, lpk_r),
+                                         valid, opts, inputs)
+    return _result(loss, diagnostics, lead, dtype)
+
+
+def fused_linear_gopd_loss(student_hidden, student_weight, targets, teacher_hidden=None, teacher_weight=None,
+                           ref_hidden=None, ref_weight=None, *, student_bias=None, teacher_bias=None,
+                           ref_bias=None, teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
+                           old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
+                           dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
+                           num_items_in_batch=None, backend="auto", chunk_size=None, teacher_topk_ids=None,
+                           teacher_topk_logprobs=None, vocab_parallel_group=None, advantage_from="current",
+                           num_sequences_in_batch=None, impl="auto") -> GOPDOutput:
+    backend, impl = _backend_and_impl(backend, impl)
+    opts = check.options(mode=mode, lam=lam, reduction=reduction, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                         dual_clip=dual_clip, is_cap=is_cap, temperature=temperature, ignore_index=ignore_index,
+                         num_items_in_batch=num_items_in_batch, num_sequences_in_batch=num_sequences_in_batch,
+                         advantage_from=advantage_from, impl=impl)
+    student = (student_hidden, student_weight, student_bias)
+    teacher, ref = (teacher_hidden, teacher_weight, teacher_bias), (ref_hidden, ref_weight, ref_bias)
+    lead, vocab = _check_heads(targets, student, teacher, ref)
+    _check_chunk(chunk_size)
+    y, valid, ids, inputs = _token_inputs(
+        opts, targets, lead, vocab, teacher=teacher_hidden, ref=ref_hidden, teacher_name="teacher_hidden",
+        words=("teacher_hidden/teacher_weight", "ref_hidden/ref_weight"), teacher_logprobs=teacher_logprobs,
+        ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, rollout_logprobs=rollout_logprobs,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+    if opts.mode == "topk" and vocab_parallel_group is not None:
+        raise ValueError("vocab_parallel_group: not supported with mode='topk' yet; use mode='full' or "
+                         "'sampled' with a split vocabulary")
+    name = backends.resolve(backend, student_hidden.device)
+    biases = (student_bias, teacher_bias, ref_bias)
+    opts = dataclasses.replace(opts, impl=_auto_impl(
+        opts.impl, name, student_hidden.device, student_hidden.dtype,
+        sum(h is not None for h in (student_hidden, teacher_hidden, ref_hidden)), targets.numel(), opts.mode,
+        vocab_parallel_group, biases, _needs_grad(student_hidden, student_weight, student_bias)))
+    if opts.impl == "onchip":
+        _check_onchip(opts.mode, vocab_parallel_group, student_bias=student_bias, teacher_bias=teacher_bias,
+                      ref_bias=ref_bias)
+        _onchip_devices(student_hidden=student_hidden, student_weight=student_weight, targets=targets,
+                        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, ref_hidden=ref_hidden,
+                        ref_weight=ref_weight)
+    cfg, global_vocab = _row_config(name, opts.lam, opts.temps, opts.ignore_index, vocab, student_hidden.device,
+                                    vocab_parallel_group, [w for w in (teacher_weight, ref_weight) if w is not None])
+    check.targets_in_range(targets, global_vocab, opts.ignore_index)
+    heads = _flat_heads(student, teacher, ref)
+    dtype = check.math_dtype(*heads)
+    if opts.impl == "onchip":
+        lp_s, full, stats = OnchipFusedLinearRows.apply(*heads[0:2], *heads[3:5], *heads[6:8], y, cfg, vocab)
+        none = stats.new_zeros((y.shape[0], 0))  # no top-k ids: impl="onchip" refuses mode="topk"
+        return _output(Rows(lp_s, full, stats, none, none), valid, lead, opts, inputs, dtype)
+    n_heads = sum(h[0] is not None for h in (student, teacher, ref))
+    chunk = chunk_size or default_chunk_size(y.shape[0], vocab, n_heads, student_hidden.device)
+    if opts.reduction != "none" and not check.compiling():
+        return _loss_in_forward(heads, y, valid, ids, cfg, vocab, chunk, lead, opts, inputs, dtype)
+    rows = FusedLinearRows.apply(*heads, y, ids, cfg, vocab, chunk)
+    return _output(Rows(*rows), valid, lead, opts, inputs, dtype)
+
+
+fused_linear_gopd_loss.__doc__ = """G-OPD loss from final hidden states and LM-head weights; never holds [N, V] logits.
+
+    student_hidden: [..., D_s] with student_weight [V, D_s] (student_bias [V]); teacher / reference
+    likewise with their own hidden sizes and V' >= V (padding cut). targets: [...].
+    Dtypes as gopd_loss (gopd_kernels._validate.math_dtype): hidden states, weights and biases may mix
+    (bf16 hidden states from torch.autocast with an fp32 head, a bf16 teacher, ...); the logits are
+    computed in fp32 (fp64 if any input is fp64) with autocast off, and each gradient comes back in
+    its input's dtype.""" + _OPTIONS_DOC + """\
+    backend: as gopd_loss.
+    impl: one of gopd_kernels.IMPLS. "auto" (default): "chunked", or "onchip" where this device's tuning table
+        (gopd_kernels/tuning.json, written by make gpu-check) measured it faster for this use and shape class
+        and the call is one it takes. "chunked": the logits of each chunk of ``chunk_size`` tokens are
+        computed in fp32, scored by the backend's row kernel and dropped: extra memory O(chunk x V). With a
+        scalar reduction the gradients (to student_hidden, student_weight, student_bias) are built chunk by
+        chunk during forward, so backward does no GEMM recompute; with "none" each chunk is recomputed in
+        backward. "onchip" (backend "triton": CUDA, or CPU tensors under TRITON_INTERPRET=1): the kernels
+        of gopd_kernels/triton/onchip.py, which keep the logit tiles on chip instead of writing each chunk's
+        logits (chunk_size is then unused); modes "full" and "sampled", no biases, no vocab_parallel_group,
+        not under torch.compile. backend="triton_onchip" still means it, with a DeprecationWarning.
+    vocab_parallel_group: a torch.distributed process group over which every head's vocabulary is split
+        (gopd_kernels/vocab_parallel.py): each weight (and bias) is this rank's contiguous slice of rows, in
+        rank order, the same rows for the three heads; hidden states and targets (global ids) are the same
+        on every rank. Every rank gets the same loss and diagnostics, the full student_hidden gradient and
+        the gradient of its own weight slice. Every rank must make the call.
+    """
 
 
 def fused_linear_logprobs(hidden, weight, targets, temperature=1.0, *, bias=None, ignore_index=-100,
-                          backend="auto", chunk_size=None, vocab_parallel_group=None) -> torch.Tensor:
+                          backend="auto", chunk_size=None, vocab_parallel_group=None, impl="auto") -> torch.Tensor:
     """log softmax(hidden @ weight.T (+ bias) / temperature)[target] per token, without [N, V] logits.
 
     hidden: [..., D], weight: [V, D], targets: [...]; returns [...] in the math dtype (fp32, or fp64 if
-    any input is fp64; dtypes may mix, see gopd_loss),
-    0 at masked tokens, differentiable w.r.t. hidden, weight and bias (used for teacher / reference
-    scoring and for the policy's own log-probs). vocab_parallel_group: as fused_linear_gopd_loss.
+    any input is fp64; dtypes may mix, see gopd_loss), 0 at masked tokens, differentiable w.r.t. hidden,
+    weight and bias (used for teacher / reference scoring and for the policy's own log-probs).
+    backend, impl, chunk_size, vocab_parallel_group: as fused_linear_gopd_loss.
     """
+    backend, impl = _backend_and_impl(backend, impl)
     check.tensor("targets", targets, floating=False, ndim_min=0)
     lead = tuple(targets.shape)
     _check_head("", hidden, weight, bias, lead)
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _check_chunk(chunk_size)
     vocab = weight.shape[0]
     check.same_device("hidden", hidden, targets=targets)
-    onchip = backend == ONCHIP
-    if onchip:
+    name = backends.resolve(backend, hidden.device)
+    impl = _auto_impl(impl, name, hidden.device, hidden.dtype, 1, targets.numel(), "full", vocab_parallel_group,
+                      (bias,), _needs_grad(hidden, weight, bias))
+    if impl == "onchip":
         _check_onchip("full", vocab_parallel_group, bias=bias)
-    module = backends.get(backends.resolve("triton" if onchip else backend, hidden.device))
-    if onchip:
         _onchip_devices(hidden=hidden, weight=weight, targets=targets)
-    cfg, global_vocab = _row_config(module, 1.0, (float(temperature),) * 3, ignore_index, vocab, hidden.device,
+    cfg, global_vocab = _row_config(name, 1.0, (float(temperature),) * 3, ignore_index, vocab, hidden.device,
                                     vocab_parallel_group, [])
     check.targets_in_range(targets, global_vocab, ignore_index)
     y = targets.reshape(-1).to(torch.int64).contiguous()
-    chunk = chunk_size or default_chunk_size(y.shape[0], vocab, 1, hidden.device)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    if onchip:
-        lp, _full, _stats = OnchipFusedLinearRows.apply(h2, weight, None, None, None, None, y, cfg, vocab)
+    if impl == "onchip":
+        lp = OnchipFusedLinearRows.apply(h2, weight, None, None, None, None, y, cfg, vocab)[0]
     else:
-        lp, _full, _stats = FusedLinearRows.apply(h2, weight, bias, None, None, None, None, None, None, y, cfg,
-                                                  vocab, chunk)
+        chunk = chunk_size or default_chunk_size(y.shape[0], vocab, 1, hidden.device)
+        no_ids = torch.zeros((y.shape[0], 0), dtype=torch.int64, device=y.device)
+        lp = FusedLinearRows.apply(h2, weight, bias, None, None, None, None, None, None, y, no_ids, cfg, vocab,
+                                   chunk)[0]
     return lp.reshape(lead).to(check.math_dtype(hidden, weight, bias))

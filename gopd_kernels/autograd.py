@@ -1,51 +1,133 @@
 """Autograd functions around a backend's row kernels.
 
-LogitRows          [N, V] logits in; per-token lp_s and full-mode loss L out, differentiable
-                   w.r.t. the student logits with any per-token upstream gradient.
+LogitRows          [N, V] logits in; the row outputs (objective.Rows: lp_s, the full-mode loss L, the
+                   stats, the log-probs at the top-k ids) out, differentiable w.r.t. the student logits
+                   with any per-token upstream gradient.
 FusedLinearRows    hidden states + LM-head weights in; the same outputs. Chunks over tokens and
                    recomputes each chunk's logits in backward: memory O(chunk x V), never [N, V].
 FusedLinearLoss    the same, for a scalar loss: the gradient is computed in the forward pass chunk
                    by chunk (no recompute) and only scaled by the upstream scalar in backward.
+OnchipFusedLinearRows  impl="onchip": FusedLinearRows' outputs from Triton kernels that keep the logit
+                   tiles on chip.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-from . import _workspace
-from ._compile import torch_backend_ops
+from . import _compile, _workspace, backends
+from ._layout import LP_S, LSE_R, LSE_S, NSTATS
 from ._validate import compiling, math_dtype
-from .backends import LP_S, NSTATS
-from .objective import full_loss_from_stats
+from .objective import Rows, full_loss_from_stats
+
+# Elements of one temporary of the top-k tail sums (fp32: 16 MiB), whatever the rows' count.
+_TAIL_ELEMENTS = 1 << 22
+
+
+def _tail_log_mass(z, ids, temp, lse):
+    """[n] log P(tail) = logsumexp over the columns not in ids of z / T, minus lse (stats dtype): a masked
+    logsumexp in the input's precision (fp32, fp64 for fp64), exact for a tail of any size; -inf for an
+    empty one. O(rows x V) temporaries, taken in sub-chunks."""
+    n, v = z.shape
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    out = lse.new_empty(n)
+    step = max(1, _TAIL_ELEMENTS // max(v, 1))
+    for a in range(0, n, step):
+        x = z[a:a + step].to(dtype) / temp
+        x = x.scatter(1, ids[a:a + step], float("-inf"))
+        out[a:a + step] = torch.logsumexp(x, -1).to(lse.dtype) - lse[a:a + step]
+    return out
 
 
 class RowConfig:
-    """Scalars every row kernel call needs."""
+    """A backend's row kernels with the scalars every call needs, plus the O(N k) top-k gathers.
 
-    def __init__(self, backend, lam, temperatures, ignore_index):
-        if compiling() and backend.__name__ == "gopd_kernels.backends.torch":
-            backend = torch_backend_ops  # its data-dependent row loops as opaque ops (gopd_kernels._compile)
-        self.backend = backend
+    Eagerly the kernels are called on the backend module; while torch.compile traces, through the custom
+    ops of gopd_kernels._compile (the same for every backend)."""
+
+    def __init__(self, backend: str, lam, temperatures, ignore_index):
+        self.name = backend
+        self.backend = backends.get(backend)
+        self.traced = compiling()
         self.lam = float(lam)
         self.ts, self.tt, self.tr = temperatures
         self.ignore_index = int(ignore_index)
 
+    @classmethod
+    def from_options(cls, backend: str, opts):
+        return cls(backend, opts.lam, opts.temps, opts.ignore_index)
+
+    def _rows_forward(self, zs, zt, zr, targets):
+        args = (zs, zt, zr, targets, self.ts, self.tt, self.tr, self.ignore_index)
+        if self.traced:
+            return _compile.rows_forward(self.name, *args)
+        return self.backend.rows_forward(*args)
+
+    def _rows_backward(self, zs, zt, zr, targets, stats, g_lp, g_loss, out):
+        args = (zs, zt, zr, targets, stats, g_lp, g_loss, self.lam, self.ts, self.tt, self.tr, self.ignore_index,
+                out)
+        if self.traced:
+            _compile.rows_backward(self.name, *args)
+            return out
+        return self.backend.rows_backward(*args)
+
     def forward(self, zs, zt, zr, targets):
-        return self.backend.rows_forward(zs, zt, zr, targets, self.ts, self.tt, self.tr, self.ignore_index)
+        return self._rows_forward(zs, zt, zr, targets)
 
     def backward(self, zs, zt, zr, targets, stats, g_lp, g_loss, out):
-        return self.backend.rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, self.lam, self.ts,
-                                          self.tt, self.tr, self.ignore_index, out)
+        return self._rows_backward(zs, zt, zr, targets, stats, g_lp, g_loss, out)
 
     @property
     def has_forward_backward(self):
         return hasattr(self.backend, "rows_forward_backward")
 
     def forward_backward(self, zs, zt, zr, targets, g_lp, g_loss, out):
-        return self.backend.rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, self.lam, self.ts, self.tt,
-                                                  self.tr, self.ignore_index, out)
+        args = (zs, zt, zr, targets, g_lp, g_loss, self.lam, self.ts, self.tt, self.tr, self.ignore_index, out)
+        if self.traced:
+            return _compile.rows_forward_backward(self.name, *args)
+        return self.backend.rows_forward_backward(*args)
+
+    def gather(self, zs, zr, ids, stats):
+        """The bucket log-masses of mode="topk" for the student and the reference, [n, k + 1] each in the
+        stats' dtype: log p(id_j) = z(id_j) / T - lse for the k ids, then the tail's log P(tail). [n, 0] for
+        k = 0 (the other modes), and for the reference when there is none."""
+        n, k = ids.shape
+        if k == 0:
+            return stats.new_zeros((n, 0)), stats.new_zeros((n, 0))
+
+        def buckets(z, temp, lse):
+            at_ids = z.gather(1, ids).to(stats.dtype) / temp - lse[:, None]
+            return torch.cat([at_ids, _tail_log_mass(z, ids, temp, lse)[:, None]], 1)
+
+        lpk_s = buckets(zs, self.ts, stats[LSE_S])
+        return lpk_s, (stats.new_zeros((n, 0)) if zr is None else buckets(zr, self.tr, stats[LSE_R]))
+
+    def backward_with_ids(self, zs, zt, zr, targets, stats, g_lp, g_loss, out, ids, g_k, lpk_s):
+        """backward() plus the gradient g_k [n, k + 1] of the student's bucket log-masses lpk_s (gather).
+
+        With g_j the ids' part, g_t the tail's, G = sum_j g_j, P_t = exp(log P(tail)) and r = g_t / P_t:
+        d/dz(v) of sum_j g_j log p(id_j) + g_t log P(tail) is, times T_s,
+            sum_j g_j [v == id_j] + (r - G - g_t) p(v) - r p(v) [v in ids],
+        so the row kernel runs with g_lp + (G + g_t - r) (its dense term -g_lp p(v) is then right) and two
+        O(n k) scatters move its one-hot part off the target and add the ids' terms."""
+        if ids.shape[1] == 0:
+            return self.backward(zs, zt, zr, targets, stats, g_lp, g_loss, out)
+        g_k = g_k.to(g_lp.dtype)
+        g_ids, g_t = g_k[:, :-1], g_k[:, -1]
+        zero = torch.zeros((), dtype=g_k.dtype, device=g_k.device)
+        valid = targets != self.ignore_index  # masked rows' log-masses are not read: they may hold anything
+        p_ids = torch.where(valid[:, None], lpk_s[:, :-1], -math.inf).exp()
+        r = torch.where(valid & (g_t != 0), g_t / lpk_s[:, -1].exp(), zero)  # an empty tail (P_t = 0) has g_t = 0
+        extra = g_ids.sum(1) + g_t - r
+        self.backward(zs, zt, zr, targets, stats, (g_lp + extra).contiguous(), g_loss, out)
+        at_y = valid & (targets >= 0) & (targets < zs.shape[1])
+        column = torch.where(at_y, targets, torch.zeros_like(targets))
+        out.scatter_add_(1, column[:, None], (torch.where(at_y, -extra, zero) / self.ts).to(out.dtype)[:, None])
+        out.scatter_add_(1, ids, ((g_ids - r[:, None] * p_ids) / self.ts).to(out.dtype))
+        return out
 
     def reduce_hidden_grad(self, dh):
         """The hidden-state gradient once every chunk is in (a vocab-parallel config sums it over ranks)."""
@@ -73,28 +155,36 @@ def _autocast_off(method):
     return wrapper
 
 
-def _grad_or_zeros(g, like):
-    return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
+def _grad_or_zeros(g, like, dtype=None):
+    dtype = dtype or like.dtype
+    return torch.zeros(like.shape, dtype=dtype, device=like.device) if g is None else g.to(dtype).contiguous()
+
+
+def _row_outputs(ctx, cfg, stats, lpk_s, lpk_r):
+    """(lp_s, L, stats, lpk_s, lpk_r): stats and the reference's lpk_r carry no gradient."""
+    ctx.mark_non_differentiable(stats, lpk_r)
+    return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats, lpk_s, lpk_r
 
 
 class LogitRows(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, zs, zt, zr, targets, cfg: RowConfig, inplace_backward: bool):
+    def forward(ctx, zs, zt, zr, targets, ids, cfg: RowConfig, inplace_backward: bool):
         stats = cfg.forward(zs, zt, zr, targets)
+        lpk_s, lpk_r = cfg.gather(zs, zr, ids, stats)
         ctx.cfg, ctx.inplace = cfg, inplace_backward
-        ctx.save_for_backward(zs, zt, zr, targets, stats)
-        ctx.mark_non_differentiable(stats)
-        return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
+        ctx.save_for_backward(zs, zt, zr, targets, ids, stats, lpk_s)
+        return _row_outputs(ctx, cfg, stats, lpk_s, lpk_r)
 
     @staticmethod
     @_autocast_off
-    def backward(ctx, g_lp, g_loss, _g_stats):
-        zs, zt, zr, targets, stats = ctx.saved_tensors
+    def backward(ctx, g_lp, g_loss, _g_stats, g_k, _g_kr):
+        zs, zt, zr, targets, ids, stats, lpk_s = ctx.saved_tensors
         out = zs if ctx.inplace else torch.empty_like(zs)
-        ctx.cfg.backward(zs, zt, zr, targets, stats, _grad_or_zeros(g_lp, stats[0]),
-                         _grad_or_zeros(g_loss, stats[0]), out)
-        return out, None, None, None, None, None
+        ctx.cfg.backward_with_ids(zs, zt, zr, targets, stats, _grad_or_zeros(g_lp, stats[0]),
+                                  _grad_or_zeros(g_loss, stats[0]), out, ids,
+                                  _grad_or_zeros(g_k, lpk_s, stats.dtype), lpk_s)
+        return out, None, None, None, None, None, None
 
 
 _GEMM_ERRORS = (RuntimeError, TypeError, NotImplementedError, ValueError)
@@ -148,17 +238,6 @@ def linear_logits(hidden, weight, bias, vocab, dtype):
     if bias is not None:
         logits = logits + bias[:vocab].to(dtype)
     return logits
-
-
-def _stats_buffer(stats, chunk_stats, n, heads=None):
-    """The [NSTATS, N] statistics of all chunks, in the dtype the backend returns (fp64 from the CPU
-    backend, so the backward's recomputed log-probs keep their precision); made on the first chunk,
-    or in the heads' math dtype when there was none."""
-    if stats is not None:
-        return stats
-    if chunk_stats is not None:
-        return torch.zeros(NSTATS, n, dtype=chunk_stats.dtype, device=chunk_stats.device)
-    return torch.zeros(NSTATS, n, dtype=heads.dtype, device=heads.s[0].device)
 
 
 def _chunks(n, chunk):
@@ -312,116 +391,146 @@ def _tensor_core_grads(dz, hs_chunk, ws):
             and gemm_out_dtype_support(dz.device, hs_chunk.dtype)[1])
 
 
+class _ChunkRows:
+    """The row outputs of all chunks, filled chunk by chunk: stats [NSTATS, N] in the dtype the backend
+    returns (fp64, so the backward's recomputed log-probs keep their precision), and the log-probs at the
+    top-k buckets [N, k + 1]; made on the first chunk, or in the heads' math dtype when there was none."""
+
+    def __init__(self, n, k, has_ref):
+        self.n, self.k, self.has_ref = n, k + 1 if k else 0, has_ref  # k ids and the tail
+        self.stats = self.lpk_s = self.lpk_r = None
+
+    def put(self, rows, stats_c, lpk_s, lpk_r):
+        if self.stats is None:
+            self._make(stats_c.dtype, stats_c.device)
+        self.stats[:, rows] = stats_c
+        if self.k:
+            self.lpk_s[rows] = lpk_s
+            if self.has_ref:
+                self.lpk_r[rows] = lpk_r
+
+    def _make(self, dtype, device):
+        self.stats = torch.zeros(NSTATS, self.n, dtype=dtype, device=device)
+        self.lpk_s = torch.zeros(self.n, self.k, dtype=dtype, device=device)
+        self.lpk_r = torch.zeros(self.n, self.k if self.has_ref else 0, dtype=dtype, device=device)
+
+    def result(self, heads):
+        if self.stats is None:
+            self._make(heads.dtype, heads.s[0].device)
+        return self.stats, self.lpk_s, self.lpk_r
+
+
 class FusedLinearRows(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, ids, cfg: RowConfig, vocab: int, chunk: int):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
-        stats = None
+        out = _ChunkRows(n, ids.shape[1], hr is not None)
         try:
             for rows in _chunks(n, chunk):
-                stats_c = cfg.forward(*heads.logits(rows), targets[rows])
-                stats = _stats_buffer(stats, stats_c, n)
-                stats[:, rows] = stats_c
+                zs, zt, zr = heads.logits(rows)
+                stats_c = cfg.forward(zs, zt, zr, targets[rows])
+                out.put(rows, stats_c, *cfg.gather(zs, zr, ids[rows], stats_c))
         finally:
             heads.release()
-        stats = _stats_buffer(stats, None, n, heads)
+        stats, lpk_s, lpk_r = out.result(heads)
         ctx.cfg, ctx.vocab, ctx.chunk = cfg, vocab, chunk
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats)
-        ctx.mark_non_differentiable(stats)
-        return stats[LP_S].clone(), full_loss_from_stats(stats, cfg.lam), stats
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, targets, ids, stats, lpk_s)
+        return _row_outputs(ctx, cfg, stats, lpk_s, lpk_r)
 
     @staticmethod
     @_autocast_off
-    def backward(ctx, g_lp, g_loss, _g_stats):
-        hs, ws, bs, ht, wt, bt, hr, wr, br, targets, stats = ctx.saved_tensors
+    def backward(ctx, g_lp, g_loss, _g_stats, g_k, _g_kr):
+        hs, ws, bs, ht, wt, bt, hr, wr, br, targets, ids, stats, lpk_s = ctx.saved_tensors
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, ctx.vocab)
         g_lp, g_loss = _grad_or_zeros(g_lp, stats[0]), _grad_or_zeros(g_loss, stats[0])
+        g_k = _grad_or_zeros(g_k, lpk_s, stats.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b, heads.dtype)
         try:
             for rows in _chunks(targets.shape[0], ctx.chunk):
                 zs, zt, zr = heads.logits(rows)
-                ctx.cfg.backward(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], out=zs)
+                ctx.cfg.backward_with_ids(zs, zt, zr, targets[rows], stats[:, rows], g_lp[rows], g_loss[rows], zs,
+                                          ids[rows], g_k[rows], lpk_s[rows])
                 grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
         finally:
             heads.release()
         dh, dw, db = grads.result()
         dh = ctx.cfg.reduce_hidden_grad(dh)
         return (dh, None if dw is None else dw.to(ws.dtype),
-                None if db is None else db.to(bs.dtype)) + (None,) * 10
+                None if db is None else db.to(bs.dtype)) + (None,) * 11
 
 
 class FusedLinearLoss(torch.autograd.Function):
     """Scalar loss whose gradient is built in forward.
 
-    `objective(lp_s, full_loss, stats, rows) -> per-token loss` must be row-local (token i's loss
-    depends only on row i), which holds for every G-OPD mode; `scale` is 1 (sum) or 1 / D (mean).
+    `objective(rows: objective.Rows, sl) -> per-token loss of the chunk sl, already scaled by its reduction
+    weight` must be row-local (token i's loss depends only on row i), which holds for every G-OPD mode.
     `known_grads`: None, or the [N] gradients (g_lp, g_loss) of the scaled loss when they do not
     depend on the statistics (objective.stat_free_gradients); a backend with rows_forward_backward
     then runs each row's forward and backward together, reading its logits once.
-    Returns (loss, stats); backward multiplies the stored dH, dW, db by the upstream scalar.
+    Returns (loss, stats, lpk_s, lpk_r); backward multiplies the stored dH, dW, db by the upstream scalar.
     """
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, cfg: RowConfig, vocab: int, chunk: int,
-                objective, scale: float, known_grads=None):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, targets, ids, cfg: RowConfig, vocab: int, chunk: int,
+                objective, known_grads=None):
         heads = _Heads(hs, ws, bs, ht, wt, bt, hr, wr, br, vocab)
         n = targets.shape[0]
-        dtype = heads.dtype
-        stats = None
+        out = _ChunkRows(n, ids.shape[1], hr is not None)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b, dtype)
-        total = torch.zeros((), dtype=dtype, device=hs.device)
+        grads = _GradAccumulator(hs, ws, bs, need_h, need_w, need_b, heads.dtype)
+        total = torch.zeros((), dtype=torch.float64, device=hs.device)
         try:
             need_grads = need_h or need_w or need_b
             together = need_grads and known_grads is not None and cfg.has_forward_backward
             for rows in _chunks(n, chunk):
                 zs, zt, zr = heads.logits(rows)
+                y = targets[rows]
                 if together:
                     g_lp, g_loss = (g[rows] for g in known_grads)
-                    stats_c = cfg.forward_backward(zs, zt, zr, targets[rows], g_lp, g_loss, out=zs)
-                    stats = _stats_buffer(stats, stats_c, n)
-                    stats[:, rows] = stats_c
-                    lp_s, full = stats_c[LP_S], full_loss_from_stats(stats_c, cfg.lam)
-                    total += objective(lp_s, full, stats_c, rows).sum() * scale
+                    stats_c = cfg.forward_backward(zs, zt, zr, y, g_lp, g_loss, out=zs)
+                    lpk = cfg.gather(zs, zr, ids[rows], stats_c)  # k = 0: known gradients are full mode's
+                    out.put(rows, stats_c, *lpk)
+                    total += objective(Rows(stats_c[LP_S], full_loss_from_stats(stats_c, cfg.lam), stats_c, *lpk),
+                                       rows).sum()
                     grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
                     continue
-                stats_c = cfg.forward(zs, zt, zr, targets[rows])
-                stats = _stats_buffer(stats, stats_c, n)
-                stats[:, rows] = stats_c
+                stats_c = cfg.forward(zs, zt, zr, y)
+                lpk_s, lpk_r = cfg.gather(zs, zr, ids[rows], stats_c)
+                out.put(rows, stats_c, lpk_s, lpk_r)
                 with torch.enable_grad():
-                    lp_s = stats_c[LP_S].clone().requires_grad_(True)
-                    full = full_loss_from_stats(stats_c, cfg.lam).requires_grad_(True)
-                    loss_c = objective(lp_s, full, stats_c, rows).sum() * scale
-                    g_lp, g_loss = torch.autograd.grad(loss_c, (lp_s, full), allow_unused=True,
-                                                       materialize_grads=True)
+                    leaves = (stats_c[LP_S].clone(), full_loss_from_stats(stats_c, cfg.lam), lpk_s.clone())
+                    leaves = tuple(x.requires_grad_(True) for x in leaves)
+                    loss_c = objective(Rows(*leaves[:2], stats_c, leaves[2], lpk_r), rows).sum()
+                    g_lp, g_loss, g_k = torch.autograd.grad(loss_c, leaves, allow_unused=True, materialize_grads=True)
                 total += loss_c.detach()
                 if need_grads:
-                    cfg.backward(zs, zt, zr, targets[rows], stats_c, g_lp.contiguous(), g_loss.contiguous(), out=zs)
+                    cfg.backward_with_ids(zs, zt, zr, y, stats_c, g_lp.contiguous(), g_loss.contiguous(), zs,
+                                          ids[rows], g_k, lpk_s)
                     grads.add(zs, hs[rows], rows, heads.cpu_weight("s"))
         finally:
             heads.release()
         dh, dw, db = grads.result()
         dh = cfg.reduce_hidden_grad(dh)
-        stats = _stats_buffer(stats, None, n, heads)
+        stats, lpk_s, lpk_r = out.result(heads)
         # Kept on ctx, not saved for backward, so that backward can hand these very tensors to autograd,
         # which then adopts them as .grad without a copy (a saved tensor has a second owner, and a
         # [V, D] copy at that point would be the step's peak memory).
         ctx.grads = (dh, dw, db)
         ctx.dtypes = (ws.dtype, None if bs is None else bs.dtype)
-        ctx.mark_non_differentiable(stats)
-        return total, stats
+        ctx.mark_non_differentiable(stats, lpk_s, lpk_r)
+        return total, stats, lpk_s, lpk_r
 
     @staticmethod
     @_autocast_off
-    def backward(ctx, g_total, _g_stats):
+    def backward(ctx, g_total, *_g_rows):
         if ctx.grads is None:
             raise RuntimeError(
-                "fused_linear_gopd_loss: this loss was already backpropagated once. With reduction='mean' or "
-                "'sum' its gradient is built in the forward pass and handed over on the first backward, so "
+                "fused_linear_gopd_loss: this loss was already backpropagated once. With a scalar reduction "
+                "its gradient is built in the forward pass and handed over on the first backward, so "
                 "retain_graph=True cannot replay it; compute the loss again, or use reduction='none' (which "
                 "recomputes in backward) and reduce it yourself.")
         grads, ctx.grads = ctx.grads, None
@@ -456,7 +565,7 @@ def _onchip_heads(hs, ws, ht, wt, hr, wr):
 
 
 class OnchipFusedLinearRows(torch.autograd.Function):
-    """backend="triton_onchip": the outputs of FusedLinearRows (lp_s, L, stats) from the kernels of
+    """impl="onchip": the outputs of FusedLinearRows (lp_s, L, stats) from the kernels of
     gopd_kernels/triton/onchip.py, which form the logit tiles on chip: no [N, V] or [chunk, V] tensor.
     Backward recomputes the tiles (the upstream gradient is per token); with a scalar loss the same
     path is taken (no gradient in forward: it would need the per-token gradients inside the kernel's

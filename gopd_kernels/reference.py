@@ -25,9 +25,16 @@ Without a reference (allowed only at lam == 1, where pi_r cancels) the reference
 itself, detached: kl = 0 and reward = -(unweighted loss). A teacher / reference vocabulary wider
 than the student's (padding) is cut to the student's V. Masked tokens contribute nothing.
 
+advantage_from="old" (sampled mode): A_i = lam lp_t + (1 - lam) lp_r - lp_old, the advantage from the
+policy that sampled instead of the current lp_s (the paper authors' verl code); the same on-policy.
+
 Reduction: "none" -> per-token [...]; "sum" -> sum_i loss_i; "mean" -> sum_i loss_i / D with
 D = num_items_in_batch if given (the global token count under gradient accumulation) else the
-number of valid tokens (at least 1, so an all-masked batch gives 0).
+number of valid tokens (at least 1, so an all-masked batch gives 0). The sequence reductions (verl's
+loss_agg_mode names), with sequences j the rows of targets.reshape(-1, T), n_j their valid tokens:
+"seq-mean-token-mean" -> sum_j (sum_{i in j} loss_i / max(n_j, 1)) / S, "seq-mean-token-sum" ->
+sum_j sum_{i in j} loss_i / S, with S = num_sequences_in_batch if given (the global count) else the
+number of sequences with n_j > 0 (at least 1).
 
 Non-finite inputs (+-inf, NaN): one rule for every backend and for this reference
 1. Masked tokens are not read: a token whose target is ignore_index adds 0 to the loss and gets a
@@ -72,27 +79,27 @@ def _safe_times(coef, logp):
 
 
 def _topk_buckets(logp_s, logp_r, ids, lp_t, lam):
-    """(loss, reward, kl) [n] of mode="topk" by explicit bucket sums: P(b) = scatter_add of p(v) over v's bucket."""
+    """(loss, reward, kl) [n] of mode="topk" by explicit bucket log-masses: log P(id) = log p(id), and the
+    tail's log P = logsumexp of log p over the columns outside the ids (exact at any size; -inf if empty)."""
     from .topk import TAIL_FLOOR
 
-    n, vocab = logp_s.shape
-    k = ids.shape[1]
-    bucket = torch.full((n, vocab), k, dtype=torch.long, device=ids.device)
-    bucket.scatter_(1, ids, torch.arange(k, device=ids.device).expand(n, k))
+    in_ids = torch.zeros_like(logp_s, dtype=torch.bool).scatter_(1, ids, True)
+    empty = in_ids.all(-1, keepdim=True)
 
-    def mass(logp):
-        return torch.zeros(n, k + 1, dtype=logp.dtype, device=logp.device).scatter_add(1, bucket, logp.exp())
+    def log_mass(logp):
+        outside = torch.where(in_ids, torch.full_like(logp, -math.inf), logp)
+        # where() keeps the gradient finite when the tail is empty (a logsumexp over nothing).
+        tail = torch.logsumexp(torch.where(empty, torch.zeros_like(logp), outside), -1, keepdim=True)
+        return torch.cat([logp.gather(1, ids), torch.where(empty, torch.full_like(tail, -math.inf), tail)], 1)
 
-    p_s, p_r = mass(logp_s), mass(logp_r.detach())
-    q_t = lp_t.exp()
-    p_t = torch.cat([q_t, (1 - q_t.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], 1)
+    log_s, log_r = log_mass(logp_s), log_mass(logp_r.detach())
+    log_t = torch.cat([lp_t, torch.log((1 - lp_t.exp().sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR))], 1)
+    p_s = log_s.exp()
     live = p_s > 0
-    log_s = torch.log(torch.where(live, p_s, torch.ones_like(p_s)))   # log 0 never enters the graph
-    log_t, log_r = torch.log(p_t), torch.log(p_r)
     c = log_s - _safe_times(lam, log_t) - _safe_times(1.0 - lam, log_r)
     zero = torch.zeros_like(c)
     loss = (p_s * torch.where(live, c, zero)).sum(-1)
-    reward = lam * (p_s * torch.where(live, log_t - log_r, zero)).sum(-1)
+    reward = _safe_times(lam, (p_s * torch.where(live, log_t - log_r, zero)).sum(-1))
     kl = (p_s * torch.where(live, log_s - log_r, zero)).sum(-1)
     return loss, reward.detach(), kl.detach()
 
@@ -101,7 +108,8 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
               teacher_logprobs=None, ref_logprobs=None, lam=1.0, mode="sampled",
               old_logprobs=None, rollout_logprobs=None, clip_eps=0.2, clip_eps_high=None,
               dual_clip=3.0, is_cap=5.0, temperature=1.0, ignore_index=-100, reduction="mean",
-              num_items_in_batch=None, teacher_topk_ids=None, teacher_topk_logprobs=None) -> GOPDOutput:
+              num_items_in_batch=None, teacher_topk_ids=None, teacher_topk_logprobs=None, advantage_from="current",
+              num_sequences_in_batch=None) -> GOPDOutput:
     """Reference G-OPD loss; arguments as :func:`gopd_kernels.gopd_loss` (no validation here)."""
     lead = targets.shape
     vocab = student_logits.shape[-1]
@@ -153,7 +161,8 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
         reward = _safe_times(lam, lp_t - lp_r)
         kl = lp_s.detach() - lp_r
         # reward - kl, written so that a model with coefficient 0 is not read (rule 3)
-        adv = (_safe_times(lam, lp_t) + _safe_times(1.0 - lam, lp_r) - lp_s).detach()
+        lp_policy = lp_old if advantage_from == "old" else lp_s
+        adv = (_safe_times(lam, lp_t) + _safe_times(1.0 - lam, lp_r) - lp_policy).detach()
         ratio = torch.exp(lp_s - lp_old)
         eps_high = clip_eps if clip_eps_high is None else clip_eps_high
         pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high))
@@ -188,6 +197,13 @@ def gopd_loss(student_logits, targets, teacher_logits=None, ref_logits=None, *,
         loss = per_token.reshape(lead)
     elif reduction == "sum":
         loss = per_token.sum()
+    elif reduction in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        seq_loss = per_token.reshape(-1, lead[-1]).sum(-1)
+        n_j = valid.reshape(-1, lead[-1]).sum(-1)
+        if reduction == "seq-mean-token-mean":
+            seq_loss = seq_loss / n_j.clamp(min=1)
+        seqs = num_sequences_in_batch if num_sequences_in_batch is not None else (n_j > 0).sum().clamp(min=1)
+        loss = seq_loss.sum() / seqs
     else:
         denom = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
         loss = per_token.sum() / denom

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._layout import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T
 from .autograd import RowConfig
-from .backends import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T
 
 
 def shard_layout(group, local_vocab: int, device) -> tuple[int, int]:
@@ -74,7 +74,7 @@ class VocabParallelRowConfig(RowConfig):
 
     def forward(self, zs, zt, zr, targets):
         local_y, owner, valid = self._local_targets(targets)
-        stats = self.backend.rows_forward(zs, zt, zr, local_y, self.ts, self.tt, self.tr, self.ignore_index)
+        stats = self._rows_forward(zs, zt, zr, local_y)
         present = [m for m, z in enumerate((zs, zt, zr)) if z is not None]
         out, share = self._combine(stats, owner, valid, present)
         # The backward of the same chunk usually follows at once (gradient in forward): keep the slice's share.
@@ -125,15 +125,14 @@ class VocabParallelRowConfig(RowConfig):
         if last is not None and last[:2] == (targets.data_ptr(), targets.numel()):
             share_loss = last[2]
         else:  # a backward on its own (reduction="none"): this slice's share, from its own statistics
-            local = self.backend.rows_forward(zs, zt, zr, local_y, self.ts, self.tt, self.tr, self.ignore_index)
+            local = self._rows_forward(zs, zt, zr, local_y)
             share_loss = self._combine(local, owner, valid, present)[1]
         self._last = None
         loss = stats[E_S] - self.lam * stats[E_T] - (1.0 - self.lam) * stats[E_R]
         slice_stats = stats.clone()
         slice_stats[E_S], slice_stats[E_T], slice_stats[E_R] = share_loss, 0.0, 0.0
         g_lp2 = (g_lp + g_loss * (loss - share_loss).to(g_loss.dtype)).contiguous()
-        self.backend.rows_backward(zs, zt, zr, local_y, slice_stats, g_lp2, g_loss, self.lam, self.ts, self.tt,
-                                   self.tr, self.ignore_index, out)
+        self._rows_backward(zs, zt, zr, local_y, slice_stats, g_lp2, g_loss, out)
         # The kernel added g_lp2 / T_s at local_y (the target, or the stand-in column 0): only the owner's
         # target gets a one-hot term, and it is g_lp / T_s.
         fix = torch.where(valid, torch.where(owner, g_lp, torch.zeros_like(g_lp)) - g_lp2, torch.zeros_like(g_lp))

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from gopd_kernels import backends
+
 # `make test` (and so CI) sets this: a test dependency that is missing fails the run instead of skipping,
 # so a set-up step that stopped installing something cannot hide behind a skip.
 STRICT = os.environ.get("GOPD_TEST_STRICT") == "1"
@@ -79,3 +81,58 @@ def assert_close_as_torch(ours, torch_same_dtype, truth, *, factor=4.0, floor=1e
     scale = float(truth.double().abs().max()) if truth.numel() else 0.0
     bound = factor * torch_err + floor * (1 + scale)
     assert ours_err <= bound, f"{what}: error {ours_err:.3g} > {factor} x torch's {torch_err:.3g} (+floor)"
+
+
+# ---- the one backend x dtype x mode matrix ------------------------------------------------------------
+# The backends that can run here, each with the device its tensors live on and the logit dtypes it
+# declares (backends.get(name).DTYPES: the backend's own list, which its kernels check).
+BACKENDS = [b for b in backends.BACKENDS if backends.is_available(b)]
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tensors live in the tests: CUDA for "cuda" (and "triton" on a GPU), else CPU
+    (Triton through its interpreter)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def interpreted(backend: str) -> bool:
+    """True for Triton on CPU tensors (its interpreter: correct but slow, so tests keep V small there)."""
+    return backend == "triton" and device_for(backend) == "cpu"
+
+
+def dtypes_of(backend: str) -> tuple:
+    return backends.get(backend).DTYPES
+
+
+def supports(backend: str, dtype) -> bool:
+    return dtype in dtypes_of(backend)
+
+
+def backend_dtype_cases(dtypes, backend_list=None):
+    """[(backend, dtype)] for every available backend and each of `dtypes` it supports."""
+    return [(b, d) for b in (BACKENDS if backend_list is None else backend_list) for d in dtypes if supports(b, d)]
+
+
+def device_backend_cases():
+    """[(device, backend)]: every available backend on its device, and the torch backend on CUDA too where
+    there is a GPU (the path whose logit GEMM autocast would otherwise run in 16 bits)."""
+    cases = [(device_for(b), b) for b in BACKENDS]
+    if torch.cuda.is_available() and "torch" in BACKENDS:
+        cases.append(("cuda", "torch"))
+    return cases
+
+
+def topk_teacher(zt, v, k, temperature=1.0):
+    """The teacher of mode="topk" from its logits [n, V'] (padding cut to v): its top-k ids and log-probs,
+    what a server sends."""
+    top = torch.log_softmax(zt[:, :v].double() / temperature, -1).topk(k)
+    return dict(teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values.to(zt.dtype))
+
+
+def teacher_args(mode, zt, v, k=None, temperature=1.0):
+    """(teacher logits or None, extra keywords) of a call in `mode`: the logits themselves, or for
+    mode="topk" the top-k of them (k defaults to about a third of the vocabulary, at least 1)."""
+    if mode != "topk":
+        return zt, {}
+    return None, topk_teacher(zt, v, k or max(1, v // 3), temperature)

@@ -14,9 +14,19 @@ import gopd_kernels as gk
 from gopd_kernels import backends
 from gopd_kernels import reference as R
 
-from helpers import assert_close_as_torch, make_problem, max_err
+from helpers import (
+    BACKENDS,
+    LOW_PRECISION,
+    assert_close_as_torch,
+    backend_dtype_cases,
+    device_for,
+    interpreted,
+    make_problem,
+    max_err,
+    supports,
+    teacher_args,
+)
 
-BACKENDS = [b for b in backends.BACKENDS if backends.is_available(b)]
 DIAGS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
 
 
@@ -29,19 +39,11 @@ def run(fn, zs, y, zt, zr, **kw):
     return out, g
 
 
-def supports(backend, dtype):
-    return not (backend in ("triton", "cuda") and dtype == torch.float64)
-
-
-def device_for(backend):
-    return "cuda" if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
 problem = dict(
     n=st.sampled_from([1, 7, 33]),
     v=st.sampled_from([1, 7, 129, 3001]),
     lam=st.sampled_from([0.0, 0.5, 1.0, 1.25, 3.0]),
-    mode=st.sampled_from(["sampled", "full"]),
+    mode=st.sampled_from(gk.MODES),
     reduction=st.sampled_from(["mean", "sum", "none"]),
     scale=st.sampled_from([1.0, 30.0, 1e4]),
     inf_cols=st.sampled_from([0, 3]),
@@ -51,17 +53,16 @@ problem = dict(
 )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases([torch.float64]))
 @given(**problem)
 @settings(max_examples=20)
-def test_float64_matches_reference(backend, n, v, lam, mode, reduction, scale, inf_cols, pad, temps, seed):
-    if not supports(backend, torch.float64):
-        pytest.skip(f"{backend} has no float64 path")
-    if backend == "triton" and not torch.cuda.is_available() and v > 129:
+def test_float64_matches_reference(backend, dtype, n, v, lam, mode, reduction, scale, inf_cols, pad, temps, seed):
+    if interpreted(backend) and v > 129:
         v = 129  # the interpreter is slow; large V is covered on a GPU
     zs, zt, zr, y = make_problem(n, v, seed=seed, scale=scale, inf_cols=inf_cols, pad=pad,
                                  device=device_for(backend))
-    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=temps)
+    zt, topk = teacher_args(mode, zt, v)
+    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=temps, **topk)
     ours, g = run(gk.gopd_loss, zs, y, zt, zr, backend=backend, **kw)
     ref, g_ref = run(R.gopd_loss, zs, y, zt, zr, **kw)
     tol = 1e-9 * (1 + float(ref.loss.abs().max()))
@@ -74,22 +75,23 @@ def test_float64_matches_reference(backend, n, v, lam, mode, reduction, scale, i
             assert max_err(a, b) <= 1e-9 * (1 + float(b.abs().max())), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,dtype", [(b, d) for b, d in backend_dtype_cases(LOW_PRECISION)
+                                           if b != "torch" or d == torch.float32])  # torch: the fp32 baseline
 @given(n=st.sampled_from([3, 17]), v=st.sampled_from([7, 129, 1000]), lam=st.sampled_from([1.0, 1.25, 2.0]),
-       mode=st.sampled_from(["sampled", "full"]), seed=st.integers(0, 1000))
+       mode=st.sampled_from(gk.MODES), seed=st.integers(0, 1000))
 @settings(max_examples=8)
 def test_low_precision_error_is_torch_like(backend, dtype, n, v, lam, mode, seed):
-    if backend == "torch" and dtype != torch.float32:
-        pytest.skip("the torch backend is the fp32 baseline itself")
     zs, zt, zr, y = make_problem(n, v, seed=seed, scale=4.0, device=device_for(backend))
     low = [z.to(dtype) for z in (zs, zt, zr)]
-    kw = dict(lam=lam, mode=mode, reduction="none")
-    ours, g = run(gk.gopd_loss, *low[:1], y, *low[1:], backend=backend, **kw)
-    truth, g_truth = run(R.gopd_loss, *(z.double() for z in low[:1]), y, *(z.double() for z in low[1:]), **kw)
+    topk = teacher_args(mode, low[1].double(), v)[1]
+    kw = dict(lam=lam, mode=mode, reduction="none", **topk)
+    zt_low = None if mode == "topk" else low[1]
+    ours, g = run(gk.gopd_loss, low[0], y, zt_low, low[2], backend=backend, **kw)
+    truth, g_truth = run(R.gopd_loss, low[0].double(), y, None if zt_low is None else zt_low.double(),
+                         low[2].double(), **kw)
     # Plain torch in that dtype: log-softmax of the low-precision logits, computed in that dtype.
     if dtype == torch.float32:
-        base, g_base = run(R.gopd_loss, low[0], y, *low[1:], **kw)
+        base, g_base = run(R.gopd_loss, low[0], y, zt_low, low[2], **kw)
     else:
         base, g_base = _torch_in_dtype(low, y, kw)
     assert_close_as_torch(ours.loss, base.loss, truth.loss, what=f"{backend} {dtype} loss")
@@ -105,6 +107,20 @@ def _torch_in_dtype(low, y, kw):
     ys = y.clamp(min=0)[:, None]
     if kw["mode"] == "full":
         per = (ls.exp() * (ls - lam * lt - (1 - lam) * lr)).sum(-1)
+    elif kw["mode"] == "topk":  # the k + 1 buckets as the reference forms them, every op in the 16-bit dtype
+        ids = kw["teacher_topk_ids"]
+        outside = torch.zeros_like(ls, dtype=torch.bool).scatter_(1, ids, True)
+
+        def buckets(logp):
+            tail = torch.logsumexp(torch.where(outside, float("-inf"), logp), -1, keepdim=True)
+            return torch.cat([logp.gather(1, ids), tail], -1)
+
+        lq = kw["teacher_topk_logprobs"].to(zs.dtype)
+        lt_b = torch.cat([lq, torch.log((1 - lq.exp().sum(-1, keepdim=True)).clamp(min=2.0 ** -20))], -1)
+        l_s, l_r = buckets(ls), buckets(lr)
+        ps = l_s.exp()
+        c = l_s - lam * lt_b - (1 - lam) * l_r
+        per = torch.where(ps > 0, ps * c, torch.zeros_like(c)).sum(-1)
     else:
         lp = lambda t: t.gather(1, ys).squeeze(1)  # noqa: E731
         adv = (lam * lp(lt) + (1 - lam) * lp(lr) - lp(ls)).detach()
@@ -118,13 +134,11 @@ def _torch_in_dtype(low, y, kw):
     return Out, g
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_cases([torch.float64, torch.float32]))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("mode,lam", [("sampled", 1.25), ("full", 1.25), ("full", 1.0), ("sampled", 1.0)])
+@pytest.mark.parametrize("mode,lam", [("sampled", 1.25), ("full", 1.25), ("full", 1.0), ("sampled", 1.0),
+                                      ("topk", 1.25), ("topk", 1.0)])
 def test_fused_linear_matches_reference(backend, dtype, reduction, mode, lam):
-    if not supports(backend, dtype):
-        pytest.skip(f"{backend} has no {dtype} path")
     dev = device_for(backend)
     g = torch.Generator().manual_seed(13)
     n, v, d_s, d_t = 37, 301, 16, 24
@@ -134,12 +148,15 @@ def test_fused_linear_matches_reference(backend, dtype, reduction, mode, lam):
     y = torch.randint(0, v, (n,), generator=g).to(dev)
     y[::5] = -100
     rollout = torch.randn(n, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev) - 3
-    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=(1.0, 0.8, 1.2), rollout_logprobs=rollout)
+    zt, topk = teacher_args(mode, ht.double() @ wt.double().T, v, k=7)
+    if mode == "topk":  # the teacher as its top-k, no teacher head
+        ht = wt = None
+    kw = dict(lam=lam, mode=mode, reduction=reduction, temperature=(1.0, 0.8, 1.2), rollout_logprobs=rollout, **topk)
     params = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
     out = gk.fused_linear_gopd_loss(params[0], params[1], y, ht, wt, hr, wr, student_bias=params[2],
                                     backend=backend, chunk_size=8, **kw)
     ref_params = [x.detach().double().clone().requires_grad_(True) for x in (hs, ws, bs)]
-    ref = R.gopd_loss(ref_params[0] @ ref_params[1].T + ref_params[2], y, ht.double() @ wt.double().T,
+    ref = R.gopd_loss(ref_params[0] @ ref_params[1].T + ref_params[2], y, zt if mode != "topk" else None,
                       hr.double() @ wr.double().T, **kw)
     up = torch.linspace(-1, 2, n, dtype=torch.float64, device=dev)
     loss = (out.loss * up.to(out.loss.dtype)).sum() if reduction == "none" else out.loss
@@ -173,7 +190,7 @@ def test_fused_linear_logprobs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["sampled", "full"])
+@pytest.mark.parametrize("mode", gk.MODES)
 def test_empty_and_all_masked_batches_give_zero_not_nan(backend, mode):
     dev = device_for(backend)
     dtype = torch.float32
@@ -182,7 +199,8 @@ def test_empty_and_all_masked_batches_give_zero_not_nan(backend, mode):
         if mask_all:
             y[:] = -100
         zs.requires_grad_(True)
-        out = gk.gopd_loss(zs, y, zt, zr, lam=1.25, mode=mode, backend=backend)
+        zt, topk = teacher_args(mode, zt, 11)
+        out = gk.gopd_loss(zs, y, zt, zr, lam=1.25, mode=mode, backend=backend, **topk)
         assert float(out.loss) == 0.0
         (g,) = torch.autograd.grad(out.loss, zs)
         assert g.shape == zs.shape and (g == 0).all()
@@ -433,7 +451,7 @@ def _relative_grad_error(fn, zs, zt, zr, y, device, **kw):
 @pytest.mark.parametrize("mode", ["full", "sampled"])
 @pytest.mark.parametrize("near", [False, True], ids=["random", "near-student"])
 def test_gradient_error_does_not_grow_with_a_logit_offset(use_backend, backend, mode, near):
-    """Cut-Cross-Entropy's precision test (issue 18.3): adding one constant to every logit leaves the
+    """Cut-Cross-Entropy's precision test: adding one constant to every logit leaves the
     exact answer unchanged, so the fp32 gradient's relative error at offsets 30 ... 1e4 must stay at the
     level of plain fp32 torch's own error at offset 0 (4x, as the other low-precision tests allow). An
     fp32 lse of size 1e4 is only good to ~5e-4: a backend that keeps one, and recomputes log-probs as
@@ -628,8 +646,8 @@ def test_gemm_out_dtype_is_probed_by_running_it_not_by_its_overload():
 
 @pytest.mark.parametrize("backend", [b for b in ALL if b in ("torch", "triton", "cuda-emulated")])
 def test_out_of_range_targets_give_nan_and_read_nothing(use_backend, backend):
-    """On a GPU the targets are not range-checked on the host (that would synchronise every call,
-    issue 18.10): the backends that run there must not read out of bounds for such a target and give
+    """On a GPU the targets are not range-checked on the host (that would synchronise every call):
+    the backends that run there must not read out of bounds for such a target and give
     that token NaN log-probs instead; the other tokens are unaffected."""
     name, device = use_backend(backend)
     zs, zt, zr, _ = make_problem(3, 50, seed=2, dtype=torch.float32, device=device)
@@ -679,3 +697,59 @@ def test_fused_linear_bf16_tensor_core_grads_match_the_reference(backend, reduct
         assert a.dtype == torch.bfloat16
         assert max_err(a, b) <= 2e-2 * float(b.abs().max()), name
     print("tensor-core path used:", gemm_out_dtype_support(torch.device("cuda"), torch.bfloat16))
+
+
+# ---- the paper-faithful options: sequence reductions and the advantage from old_logprobs ----------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(b=st.integers(1, 4), t=st.integers(1, 6), mode=st.sampled_from(gk.MODES),
+       reduction=st.sampled_from(["seq-mean-token-mean", "seq-mean-token-sum"]), lam=st.sampled_from([1.0, 1.25]),
+       global_seqs=st.sampled_from([None, 7]), seed=st.integers(0, 1000))
+@settings(max_examples=12)
+def test_sequence_reductions_match_reference(backend, b, t, mode, reduction, lam, global_seqs, seed):
+    """Ragged masks: each sequence keeps a random prefix of its tokens (possibly none); both ops, against the
+    reference, in the backend's widest dtype."""
+    dtype = torch.float64 if supports(backend, torch.float64) else torch.float32
+    dev, v, d = device_for(backend), 11, 5
+    g = torch.Generator().manual_seed(seed)
+    zs, zt, zr, y = make_problem(b * t, v, seed=seed, mask_frac=0.0, dtype=dtype, device=dev)
+    keep = torch.arange(t)[None, :] < torch.randint(0, t + 1, (b, 1), generator=g)
+    y = torch.where(keep.reshape(-1).to(dev), y, -100).view(b, t)
+    zt, topk = teacher_args(mode, zt, v)
+    topk = {k: x.view(b, t, -1) for k, x in topk.items()}
+    kw = dict(lam=lam, mode=mode, reduction=reduction, num_sequences_in_batch=global_seqs, **topk)
+    shaped = [None if z is None else z.view(b, t, -1) for z in (zs, zt, zr)]
+    ours, g_ours = run(gk.gopd_loss, shaped[0], y, shaped[1], shaped[2], backend=backend, **kw)
+    ref, g_ref = run(R.gopd_loss, shaped[0], y, shaped[1], shaped[2], **kw)
+    rel = 1e-9 if dtype == torch.float64 else 1e-5
+    assert max_err(ours.loss, ref.loss) <= rel * (1 + abs(float(ref.loss)))
+    assert max_err(g_ours, g_ref) <= rel * (1 + float(g_ref.abs().max()))
+    # The fused-linear op on random heads (student, teacher and reference share one here).
+    h = torch.randn(b, t, d, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev)
+    hw = h.clone().requires_grad_(True)
+    fused = gk.fused_linear_gopd_loss(hw, w, y, None if zt is None else h, None if zt is None else w, h, w,
+                                      backend=backend, chunk_size=3, **kw)
+    h64 = h.double().clone().requires_grad_(True)
+    z64 = h64 @ w.double().T
+    want = R.gopd_loss(z64, y, None if zt is None else z64.detach(), z64.detach(), **kw)
+    (g_fused,) = torch.autograd.grad(fused.loss, hw)
+    (g_want,) = torch.autograd.grad(want.loss, h64)
+    assert max_err(fused.loss, want.loss) <= rel * (1 + abs(float(want.loss)))
+    assert max_err(g_fused, g_want) <= rel * (1 + float(g_want.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_advantage_from_old_logprobs_matches_reference(backend, reduction):
+    dev = device_for(backend)
+    zs, zt, zr, y = make_problem(13, 17, seed=3, device=dev)
+    old = (torch.randn(13, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 3).to(dev)
+    kw = dict(lam=1.25, mode="sampled", reduction=reduction, old_logprobs=old, advantage_from="old")
+    ours, g = run(gk.gopd_loss, zs, y, zt, zr, backend=backend, **kw)
+    ref, g_ref = run(R.gopd_loss, zs, y, zt, zr, **kw)
+    assert max_err(ours.loss, ref.loss) <= 1e-9 * (1 + float(ref.loss.abs().max()))
+    assert max_err(ours.advantage, ref.advantage) <= 1e-9 * (1 + float(ref.advantage.abs().max()))
+    assert max_err(g, g_ref) <= 1e-9 * (1 + float(g_ref.abs().max()))
+    # It changes the advantage: not the current-policy one.
+    current = gk.gopd_loss(zs, y, zt, zr, backend=backend, **{**kw, "advantage_from": "current"})
+    assert max_err(current.advantage, ours.advantage) > 1e-3

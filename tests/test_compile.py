@@ -46,22 +46,27 @@ def _backward_args(zs, zt, zr, y, stats):
             torch.empty_like(zs))
 
 
-@pytest.mark.parametrize("namespace,backend", [("gopd", "cpu"), ("gopd_torch", "torch"), ("gopd_triton", "triton")])
-def test_row_ops_fakes_agree_with_the_kernels(namespace, backend):
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_row_ops_fakes_agree_with_every_backend(backend):
+    """One set of custom ops (gopd_kernels._compile) carries every backend into a compiled graph; their
+    fakes agree with what each backend's kernels return."""
     _need(backend)
-    ops = getattr(torch.ops, namespace)
+    from gopd_kernels import _compile  # noqa: F401  (defines torch.ops.gopd_kernels.*)
+
+    ops = torch.ops.gopd_kernels
+    module = backends.get(backend)
     checks = ("test_schema", "test_faketensor")
     # Triton needs GPU tensors on a GPU (CPU tensors only under its interpreter, without one).
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    for dtype in (torch.float32, torch.bfloat16):
+    device = "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+    for dtype in (d for d in (torch.float32, torch.bfloat16) if d in module.DTYPES):
         zs, zt, zr, y = _row_args(dtype, device)
-        fwd = (zs, zt, zr, y, 1.0, 0.9, 1.1, -100)
+        fwd = (backend, zs, zt, zr, y, 1.0, 0.9, 1.1, -100)
         torch.library.opcheck(ops.rows_forward.default, fwd, test_utils=checks)
-        torch.library.opcheck(ops.rows_backward.default, _backward_args(zs, zt, zr, y, ops.rows_forward(*fwd)),
-                              test_utils=checks)
-        if namespace == "gopd":
-            args = _backward_args(zs, zt, zr, y, None)
-            torch.library.opcheck(ops.rows_forward_backward.default, args[:4] + args[5:], test_utils=checks)
+        args = _backward_args(zs, zt, zr, y, ops.rows_forward(*fwd))
+        torch.library.opcheck(ops.rows_backward.default, (backend, *args), test_utils=checks)
+        if hasattr(module, "rows_forward_backward"):
+            torch.library.opcheck(ops.rows_forward_backward.default, (backend, *args[:4], *args[5:]),
+                                  test_utils=checks)
 
 
 class TinyModel(torch.nn.Module):
@@ -96,12 +101,23 @@ def _step(fn, model, batch):
     return loss.detach(), kl, [p.grad.clone() for p in model.parameters()]
 
 
+def _topk_teacher(ht, wt, k=4):
+    top = torch.log_softmax(ht @ wt.t(), -1).topk(k)
+    return dict(teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values)
+
+
 @pytest.mark.parametrize("backend,mode,reduction", [
-    ("cpu", "sampled", "mean"), ("cpu", "full", "none"), ("torch", "full", "sum")])
+    ("cpu", "sampled", "mean"), ("cpu", "full", "none"), ("torch", "full", "sum"), ("cpu", "topk", "mean"),
+    ("torch", "topk", "none")])
 def test_compiled_step_is_one_graph_and_matches_eager(backend, mode, reduction):
     _need(backend)
-    model = TinyModel(backend, lam=1.25, mode=mode, reduction=reduction)
     batch = _batch()
+    extra = {}
+    if mode == "topk":  # the teacher as its top-k: no teacher head in the call
+        x, y, ht, wt, hr, wr = batch
+        extra = _topk_teacher(ht, wt)
+        batch = (x, y, None, None, hr, wr)
+    model = TinyModel(backend, lam=1.25, mode=mode, reduction=reduction, **extra)
     want = _step(model, model, batch)
     got = _step(torch.compile(model, fullgraph=True, backend="aot_eager"), model, batch)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)

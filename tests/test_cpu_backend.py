@@ -490,7 +490,7 @@ def test_nan_logits_propagate_on_every_isa_path(isa_runs):
 def test_tiny_gradient_entries_are_zero_on_every_isa_path(isa_runs, dtype):
     """Gradients from ~1e-30 down into fp32's subnormal range (_tiny_case): every ISA path writes the
     entries below 2^-100 as 0 (they would put subnormals into the GEMMs that consume the gradient, which
-    x86 runs many-fold slower) and every other entry as before, so the error stays within 2^-100 of the
+    x86 runs many-fold slower) and every other entry unchanged, so the error stays within 2^-100 of the
     truth plus plain torch's own error in the dtype."""
     floor = _TINY_FLOOR
     c = _tiny_case(dtype)

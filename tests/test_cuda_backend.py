@@ -200,7 +200,7 @@ def test_unavailable_reason_is_clear():
 
 
 def _nan_cases():
-    """(name, zs, zt, zr, y): NaN logits where the kernels' online state could drop them (issue 18.1)."""
+    """(name, zs, zt, zr, y): NaN logits where the kernels' online state could drop them."""
     zs, zt, zr, _ = make_problem(5, 41, seed=8, dtype=torch.float32)
     y = torch.arange(5) * 7
     first = zs.clone()
@@ -227,7 +227,7 @@ def _nan_cases():
 def test_nan_logits_are_never_dropped(impl, case):
     """A NaN logit makes the statistics of its row NaN exactly where the torch backend's are, also when
     it is the first column a thread sees or the running max later jumps so far that the old partial sums
-    scale by exp(-huge) = 0 (the state emptied there used to drop the NaN; issue 18.1)."""
+    scale by exp(-huge) = 0 (the state emptied there would drop the NaN)."""
     backend, device = impl
     name, zs, zt, zr, y = list(_nan_cases())[case]
     dev = lambda z: None if z is None else z.to(device)  # noqa: E731

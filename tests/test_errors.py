@@ -50,6 +50,18 @@ def call(**overrides):
     (dict(num_items_in_batch=0), ValueError, "num_items_in_batch: expected a positive token count"),
     (dict(num_items_in_batch=8, reduction="sum"), ValueError, "num_items_in_batch is only used with"),
     (dict(backend="tpu"), ValueError, "backend: unknown backend 'tpu'"),
+    (dict(reduction="seq-mean-token-mean"), ValueError,
+     "targets: reduction='seq-mean-token-mean' needs targets of shape [..., T] with at least 2 dims"),
+    (dict(num_sequences_in_batch=3), ValueError, "num_sequences_in_batch is only used with reduction in"),
+    (dict(num_items_in_batch=3, reduction="seq-mean-token-sum"), ValueError,
+     "a sequence reduction takes num_sequences_in_batch"),
+    (dict(num_sequences_in_batch=0, reduction="seq-mean-token-sum"), ValueError,
+     "num_sequences_in_batch: expected a positive sequence count"),
+    (dict(advantage_from="new"), ValueError, "advantage_from: expected one of ('current', 'old'), got 'new'"),
+    (dict(advantage_from="old"), ValueError, "advantage_from='old' takes the advantage from old_logprobs"),
+    (dict(advantage_from="old", mode="full", old_logprobs=torch.zeros(N)), ValueError,
+     "advantage_from='old' applies to mode='sampled'"),
+    (dict(backend="triton_onchip"), ValueError, "is a fused-linear kernel"),
     (dict(student_logits=torch.zeros(N, 0), teacher_logits=torch.zeros(N, 0), ref_logits=torch.zeros(N, 0)),
      ValueError, "student_logits: the vocabulary dimension is empty"),
 ])
@@ -91,6 +103,9 @@ def fl_inputs():
     (dict(student_bias=torch.zeros(V + 1)), "student_bias: expected shape (10,)"),
     (dict(chunk_size=0), "chunk_size: expected None or a positive int"),
     (dict(lam=2.0), "lam=2.0 needs a reference model: pass ref_hidden/ref_weight"),
+    (dict(impl="tiles"), "impl: expected one of ('chunked', 'onchip'), got 'tiles'"),
+    (dict(impl="onchip", backend="cpu"), "impl='onchip': the on-chip kernels are Triton's"),
+    (dict(reduction="seq-mean-token-sum"), "targets: reduction='seq-mean-token-sum' needs targets of shape"),
 ])
 def test_fused_linear_errors(overrides, message):
     h, w, y = fl_inputs()

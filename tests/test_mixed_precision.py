@@ -12,18 +12,13 @@ import torch
 import gopd_kernels as gk
 from gopd_kernels import reference
 
+from helpers import device_backend_cases
+
 N, D, V = 12, 16, 40
 TOL = 2e-5  # fp32-level; bf16-rounded logits give errors near 1e-2 at these logit scales
-# (device, backend): CPU always; on a GPU (make gpu-check) the CUDA path, whose logit GEMM is the one
-# autocast would otherwise run in bf16.
-CASES = [("cpu", "cpu"), ("cpu", "torch"), ("cuda", "torch"), ("cuda", "triton"), ("cuda", "cuda")]
-
-
-def _available_or_skip(device, backend):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device here")
-    if not gk.backends.is_available(backend):
-        pytest.skip(f"backend {backend} is not available here")
+# (device, backend): every backend here on its device, and the torch backend on CUDA where there is a GPU
+# (make gpu-check): the path whose logit GEMM autocast would otherwise run in bf16.
+CASES = device_backend_cases()
 
 
 def heads(seed=0):
@@ -40,12 +35,26 @@ def heads(seed=0):
     return out, y
 
 
+K = 5  # mode="topk": the teacher as its top-K ids and log-probs
+
+
+def teacher_inputs(mode, ht, wt):
+    """The teacher's part of a call: its head (hidden, weight), or for mode="topk" no head and its top-K
+    ids / log-probs from the exact float64 logits (what a server would send)."""
+    if mode != "topk":
+        return (ht, wt), {}
+    top = torch.log_softmax(ht.double() @ wt.double().t(), -1).topk(K)
+    return (None, None), dict(teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values)
+
+
 def truth(hw, y, **kw):
     """Reference loss, d loss / d h_s, d loss / d W_s in float64 from the exact logits."""
     (hs, ws), (ht, wt), (hr, wr) = hw
     h64 = hs.double().requires_grad_(True)
     w64 = ws.double().requires_grad_(True)
-    out = reference.gopd_loss(h64 @ w64.t(), y, ht.double() @ wt.double().t(), hr.double() @ wr.double().t(), **kw)
+    (ht, wt), topk = teacher_inputs(kw["mode"], ht, wt)
+    zt = None if ht is None else ht.double() @ wt.double().t()
+    out = reference.gopd_loss(h64 @ w64.t(), y, zt, hr.double() @ wr.double().t(), **kw, **topk)
     loss = out.loss if out.loss.dim() == 0 else (out.loss * torch.linspace(0.5, 1.5, N, dtype=torch.float64)).sum()
     gh, gw = torch.autograd.grad(loss, (h64, w64))
     return loss.detach(), gh, gw
@@ -56,19 +65,20 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("mode", ["sampled", "full"])
+@pytest.mark.parametrize("mode", gk.MODES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fused_linear_under_autocast_is_fp32_exact(device, backend, mode, reduction):
-    _available_or_skip(device, backend)
     hw, y = heads()
     kw = dict(lam=1.25, mode=mode, reduction=reduction)
     ref_loss, ref_gh, ref_gw = truth(hw, y, **kw)
     (hs, ws), (ht, wt), (hr, wr) = ((h.to(device), w.to(device)) for h, w in hw)
+    (ht, wt), topk = teacher_inputs(mode, ht, wt)
+    topk = {name: x.to(device) for name, x in topk.items()}
     hs = hs.clone().requires_grad_(True)
     ws = ws.clone().requires_grad_(True)
     with torch.autocast(device, dtype=torch.bfloat16):
         out = gk.fused_linear_gopd_loss(hs, ws, y.to(device), ht, wt, hr, wr, backend=backend, chunk_size=5,
-                                        **kw)
+                                        **kw, **topk)
         weights = torch.linspace(0.5, 1.5, N, device=device)
         loss = out.loss if reduction == "mean" else (out.loss * weights).sum()
         loss.backward()  # inside the region: backward must switch autocast off too
@@ -81,7 +91,6 @@ def test_fused_linear_under_autocast_is_fp32_exact(device, backend, mode, reduct
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_fused_linear_logprobs_under_autocast(device, backend):
-    _available_or_skip(device, backend)
     (hs, ws), _, _ = heads(1)[0]
     y = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
     with torch.autocast(device, dtype=torch.bfloat16):
@@ -115,7 +124,7 @@ def test_the_row_kernels_run_with_autocast_off(monkeypatch):
 
 
 def test_an_autocast_model_trains_through_the_fused_loss():
-    """The case from the issue: a model's forward under autocast gives bf16 hidden states, its head is an
+    """The common case: a model's forward under autocast gives bf16 hidden states, its head is an
     fp32 nn.Linear; the fused loss accepts the pair, and the gradients match the fp64 reference."""
     torch.manual_seed(0)
     body = torch.nn.Linear(D, D)

@@ -12,17 +12,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gopd_kernels.backends import NSTATS
-from gopd_kernels.objective import full_loss_from_stats, stat_free_gradients, token_objective
+from gopd_kernels import _validate
+from gopd_kernels._layout import LP_S, NSTATS
+from gopd_kernels.objective import Rows, TokenInputs, full_loss_from_stats, stat_free_gradients, token_objective
+
+
+def _options(mode, lam=1.0, is_cap=5.0):
+    return _validate.options(mode=mode, lam=lam, reduction="sum", clip_eps=0.2, clip_eps_high=None, dual_clip=3.0,
+                             is_cap=is_cap, temperature=1.0, ignore_index=-100)
+
+
+def _inputs(old, rollout):
+    return TokenInputs(has_ref=True, old_logprobs=old, rollout_logprobs=rollout)
 
 
 def _autograd_gradients(stats, valid, mode, lam, old, rollout, is_cap, scale):
-    lp_s = stats[3].clone().requires_grad_(True)
+    lp_s = stats[LP_S].clone().requires_grad_(True)
     full = full_loss_from_stats(stats, lam).requires_grad_(True)
-    per_token, _ = token_objective(lp_s, full, stats, valid, mode=mode, lam=lam, has_ref_logits=True,
-                                   teacher_logprobs=None, ref_logprobs=None, old_logprobs=old,
-                                   rollout_logprobs=rollout, clip_eps=0.2, clip_eps_high=None, dual_clip=3.0,
-                                   is_cap=is_cap)
+    none = stats.new_zeros((stats.shape[1], 0))
+    per_token, _ = token_objective(Rows(lp_s, full, stats, none, none), valid, _options(mode, lam, is_cap),
+                                   _inputs(old, rollout))
     return torch.autograd.grad(per_token.sum() * scale, (lp_s, full), allow_unused=True, materialize_grads=True)
 
 
@@ -34,10 +43,10 @@ def test_full_mode_gradients_match_autograd(n, lam, with_old, with_rollout, is_c
     g = torch.Generator().manual_seed(seed)
     stats = torch.randn(NSTATS, n, generator=g, dtype=torch.float64) * 3
     valid = torch.rand(n, generator=g) < 0.8
-    old = (torch.randn(n, generator=g) - 2) if with_old else None
-    rollout = (torch.randn(n, generator=g) - 2) if with_rollout else None
-    got = stat_free_gradients(valid, mode="full", old_logprobs=old, rollout_logprobs=rollout, is_cap=is_cap,
-                              scale=scale)
+    # float64, as the ops hand per-token inputs to the objective
+    old = (torch.randn(n, generator=g, dtype=torch.float64) - 2) if with_old else None
+    rollout = (torch.randn(n, generator=g, dtype=torch.float64) - 2) if with_rollout else None
+    got = stat_free_gradients(valid, _options("full", lam, is_cap), _inputs(old, rollout), scale)
     if with_rollout and not with_old:
         assert got is None  # the weight is built from the student's own lp_s: it needs the statistics
         return
@@ -46,9 +55,9 @@ def test_full_mode_gradients_match_autograd(n, lam, with_old, with_rollout, is_c
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("mode", ["sampled", "topk"])
 @pytest.mark.parametrize("with_rollout", [False, True])
-def test_sampled_mode_is_never_stat_free(with_rollout):
+def test_other_modes_are_never_stat_free(mode, with_rollout):
     valid = torch.ones(4, dtype=torch.bool)
-    rollout = torch.zeros(4) if with_rollout else None
-    assert stat_free_gradients(valid, mode="sampled", old_logprobs=None, rollout_logprobs=rollout, is_cap=5.0,
-                               scale=1.0) is None
+    rollout = torch.zeros(4, dtype=torch.float64) if with_rollout else None
+    assert stat_free_gradients(valid, _options(mode), _inputs(None, rollout), 1.0) is None

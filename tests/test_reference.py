@@ -160,3 +160,54 @@ def test_agrees_with_trl_generalized_jsd_beta_one():
         ours = R.gopd_loss(zs, y, zt, mode="full", temperature=temp).loss
         trl = gkd.GKDTrainer.generalized_jsd_loss(zs, zt, labels=y, beta=1.0, temperature=temp)
         assert math.isclose(float(ours), float(trl), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _ragged(b, t, v, seed):
+    """[b, t, v] fp64 logits of three models and [b, t] targets with ragged masks: each sequence keeps a
+    random prefix (possibly empty), as padded responses of different lengths do."""
+    zs, zt, zr, y = make_problem(b * t, v, seed=seed, mask_frac=0.0)
+    lengths = torch.randint(0, t + 1, (b,), generator=torch.Generator().manual_seed(seed))
+    y = y.view(b, t).clone()
+    y[torch.arange(t)[None, :] >= lengths[:, None]] = -100
+    return zs.view(b, t, v), zt.view(b, t, v), zr.view(b, t, v), y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sequence_reductions_closed_form(seed):
+    zs, zt, zr, y = _ragged(4, 6, 9, seed)
+    y[1] = -100  # one sequence with no valid token: it is not counted
+    per_token = R.gopd_loss(zs, y, zt, zr, lam=1.25, mode="full", reduction="none").loss
+    n_j = (y != -100).sum(-1)
+    nonempty = n_j > 0
+    token_mean = per_token.sum(-1)[nonempty] / n_j[nonempty]
+    token_sum = per_token.sum(-1)[nonempty]
+    kw = dict(lam=1.25, mode="full")
+    for reduction, want in (("seq-mean-token-mean", token_mean.mean()), ("seq-mean-token-sum", token_sum.mean())):
+        torch.testing.assert_close(R.gopd_loss(zs, y, zt, zr, reduction=reduction, **kw).loss, want)
+        # A global count of sequences (gradient accumulation over micro-batches): the sum over S.
+        torch.testing.assert_close(R.gopd_loss(zs, y, zt, zr, reduction=reduction, num_sequences_in_batch=10,
+                                               **kw).loss, want * nonempty.sum() / 10)
+    # Leading dims [2, 2, T]: four sequences, as [4, T].
+    a = R.gopd_loss(zs.view(2, 2, 6, 9), y.view(2, 2, 6), zt.view(2, 2, 6, 9), zr.view(2, 2, 6, 9),
+                    reduction="seq-mean-token-mean", **kw).loss
+    torch.testing.assert_close(a, token_mean.mean())
+    # With equal lengths seq-mean-token-mean is the token mean; ragged, it is not.
+    full = R.gopd_loss(zs, torch.where(y == -100, 0, y), zt, zr, reduction="seq-mean-token-mean", **kw).loss
+    mean = R.gopd_loss(zs, torch.where(y == -100, 0, y), zt, zr, reduction="mean", **kw).loss
+    torch.testing.assert_close(full, mean)
+
+
+@pytest.mark.parametrize("lam", [1.0, 1.25])
+def test_advantage_from_old_logprobs(lam):
+    zs, zt, zr, y = make_problem(11, 19, seed=6)
+    valid = y != -100
+    old = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) - 2
+    kw = dict(lam=lam, mode="sampled", reduction="none")
+    cur = R.gopd_loss(zs, y, zt, zr, old_logprobs=old, **kw)
+    got = R.gopd_loss(zs, y, zt, zr, old_logprobs=old, advantage_from="old", **kw)
+    want = lam * cur.lp_t + (1 - lam) * cur.lp_r - old
+    torch.testing.assert_close(got.advantage, torch.where(valid, want, 0.0))
+    # On-policy (old = lp_s) the two are the same function.
+    on = cur.lp_s.clone()
+    torch.testing.assert_close(R.gopd_loss(zs, y, zt, zr, old_logprobs=on, advantage_from="old", **kw).loss,
+                               R.gopd_loss(zs, y, zt, zr, old_logprobs=on, **kw).loss)

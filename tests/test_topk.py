@@ -1,4 +1,4 @@
-"""mode="topk" (issue 17): both ops against the reference (loss, diagnostics, student gradients) on ragged
+"""mode="topk": both ops against the reference (loss, diagnostics, student gradients) on ragged
 shapes, k = V equals mode="full", the teacher-tail rule, and the input errors."""
 
 import math

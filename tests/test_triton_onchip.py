@@ -1,4 +1,4 @@
-"""backend="triton_onchip" (gopd_kernels/triton/onchip.py, logit tiles kept on chip) against the reference.
+"""backend="triton", impl="onchip" (gopd_kernels/triton/onchip.py, logit tiles kept on chip) against the reference.
 
 Runs natively on a CUDA GPU; without one, on CPU tensors under Triton's interpreter (slow: small
 shapes and few examples). The interpreter tests use 16-wide tiles so that ragged N, V and D cross
@@ -64,7 +64,7 @@ def _run(which, hs, ws, y, *, has_r, mode, lam, temps, reduction, dtype):
     hr, wr = (h[2], w[2]) if has_r else (None, None)
     kw = dict(lam=lam, mode=mode, temperature=temps, reduction=reduction)
     if which == "onchip":
-        out = gk.fused_linear_gopd_loss(h[0], w[0], yy, h[1], w[1], hr, wr, backend="triton_onchip", **kw)
+        out = gk.fused_linear_gopd_loss(h[0], w[0], yy, h[1], w[1], hr, wr, backend="triton", impl="onchip", **kw)
     else:  # plain torch on materialised logits in `dtype`
         v = w[0].shape[0]
         out = R.gopd_loss(h[0] @ w[0].T, yy, h[1] @ w[1][:v].T, None if hr is None else hr @ wr[:v].T, **kw)
@@ -133,13 +133,13 @@ def test_logprobs_and_mixed_dtypes():
     rounded down) and its gradient comes back in bf16."""
     hs, ws, y = _problem(5, 19, 33, (20, 20, 20), 0, mask_frac=0.2)
     h, w = hs[0].to(DEVICE).float(), ws[0].to(DEVICE).float()
-    ours = gk.fused_linear_logprobs(h, w, y.to(DEVICE), 0.8, backend="triton_onchip")
+    ours = gk.fused_linear_logprobs(h, w, y.to(DEVICE), 0.8, backend="triton", impl="onchip")
     want = gk.fused_linear_logprobs(h, w, y.to(DEVICE), 0.8, backend="torch")
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     hb = h.bfloat16().requires_grad_(True)
     wt, ht = ws[1].to(DEVICE).float(), hs[1].to(DEVICE).float()
-    outs = [gk.fused_linear_gopd_loss(hb, w, y.to(DEVICE), ht, wt, mode="full", backend=b).loss
-            for b in ("triton_onchip", "torch")]
+    outs = [gk.fused_linear_gopd_loss(hb, w, y.to(DEVICE), ht, wt, mode="full", **kw).loss
+            for kw in (dict(backend="triton", impl="onchip"), dict(backend="torch"))]
     grads = [torch.autograd.grad(o, hb)[0] for o in outs]
     assert grads[0].dtype == torch.bfloat16
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
@@ -151,15 +151,24 @@ def test_clear_errors_and_auto_never_picks_it():
     h, w, yy = hs[0].to(DEVICE), ws[0].to(DEVICE), y.to(DEVICE)
     bias = torch.zeros(10, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="student_bias"):
-        gk.fused_linear_gopd_loss(h, w, yy, h, w, student_bias=bias, backend="triton_onchip")
+        gk.fused_linear_gopd_loss(h, w, yy, h, w, student_bias=bias, backend="triton", impl="onchip")
     with pytest.raises(ValueError, match="mode"):
         gk.fused_linear_gopd_loss(h, w, yy, teacher_topk_ids=y[:, None].clamp(min=0),
                                   teacher_topk_logprobs=torch.zeros(4, 1, dtype=torch.float64), mode="topk",
-                                  backend="triton_onchip")
+                                  backend="triton", impl="onchip")
     with pytest.raises(ValueError, match="fused-linear"):
         gk.gopd_loss(h @ w.T, yy, h @ w.T, backend="triton_onchip")
-    for device in ("cpu", "cuda"):
-        assert backends.resolve("auto", torch.device(device)) != backends.ONCHIP
+    for device in ("cpu", "cuda"):  # the on-chip kernels are an implementation, never a backend auto picks
+        assert backends.resolve("auto", torch.device(device)) in backends.BACKENDS
+
+
+def test_backend_triton_onchip_is_the_deprecated_spelling_of_impl_onchip():
+    hs, ws, y = _problem(1, 4, 10, (8, 8, 8), 0, mask_frac=0.0)
+    h, w, yy = hs[0].to(DEVICE), ws[0].to(DEVICE), y.to(DEVICE)
+    with pytest.warns(DeprecationWarning, match="impl='onchip'"):
+        old = gk.fused_linear_gopd_loss(h, w, yy, h, w, mode="full", backend="triton_onchip").loss
+    new = gk.fused_linear_gopd_loss(h, w, yy, h, w, mode="full", backend="triton", impl="onchip").loss
+    assert torch.equal(old, new)
 
 
 _COMPILE_SCRIPT = r"""

@@ -2,7 +2,8 @@
 
 The contract every backend implements
 -------------------------------------
-A backend is a module ``gopd_kernels.backends.<name>`` with three functions. All the G-OPD
+A backend is a module ``gopd_kernels.backends.<name>`` with a ``DTYPES`` tuple (the logit dtypes its
+kernels take) and three functions. All the G-OPD
 objective logic (advantage, PPO clip, IS weight, reductions) lives once, in Python, on O(N)
 per-token statistics (``gopd_kernels.objective``); a backend only does the vocabulary-wide work.
 
@@ -16,7 +17,8 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     each in [0, V) or == ignore_index (the API range-checks them on the host for CPU tensors only; on a
     GPU an out-of-range target must read nothing and give that row NaN log-probabilities).
     ts, tt, tr: temperatures (python floats > 0).
-    Returns stats: [NSTATS, N], rows named below: float64 if zs is float64, else float32 or float64.
+    Returns stats: [NSTATS, N], rows named in gopd_kernels._layout: float64 if zs is float64, else
+    float32 or float64.
     Every backend here returns fp64 for every input: an fp32 lse_m of magnitude |z / T| ~ 1e4 is
     only good to ~5e-4, and every log-probability the backward recomputes from it would carry that
     error (tests/test_backends.py, test_gradient_error_does_not_grow_with_a_logit_offset).
@@ -64,17 +66,9 @@ from __future__ import annotations
 import importlib
 
 from .. import tuning
-
-# Row indices of the stats tensor returned by rows_forward.
-LSE_S, LSE_T, LSE_R, LP_S, LP_T, LP_R, E_S, E_T, E_R = range(9)
-NSTATS = 9
+from .._layout import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS  # noqa: F401
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-# Not a row-contract backend: the fused-linear kernels that keep logit tiles on chip
-# (gopd_kernels/triton/onchip.py), taken by fused_linear_gopd_loss / fused_linear_logprobs only when
-# named. resolve("auto") never returns it: auto may pick it only once a GPU measurement shows it faster
-# than the chunked triton path (none exists yet).
-ONCHIP = "triton_onchip"
 _MODULES: dict = {}  # name -> module, filled by get (a dict lookup is what torch.compile traces)
 
 _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` (or `make test`)"
@@ -82,9 +76,6 @@ _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` 
 
 def get(name: str):
     """Return the backend module `name`, or raise a ValueError saying why it cannot run here."""
-    if name == ONCHIP:
-        raise ValueError(f"backend={ONCHIP!r} is a fused-linear kernel: it works with fused_linear_gopd_loss and "
-                         f"fused_linear_logprobs only; on logits use one of {BACKENDS}")
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
     module = _MODULES.get(name)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compile, _extension
+from .. import _extension
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _state: dict = {}
 
 
@@ -25,7 +26,6 @@ def available():
             return _state["ok"], _state["why"]
         try:
             torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
-            _compile.register_fakes()  # so that torch.compile can trace the ops
             _state["ok"], _state["why"] = True, ""
         except (AttributeError, RuntimeError) as exc:
             _state["ok"], _state["why"] = False, f"torch.ops.gopd.rows_forward is not registered ({exc})"
@@ -44,12 +44,9 @@ def _check_cpu(**tensors):
             raise ValueError(f"backend='cpu': {name} must be a CPU tensor, got device {t.device}")
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_dtype(zs):
-    if zs.dtype not in _DTYPES:
-        raise TypeError(f"backend='cpu' does not support dtype {zs.dtype} (expected one of {_DTYPES})")
+    if zs.dtype not in DTYPES:
+        raise TypeError(f"backend='cpu' does not support dtype {zs.dtype} (expected one of {DTYPES})")
 
 
 def rows_forward(zs, zt, zr, targets, ts, tt, tr, ignore_index):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compile, _extension
+from .. import _extension
 
 _BUILD = "build the extension with `pip install --no-build-isolation -e .` on a machine whose torch has CUDA and nvcc"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict = {}
 
 
@@ -36,7 +36,6 @@ def _probe():
         torch.ops.gopd.rows_forward  # noqa: B018  (the schema must be registered)
     except (AttributeError, RuntimeError) as exc:
         return False, f"torch.ops.gopd.rows_forward is not registered ({exc}); {_BUILD}"
-    _compile.register_fakes()
     return True, ""
 
 
@@ -53,8 +52,8 @@ def _require():
 
 
 def _check(zs, **tensors):
-    if zs.dtype not in _DTYPES:
-        raise TypeError(f"backend='cuda' does not support dtype {zs.dtype} (expected one of {_DTYPES})")
+    if zs.dtype not in DTYPES:
+        raise TypeError(f"backend='cuda' does not support dtype {zs.dtype} (expected one of {DTYPES})")
     for name, t in dict(zs=zs, **tensors).items():
         if t is None:
             continue

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from . import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS
+from .._layout import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Rows per chunk are chosen so one fp32 [rows, V] temporary stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 22

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from ..backends import NSTATS
-from .rows import _not_finite, _split  # one hi/lo split and finiteness test for both
+from .._layout import NSTATS
+from .rows import _E_R, _E_S, _E_T, _LP_R, _LP_S, _LP_T, _LSE_R, _LSE_S, _LSE_T, _not_finite, _split
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite initial running max (as rows.py): no -inf - -inf
 
@@ -185,13 +185,13 @@ def _onchip_forward_kernel(
                                                      S_s_old, is_y)
         m_s = m_s_new
 
-    _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, 0, 3, 6, 0,
+    _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, _LSE_S, _LP_S, _E_S, 0,
                  m_s, S_s, m_s, A_s, S_s, zy_s, y_ok)
     if HAS_T:
-        _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, 1, 4, 7, 1,
+        _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, _LSE_T, _LP_T, _E_T, 1,
                      m_t, S_t, R_t, A_t, S_s, zy_t, y_ok)
     if HAS_R:
-        _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, 2, 5, 8, 2,
+        _store_model(stats_ptr, zy_ptr, rows, out_mask, valid, stride_stat, N, _LSE_R, _LP_R, _E_R, 2,
                      m_r, S_r, R_r, A_r, S_s, zy_r, y_ok)
 
 
@@ -218,8 +218,8 @@ def _onchip_backward_kernel(
         rmask = rows < N
         y = tl.load(y_ptr + rows, mask=rmask, other=ignore_index)
         valid = rmask & (y != ignore_index)
-        lse_s = tl.load(stats_ptr + 0 * stride_stat + rows, mask=valid, other=0.0)
-        e_s = tl.load(stats_ptr + 6 * stride_stat + rows, mask=valid, other=0.0)
+        lse_s = tl.load(stats_ptr + _LSE_S * stride_stat + rows, mask=valid, other=0.0)
+        e_s = tl.load(stats_ptr + _E_S * stride_stat + rows, mask=valid, other=0.0)
         hi_s, lo_s = _split(lse_s, ACC)
         khi_s, klo_s = _split(lse_s + e_s, ACC)
         g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0).to(ACC)
@@ -230,15 +230,15 @@ def _onchip_backward_kernel(
         p = tl.exp((s - hi_s[:, None]) - lo_s[:, None])
         d = (s - khi_s[:, None]) - klo_s[:, None]  # c(v) - L, term by term
         if USE_T:
-            e_t = tl.load(stats_ptr + 7 * stride_stat + rows, mask=valid, other=0.0)
-            khi_t, klo_t = _split(tl.load(stats_ptr + 1 * stride_stat + rows, mask=valid, other=0.0) + e_t, ACC)
+            e_t = tl.load(stats_ptr + _E_T * stride_stat + rows, mask=valid, other=0.0)
+            khi_t, klo_t = _split(tl.load(stats_ptr + _LSE_T * stride_stat + rows, mask=valid, other=0.0) + e_t, ACC)
             loss -= lam * e_t
             t = _logit_tile(ht_ptr, wt_ptr, rows, cols, N, V, D_t, t_hn, t_hd, t_wv, t_wd, inv_tt,
                             ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)
             d -= c_t * ((t - khi_t[:, None]) - klo_t[:, None])
         if USE_R:
-            e_r = tl.load(stats_ptr + 8 * stride_stat + rows, mask=valid, other=0.0)
-            khi_r, klo_r = _split(tl.load(stats_ptr + 2 * stride_stat + rows, mask=valid, other=0.0) + e_r, ACC)
+            e_r = tl.load(stats_ptr + _E_R * stride_stat + rows, mask=valid, other=0.0)
+            khi_r, klo_r = _split(tl.load(stats_ptr + _LSE_R * stride_stat + rows, mask=valid, other=0.0) + e_r, ACC)
             loss -= (1.0 - lam) * e_r
             r = _logit_tile(hr_ptr, wr_ptr, rows, cols, N, V, D_r, r_hn, r_hd, r_wv, r_wd, inv_tr,
                             ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32)

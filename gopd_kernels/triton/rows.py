@@ -54,17 +54,20 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from ..backends import NSTATS
+from .._layout import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS
 
 # Finite stand-in for -inf as the initial running max (see module docstring).
 _NEG_BIG = tl.constexpr(-1.0e30)
+# The stats rows (gopd_kernels._layout) as compile-time constants of the kernels.
+_LSE_S, _LSE_T, _LSE_R = tl.constexpr(LSE_S), tl.constexpr(LSE_T), tl.constexpr(LSE_R)
+_LP_S, _LP_T, _LP_R = tl.constexpr(LP_S), tl.constexpr(LP_T), tl.constexpr(LP_R)
+_E_S, _E_T, _E_R = tl.constexpr(E_S), tl.constexpr(E_T), tl.constexpr(E_R)
 
 # _NO_FMA: both kernels are compiled without multiply-add contraction (enable_fp_fusion=False). With it,
 # the compiler turns s - m (s = z * (1 / T) rounded) into fma(z, 1 / T, -m), the unrounded product, so
 # at the row's own max s - m is not 0 but the rounding error of s: measured on an H200 (gpu-check,
 # 2026-11-28) as E_S = -3.3e-5 instead of 0 at |z / T| ~ 1e4, V = 1, and the forward's lse and the
 # backward's p = exp(s - lse) disagreeing by that much. Every difference must use the same rounded s.
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
@@ -188,15 +191,15 @@ def _rows_forward_kernel(
     S_s_tot = tl.where(valid, S_s_tot, 1.0)
     out = stats_ptr + row
     zy_s = tl.where(y_ok, tl.load(zs_row + y_safe).to(ACC) * inv_ts, float("nan"))
-    _store_model(out, stride_stat, 0, 3, 6, valid, M_s, S_s_tot, M_s, A_s_tot, S_s_tot, zy_s)
+    _store_model(out, stride_stat, _LSE_S, _LP_S, _E_S, valid, M_s, S_s_tot, M_s, A_s_tot, S_s_tot, zy_s)
     if HAS_T:
         M_t, S_t_tot, R_t_row, A_t_tot = _merge_cross(m_t, S_t, R_t, A_t, S_s, f_s, M_s, m_s, ACC)
         zy_t = tl.where(y_ok, tl.load(zt_row + y_safe).to(ACC) * inv_tt, float("nan"))
-        _store_model(out, stride_stat, 1, 4, 7, valid, M_t, S_t_tot, R_t_row, A_t_tot, S_s_tot, zy_t)
+        _store_model(out, stride_stat, _LSE_T, _LP_T, _E_T, valid, M_t, S_t_tot, R_t_row, A_t_tot, S_s_tot, zy_t)
     if HAS_R:
         M_r, S_r_tot, R_r_row, A_r_tot = _merge_cross(m_r, S_r, R_r, A_r, S_s, f_s, M_s, m_s, ACC)
         zy_r = tl.where(y_ok, tl.load(zr_row + y_safe).to(ACC) * inv_tr, float("nan"))
-        _store_model(out, stride_stat, 2, 5, 8, valid, M_r, S_r_tot, R_r_row, A_r_tot, S_s_tot, zy_r)
+        _store_model(out, stride_stat, _LSE_R, _LP_R, _E_R, valid, M_r, S_r_tot, R_r_row, A_r_tot, S_s_tot, zy_r)
 
 
 @triton.jit
@@ -225,8 +228,8 @@ def _rows_backward_kernel(
     y = tl.load(y_ptr + row)
     valid = y != ignore_index
     st = stats_ptr + row
-    lse_s = tl.load(st + 0 * stride_stat)
-    e_s = tl.load(st + 6 * stride_stat)
+    lse_s = tl.load(st + _LSE_S * stride_stat)
+    e_s = tl.load(st + _E_S * stride_stat)
     hi_s, lo_s = _split(lse_s, ACC)
     khi_s, klo_s = _split(lse_s + e_s, ACC)  # log p_s(v) - E_S = s(v) - (lse_s + E_S)
     g_lp = tl.where(valid, tl.load(glp_ptr + row).to(ACC), 0.0)
@@ -240,12 +243,12 @@ def _rows_backward_kernel(
     khi_r = khi_s
     klo_r = klo_s
     if HAS_T:
-        e_t = tl.load(st + 7 * stride_stat)
-        khi_t, klo_t = _split(tl.load(st + 1 * stride_stat) + e_t, ACC)
+        e_t = tl.load(st + _E_T * stride_stat)
+        khi_t, klo_t = _split(tl.load(st + _LSE_T * stride_stat) + e_t, ACC)
         loss -= tl.where(lam_t != 0.0, lam_t * e_t, 0.0)
     if HAS_R:
-        e_r = tl.load(st + 8 * stride_stat)
-        khi_r, klo_r = _split(tl.load(st + 2 * stride_stat) + e_r, ACC)
+        e_r = tl.load(st + _E_R * stride_stat)
+        khi_r, klo_r = _split(tl.load(st + _LSE_R * stride_stat) + e_r, ACC)
         loss -= tl.where(lam_r != 0.0, lam_r * e_r, 0.0)
     c_t = lam_t.to(ACC)
     c_r = lam_r.to(ACC)
@@ -281,8 +284,8 @@ def _rows_backward_kernel(
 
 
 def _acc_dtype(dtype: torch.dtype):
-    if dtype not in _SUPPORTED:
-        raise TypeError(f"triton backend: unsupported logits dtype {dtype}; expected one of {_SUPPORTED}")
+    """The accumulation dtype of logits in `dtype` (one of gopd_kernels.backends.triton.DTYPES, which
+    the backend checks before calling)."""
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
