@@ -12,6 +12,8 @@ from typing import Optional, Union
 import torch
 
 MODES = ("sampled", "full", "topk")
+# The row-kernel backends (gopd_kernels/backends/<name>.py); "auto" picks one per device.
+BACKENDS = ("torch", "cpu", "cuda", "triton")
 # "mean" is the token mean over the batch; the seq-mean-* reductions (verl's names) first reduce each
 # sequence (the last dim of targets) by its token mean or token sum, then average over sequences.
 REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum")

@@ -34,12 +34,15 @@ from pathlib import Path
 
 import torch
 
+from . import _options
+
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 FORMAT = 1
 KERNELS = ("rows_forward", "rows_backward", "onchip_forward", "onchip_backward")
 USES = ("train_full", "train_sampled", "score")
-IMPLS = ("chunked", "onchip")
-BACKENDS = ("torch", "cpu", "cuda", "triton")
+# A table entry names a concrete implementation ("auto" is what reads the table).
+IMPLS = tuple(i for i in _options.IMPLS if i != "auto")
+BACKENDS = _options.BACKENDS
 # Rows per launch that split the two row classes: gpu-check measures N = 2048 and N = 8192.
 N_SPLIT = 4096
 # Launch parameters each kernel takes, beyond num_warps / num_stages.

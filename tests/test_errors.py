@@ -103,7 +103,7 @@ def fl_inputs():
     (dict(student_bias=torch.zeros(V + 1)), "student_bias: expected shape (10,)"),
     (dict(chunk_size=0), "chunk_size: expected None or a positive int"),
     (dict(lam=2.0), "lam=2.0 needs a reference model: pass ref_hidden/ref_weight"),
-    (dict(impl="tiles"), "impl: expected one of ('chunked', 'onchip'), got 'tiles'"),
+    (dict(impl="tiles"), "impl: expected one of ('auto', 'chunked', 'onchip'), got 'tiles'"),
     (dict(impl="onchip", backend="cpu"), "impl='onchip': the on-chip kernels are Triton's"),
     (dict(reduction="seq-mean-token-sum"), "targets: reduction='seq-mean-token-sum' needs targets of shape"),
 ])

@@ -67,8 +67,8 @@ import importlib
 
 from .. import tuning
 from .._layout import E_R, E_S, E_T, LP_R, LP_S, LP_T, LSE_R, LSE_S, LSE_T, NSTATS  # noqa: F401
+from .._options import BACKENDS  # noqa: F401  (re-exported: backends.BACKENDS)
 
-BACKENDS = ("torch", "cpu", "cuda", "triton")
 _MODULES: dict = {}  # name -> module, filled by get (a dict lookup is what torch.compile traces)
 
 _BUILD_HINT = "build the extension with `pip install --no-build-isolation -e .` (or `make test`)"
