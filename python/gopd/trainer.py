@@ -24,7 +24,8 @@ same global batch and takes its contiguous share of the prompts; prompt i of the
 with its own generator seeded from (seed, step, i), so its tokens do not depend on how the prompts are
 split; the student is sharded with FSDP2 and scored through gopd.sharded_student (the loss inside the root
 FSDP forward); the denominator is the count over all ranks / W (num_items_in_batch = response tokens / W,
-num_sequences_in_batch = non-empty responses / W), so FSDP2's gradient average is the global loss's gradient; teachers and the reference are replicated. Rank 0 writes metrics, plots
+num_sequences_in_batch = non-empty responses / W), so FSDP2's gradient average is the global loss's
+gradient; teachers and the reference are replicated. Rank 0 writes metrics, plots
 and the final model; checkpoints are sharded (gopd.checkpoint).
 """
 
