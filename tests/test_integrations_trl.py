@@ -205,7 +205,77 @@ def test_rollout_logprobs_from_the_generator_reach_the_batch(tmp_path):
         tr._generate_and_score_completions([{"prompt": "abcd"}])
 
 
+@pytest.mark.parametrize("reduction, advantage_from", [
+    ("seq-mean-token-mean", "current"), ("seq-mean-token-sum", "current"), ("mean", "old"),
+    ("seq-mean-token-mean", "old")])
+def test_reduction_and_advantage_from_equal_the_reference(tmp_path, reduction, advantage_from):
+    """The loss and gradients of one micro-batch equal the float64 oracle on [B, C] logits with the same
+    options: the sequence reductions divide by the generation batch's non-empty completions (here 3 + 2 in
+    the step's other micro-batches), and advantage_from="old" is the advantage of the policy that sampled,
+    which in TRL's one optimizer step per generation batch is the student being trained."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    lam = 1.25
+    tr = trainer(tmp_path, ref_model=tiny(2), lam=lam, mode="sampled", reduction=reduction,
+                 advantage_from=advantage_from)
+    prompts, completions, rollout, inputs = fixed_batch()
+    inputs["num_sequences_in_batch"] = torch.tensor(len(completions) + 2)
+    student = tr.model
+    student.train()
+    loss = tr.compute_loss(student, inputs)
+    loss.backward()
+    got = student_grads(student)
+
+    def logits64(model, grad=False):
+        with torch.set_grad_enabled(grad):
+            return pad_sequence([model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) - 1 + len(c)]
+                                 for p, c in zip(prompts, completions)], batch_first=True)
+
+    s64 = copy.deepcopy(student).double()
+    y = pad_sequence([torch.tensor(c) for c in completions], batch_first=True, padding_value=-100)
+    roll = pad_sequence([torch.tensor(r, dtype=torch.float64) for r in rollout], batch_first=True)
+    old = None
+    if advantage_from == "old":  # the sampler's policy, as the trainer recomputes it: the current student
+        old = logits64(s64).log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
+    count = dict(num_sequences_in_batch=len(completions) + 2) if reduction != "mean" else dict(
+        num_items_in_batch=int(inputs["num_items_in_batch"]))
+    kw = dict(lam=lam, mode="sampled", rollout_logprobs=roll, reduction=reduction, **count)
+    oracle = reference.gopd_loss(logits64(s64, grad=True), y, logits64(copy.deepcopy(tr.teacher_model).double()),
+                                 logits64(copy.deepcopy(tr.ref_model).double()), advantage_from=advantage_from,
+                                 old_logprobs=old, **kw)
+    oracle.loss.backward()
+    value = float(oracle.loss.detach())
+    assert abs(float(loss.detach()) - value) < 1e-5 * max(1.0, abs(value))
+    want = {k: p.grad for k, p in s64.named_parameters() if p.grad is not None}
+    assert set(got) == set(want) and len(got) > 3
+    for k in want:
+        torch.testing.assert_close(got[k].double(), want[k], rtol=1e-4, atol=1e-6, msg=k)
+    if reduction != "mean":  # the generation batch's count, not this micro-batch's 3 completions
+        local = reference.gopd_loss(logits64(s64), y, logits64(copy.deepcopy(tr.teacher_model).double()),
+                                    logits64(copy.deepcopy(tr.ref_model).double()), lam=lam, rollout_logprobs=roll,
+                                    reduction=reduction).loss
+        assert abs(float(local) - value) > 1e-3
+
+
+def test_sequence_count_spans_the_generation_batch(tmp_path):
+    """reduction seq-mean-token-mean under gradient accumulation: every micro-batch of an optimizer step
+    divides by the non-empty completions of the whole generation batch."""
+    tr = trainer(tmp_path, lam=1.0, reduction="seq-mean-token-mean", gradient_accumulation_steps=2, max_steps=1)
+    seen, inner = [], tr._compute_loss
+
+    def recording(student, inputs, num_items_in_batch):
+        seen.append((int((inputs["completion_mask"].sum(1) > 0).sum()), int(inputs["num_sequences_in_batch"])))
+        return inner(student, inputs, num_items_in_batch)
+
+    tr._compute_loss = recording
+    tr.train()
+    assert len(seen) == 2 and seen[0][1] == seen[1][1] == seen[0][0] + seen[1][0] == 4, seen
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(reduction="sum"), "reduction: expected one of"),
+    (dict(advantage_from="rollout"), "advantage_from: expected one of"),
+    (dict(advantage_from="old", mode="full"), "advantage_from='old' applies to mode='sampled'"),
     (dict(lam="1.25"), "lam: expected a finite number"),
     (dict(lam=float("nan")), "lam: expected a finite number"),
     (dict(mode="topk"), "mode: expected one of"),

@@ -423,3 +423,99 @@ def test_progress_bars_quiet_without_tty_or_when_off():
                                     (Terminal(), False, False)):
         assert list(progress_bar(range(3), progress=progress, desc="scoring", file=stream)) == [0, 1, 2]
         assert ("scoring" in stream.getvalue()) == shown
+
+
+class RaggedRollout(ShiftedRollout):
+    """ShiftedRollout whose responses are cut to ragged lengths (one empty): the sequence reductions then
+    differ from the token mean, and a micro-batch's own sequence count from the step's."""
+
+    lengths = (8, 0, 3, 5)
+
+    def generate(self, *args, **kwargs):
+        roll = super().generate(*args, **kwargs)
+        if not kwargs.get("greedy"):
+            cut = itertools.cycle(self.lengths)
+            for i, n in enumerate(next(cut) for _ in roll.responses):
+                roll.responses[i], roll.logprobs[i] = roll.responses[i][:n], roll.logprobs[i][:n]
+        return roll
+
+
+def reference_step(tmp_path, *overrides):
+    """One step on ragged rollouts (batch 4, micro-batches of 2, grad_clip off), each optimizer.step seen:
+    returns (trainer, row, [(the student's weights before that step, {name: grad})])."""
+    cfg = smoke_cfg(tmp_path, "grad_clip=1.0e9", "steps=1", *overrides)
+    trainer = trainer_mod.Trainer(cfg)
+    trainer.engine = RaggedRollout()
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append((
+        copy.deepcopy(trainer.student), {k: p.grad.clone() for k, p in trainer.student.named_parameters()})))
+    row = trainer.train_step()
+    assert math.isfinite(row["loss"]) and not row.get("skipped")
+    return trainer, row, seen
+
+
+@pytest.mark.parametrize("reduction, advantage_from, updates", [
+    ("seq-mean-token-mean", "current", 1), ("seq-mean-token-sum", "current", 1), ("mean", "old", 2),
+    ("seq-mean-token-mean", "old", 2)])
+def test_reduction_and_advantage_from_match_reference_by_hand(tmp_path, reduction, advantage_from, updates):
+    """The last update's loss and every student gradient equal gopd_kernels.reference.gopd_loss on [B, T]
+    logits of plain transformers forwards of the whole step (ragged responses, one empty, two micro-batches):
+    the sequence reductions are over the step's responses (not each micro-batch's), and with
+    updates_per_batch = 2, advantage_from old takes lp_old = the first pass's log-probs."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from gopd_kernels.reference import gopd_loss
+
+    lr = "lr=0.05" if updates > 1 else "lr=0"
+    trainer, row, seen = reference_step(tmp_path, f"reduction={reduction}", f"advantage_from={advantage_from}",
+                                        f"updates_per_batch={updates}", lr)
+    assert len(seen) == updates
+    cfg, scored = trainer.cfg, trainer._last_scored["add"]
+    responses = [r for _, r in scored]
+    assert responses == trainer.engine.last.responses and sorted(map(len, responses)) == [0, 3, 5, 8]
+
+    def logits(model, grad=False):
+        with torch.set_grad_enabled(grad):
+            return pad_sequence([model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1: len(p) - 1 + len(r)]
+                                 for p, r in scored], batch_first=True)
+
+    def padded(rows, fill=0.0):
+        return pad_sequence([torch.tensor(r, dtype=torch.float32 if fill == 0.0 else torch.long) for r in rows],
+                            batch_first=True, padding_value=fill)
+
+    y = padded(responses, fill=-100)
+    zt, zr = logits(trainer.default_teacher), logits(trainer.reference)
+    student, grads = seen[-1]
+    old = None
+    if updates > 1:  # lp_old: the first pass's student, which is also the one that sampled
+        first = logits(seen[0][0]).log_softmax(-1)
+        old = first.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y != -100)
+    kw = dict(lam=cfg.lam, rollout_logprobs=padded(trainer.engine.last.logprobs), old_logprobs=old,
+              clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, reduction=reduction)
+    out = gopd_loss(logits(student, grad=True), y, zt, zr, advantage_from=advantage_from, **kw)
+    out.loss.backward()
+    loss = row["loss_last"] if updates > 1 else row["loss"]
+    assert abs(loss - float(out.loss.detach())) < 1e-5, (loss, float(out.loss))
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The options matter here: the token mean, or the advantage from the current policy, is another step.
+    other = dict(kw, reduction="mean") if reduction != "mean" else kw
+    other_adv = "current" if advantage_from == "old" else advantage_from
+    wrong = gopd_loss(logits(student), y, zt, zr, advantage_from=other_adv, **other).loss.detach()
+    assert abs(float(wrong) - float(out.loss)) > 1e-3
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("reduction", "sum", "reduction must be one of mean, seq-mean-token-mean, seq-mean-token-sum, got 'sum'"),
+    ("reduction", "seq-mean", "reduction must be one of"),
+    ("advantage_from", "rollout", "advantage_from must be one of current, old, got 'rollout'"),
+    ("mode", "sparse", "mode must be one of sampled, full, topk"),
+])
+def test_loss_option_errors_name_the_key(tmp_path, key, value, match):
+    with pytest.raises(config_mod.ConfigError, match=match):
+        smoke_cfg(tmp_path, f"{key}={value}")
+
+
+def test_advantage_from_old_needs_sampled_mode(tmp_path):
+    with pytest.raises(config_mod.ConfigError, match="advantage_from 'old' applies to mode sampled"):
+        smoke_cfg(tmp_path, "advantage_from=old", "mode=full")

@@ -10,7 +10,9 @@ micro-batch padding would change the loss, the gradient norm or the weights.
       batch, and ends with the same student weights (within fp32 rounding: micro-batches are padded
       differently);
   (b) the resumed run equals the straight one exactly (same ranks, same operations), and the failed
-      checkpoint write left the previous checkpoint usable.
+      checkpoint write left the previous checkpoint usable;
+  (c) with reduction seq-mean-token-mean on ragged responses, the 2-rank run equals one process: the
+      denominator is the global response count / W (ranks hold 2 and 1 responses), not a rank's own.
 """
 
 import json
@@ -28,6 +30,7 @@ need("yaml")
 need("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
+from torchrun_trainer_worker import SEQ_REDUCTION, ragged_rollouts  # noqa: E402
 
 from gopd import config as config_mod  # noqa: E402
 from gopd.trainer import Trainer  # noqa: E402
@@ -64,6 +67,9 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     one = out / "one"
     Trainer(config_mod.load(SMOKE, OVERRIDES + ("steps=2", f"out_dir={one}", "threads=1"))).train()
+    with ragged_rollouts():
+        Trainer(config_mod.load(SMOKE, OVERRIDES + ("steps=2", f"out_dir={out / 'one_seq'}", "threads=1",
+                                                    f"reduction={SEQ_REDUCTION}"))).train()
     return out, proc
 
 
@@ -71,18 +77,21 @@ def weights(run_dir):
     return load_file(os.path.join(run_dir, "final", "model.safetensors"))
 
 
-def test_two_ranks_match_one_process(runs):
+@pytest.mark.parametrize("two_ranks, one_process", [("straight", "one"), ("seq", "one_seq")])
+def test_two_ranks_match_one_process(runs, two_ranks, one_process):
     out, proc = runs
-    two, one = rows_of(out / "straight" / "metrics.jsonl"), rows_of(out / "one" / "metrics.jsonl")
+    two, one = rows_of(out / two_ranks / "metrics.jsonl"), rows_of(out / one_process / "metrics.jsonl")
     assert [r["step"] for r in two] == [0, 1, 2]  # rank 0 alone writes the metrics
-    assert proc.stdout.count("\"step\": ") == 3  # and prints the last row, once per completed gopd train
+    assert proc.stdout.count("\"step\": ") == 4  # and prints the last row, once per completed gopd train
     a, b = training_metrics(two), training_metrics(one)
+    if two_ranks == "seq":  # ragged: fewer tokens than 3 full responses of max_new_tokens = 8
+        assert all(0 < r["n_tokens"] < 24 for r in b), [r["n_tokens"] for r in b]
     for got, want in zip(a, b):
         assert got.keys() == want.keys()
         assert got["n_tokens"] == want["n_tokens"]
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
-    w2, w1 = weights(out / "straight"), weights(out / "one")
+    w2, w1 = weights(out / two_ranks), weights(out / one_process)
     assert w2.keys() == w1.keys()
     moved = max(float((w1[k] - weights_at_start(k)).abs().max()) for k in w1)
     assert moved > 1e-4  # the steps changed the student, so equal weights mean equal updates

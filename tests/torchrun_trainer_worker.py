@@ -7,14 +7,41 @@ OUT/straight: 2 steps in one go. OUT/resumed: 1 step; then a resume to 2 steps w
 resume again, which must start from the intact step-1 checkpoint. One torchrun launch for all of it: the
 process start-up (torch + transformers imports) is most of the test's time. The process group is set up
 here once; each `gopd.cli.main` call builds a fresh Trainer that reloads everything from the run folder.
+OUT/seq: 2 steps with reduction seq-mean-token-mean on ragged rollouts (``ragged_rollouts``).
 """
 
+import contextlib
 import os
 import sys
 
 import torch.distributed.checkpoint as dcp
 
 from gopd import cli, distributed
+from gopd.rollout import HFRollout
+
+SEQ_REDUCTION = "seq-mean-token-mean"
+
+
+@contextlib.contextmanager
+def ragged_rollouts():
+    """hf rollouts cut before the first token whose id is divisible by 5 (a pseudo-eos; the tiny random
+    models never sample the real one): ragged responses, a function of each response's tokens alone, so the
+    same whichever rank samples it. With the smoke config the two ranks then hold different numbers of
+    responses (2 and 1), so a per-rank sequence count would give another loss than the global one."""
+    real = HFRollout.generate
+
+    def generate(self, *args, **kwargs):
+        roll = real(self, *args, **kwargs)
+        for i, r in enumerate(roll.responses):
+            n = next((j for j, t in enumerate(r) if t % 5 == 0), len(r))
+            roll.responses[i], roll.logprobs[i] = r[:n], roll.logprobs[i][:n]
+        return roll
+
+    HFRollout.generate = generate
+    try:
+        yield
+    finally:
+        HFRollout.generate = real
 
 
 def train(config, out, *args):
@@ -49,6 +76,9 @@ def main(out, config, *overrides):
         with open(os.path.join(resumed, "checkpoints", "LATEST")) as fh:
             assert fh.read().strip() == "step-000001", "a failed save must leave LATEST on the last good one"
         train(config, resumed, *overrides, "--set", "steps=2", "--resume")
+        with ragged_rollouts():
+            train(config, os.path.join(out, "seq"), *overrides, "--set", "steps=2", "--set",
+                  f"reduction={SEQ_REDUCTION}")
 
 
 if __name__ == "__main__":

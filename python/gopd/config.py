@@ -22,6 +22,10 @@ from typing import Any, Optional
 
 import yaml
 
+import gopd_kernels as gk
+
+from .loss_options import ADVANTAGE_FROM, REDUCTIONS
+
 
 @dataclass
 class Config:
@@ -42,11 +46,19 @@ class Config:
     system_prompt: Optional[str] = None
     # --- loss
     lam: float = 1.0
-    mode: str = "sampled"             # sampled | full | topk
+    mode: str = "sampled"             # one of gopd_kernels.MODES: sampled | full | topk
     top_k: int = 20                   # mode topk: teacher ids per position (a served teacher's own top_k wins)
     clip_eps: float = 0.2             # PPO clip of exp(lp_s - lp_old); acts from the 2nd update on a batch
     dual_clip: float = 3.0
     is_cap: float = 5.0
+    reduction: str = "mean"           # how token losses make the step's loss (gopd.loss_options.REDUCTIONS):
+                                      # mean: over all response tokens of the step; seq-mean-token-mean /
+                                      # seq-mean-token-sum (verl's, the paper's runs use the first): each
+                                      # response's token mean / sum, averaged over the step's responses that
+                                      # have a token (every micro-batch and rank together)
+    advantage_from: str = "current"   # mode sampled: the advantage's student log-prob, from the current policy
+                                      # or "old", the first pass's over the batch (as the paper authors' verl
+                                      # code); the same with updates_per_batch 1
     backend: str = "auto"
     chunk_size: Optional[int] = None
     # --- rollouts
@@ -132,8 +144,15 @@ def load(path: Optional[str] = None, overrides: tuple = (), base: Optional[dict]
 
 
 def validate(cfg: Config) -> None:
-    if cfg.mode not in ("sampled", "full", "topk"):
-        raise ConfigError(f"mode must be 'sampled', 'full' or 'topk', got {cfg.mode!r}")
+    if cfg.mode not in gk.MODES:
+        raise ConfigError(f"mode must be one of {', '.join(gk.MODES)}, got {cfg.mode!r}")
+    if cfg.reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {cfg.reduction!r}")
+    if cfg.advantage_from not in ADVANTAGE_FROM:
+        raise ConfigError(f"advantage_from must be one of {', '.join(ADVANTAGE_FROM)}, got {cfg.advantage_from!r}")
+    if cfg.advantage_from != "current" and cfg.mode != "sampled":
+        raise ConfigError(f"advantage_from {cfg.advantage_from!r} applies to mode sampled (the only mode with an "
+                          f"advantage), got mode {cfg.mode!r}")
     if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1:
         raise ConfigError(f"top_k must be a positive int, got {cfg.top_k!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):

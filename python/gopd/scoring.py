@@ -40,3 +40,16 @@ def response_hidden(model, prompts: List[List[int]], responses: List[List[int]],
 
 def targets_of(responses: List[List[int]], device) -> torch.Tensor:
     return torch.tensor([t for r in responses for t in r], dtype=torch.long, device=device)
+
+
+def padded(flat: torch.Tensor, lengths: List[int], fill=0) -> torch.Tensor:
+    """[B, T, ...] from [N, ...]: the rows of B sequences of the given lengths (concatenated in batch order,
+    the layout above; sum(lengths) = N) one sequence per row, right-padded with `fill` to T = max(lengths).
+    Differentiable (the loss's sequence reductions read sequences as rows of [B, T])."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths)), batch_first=True, padding_value=fill)
+
+
+def unpadded(rows: torch.Tensor, lengths: List[int]) -> torch.Tensor:
+    """The inverse of ``padded``: [N, ...] from [B, T, ...]."""
+    keep = torch.arange(rows.shape[1], device=rows.device) < torch.tensor(lengths, device=rows.device)[:, None]
+    return rows[keep]

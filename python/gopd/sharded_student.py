@@ -21,14 +21,16 @@ import torch
 
 import gopd_kernels as gk
 
-from .scoring import base_model, response_hidden
+from .scoring import base_model, padded, response_hidden
 
 
 class ShardedStudent(torch.nn.Module):
     """Root FSDP unit: forward(prompts, responses, targets, teacher_hidden, ...) is the student's forward on
     the sequences prompt + response plus ``GOPDHead`` on its [N, D] response hidden states (N = response
-    tokens, batch order), returning the GOPDOutput. Every keyword besides ``pad_id`` / ``dummy`` goes to
-    :func:`gopd_kernels.fused_linear_gopd_loss` (teacher_weight, ref_hidden, lam, num_items_in_batch, ...).
+    tokens, batch order), returning the GOPDOutput. Every keyword besides ``pad_id`` / ``dummy`` /
+    ``sequences`` goes to :func:`gopd_kernels.fused_linear_gopd_loss` (teacher_weight, ref_hidden, lam,
+    num_items_in_batch, ...). ``sequences=True``: the hidden states go in as [B, T, D], one response per row
+    (gopd.scoring.padded), for the sequence reductions; targets and the per-token inputs are then [B, T, ...].
 
     ``dummy=True`` returns a zero loss that still touches every trainable parameter: a rank with fewer
     micro-batches than another runs it so that every rank does the same number of forwards and backwards
@@ -41,9 +43,11 @@ class ShardedStudent(torch.nn.Module):
         self._autocast = autocast
 
     def forward(self, prompts, responses, targets=None, teacher_hidden=None, *, pad_id: int, dummy=False,
-                **loss_kwargs):
+                sequences=False, **loss_kwargs):
         with self._autocast():
             hidden = response_hidden(self.student, prompts, responses, pad_id)
+        if sequences and not dummy:
+            hidden = padded(hidden, [len(r) for r in responses])
         weight = self.head.lm_head.weight
         if dummy:
             zero = hidden.sum() * 0 + weight.sum() * 0

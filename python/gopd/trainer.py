@@ -6,13 +6,16 @@ One optimizer step:
      sampler's log-probs);
   3. per micro-batch of one domain: the student's final hidden states (with grad), the domain's teacher's
      and the reference's (no grad; the teacher may see a privileged prompt), then
-     gopd_kernels.fused_linear_gopd_loss on hidden states + LM-head weights with
-     num_items_in_batch = response tokens of the whole step, so the summed micro-batch losses are the
-     token mean over the global batch. The sampler's log-probs go in as rollout_logprobs (truncated IS
-     weight min(exp(lp_s - lp_rollout), is_cap) against an engine / trainer mismatch); one update per
-     batch is strictly on-policy (lp_old = lp_s, ratio 1); with `updates_per_batch` > 1 the later updates
-     on the same batch use the first pass's log-probs as lp_old, so clip_eps / dual_clip act. Forwards
-     run under bf16 autocast when `bf16` is set;
+     gopd_kernels.fused_linear_gopd_loss on hidden states + LM-head weights with the step's global
+     denominator, so the summed micro-batch losses are the loss of the whole batch: `reduction` mean
+     passes num_items_in_batch = the step's response tokens (the token mean); the sequence reductions
+     pass the micro-batch as [B, T] rows, one response each (padded with ignore_index), and
+     num_sequences_in_batch = the step's non-empty responses. The sampler's log-probs go in as
+     rollout_logprobs (truncated IS weight min(exp(lp_s - lp_rollout), is_cap) against an engine /
+     trainer mismatch); one update per batch is strictly on-policy (lp_old = lp_s, ratio 1); with
+     `updates_per_batch` > 1 the later updates on the same batch use the first pass's log-probs as lp_old,
+     so clip_eps / dual_clip act (and, with advantage_from old, the advantage is taken from lp_old too).
+     Forwards run under bf16 autocast when `bf16` is set;
   4. grad clipping, AdamW, LR schedule. A non-finite loss or gradient skips the step; `max_bad_steps`
      in a row stop the run.
 
@@ -20,8 +23,9 @@ Under torchrun (WORLD_SIZE > 1, gopd.distributed) the same step runs data parall
 same global batch and takes its contiguous share of the prompts; prompt i of the global batch is sampled
 with its own generator seeded from (seed, step, i), so its tokens do not depend on how the prompts are
 split; the student is sharded with FSDP2 and scored through gopd.sharded_student (the loss inside the root
-FSDP forward); num_items_in_batch = (response tokens over all ranks) / W, so FSDP2's gradient average is
-the global token-mean's gradient; teachers and the reference are replicated. Rank 0 writes metrics, plots
+FSDP forward); the denominator is the count over all ranks / W (num_items_in_batch = response tokens / W,
+num_sequences_in_batch = non-empty responses / W), so FSDP2's gradient average is the global loss's
+gradient; teachers and the reference are replicated. Rank 0 writes metrics, plots
 and the final model; checkpoints are sharded (gopd.checkpoint).
 """
 
@@ -47,14 +51,19 @@ from . import data as data_mod
 from .config import Config, ConfigError, to_dict
 from .eval import evaluate
 from .frozen_scoring import FrozenInputs, head_input, teacher_input
+from .loss_options import SEQUENCE_REDUCTIONS
 from .metrics import kl_to_teacher
 from .models import build_models, frozen_copy, lm_head
 from .progress import note, phase, progress_bar
 from .rollout import make_engine
-from .scoring import response_hidden, targets_of
+from .scoring import padded, response_hidden, targets_of, unpadded
 from .serving.served_teacher import ServedTeacher
 
 DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
+# fused_linear_gopd_loss's per-token keywords: [N, ...] over a micro-batch's response tokens, or [B, T, ...]
+# (one response per row) for the sequence reductions.
+PER_TOKEN = ("teacher_hidden", "ref_hidden", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+             "old_logprobs", "rollout_logprobs")
 
 
 class TrainingStopped(RuntimeError):
@@ -78,11 +87,15 @@ class MicroBatch:
     def n_tokens(self) -> int:
         return int(self.targets.numel())
 
+    @property
+    def lengths(self) -> List[int]:
+        return [len(r) for r in self.responses]
+
 
 @dataclass
 class PassResult:
     """One pass over the micro-batches: summed loss, whether every loss was finite, the diagnostics'
-    token sums (only those the mode reports) and the student's detached lp_s per micro-batch."""
+    token sums (only those the mode reports) and the student's detached lp_s [n] per micro-batch."""
 
     loss: float = 0.0
     finite: bool = True
@@ -98,8 +111,9 @@ class PassResult:
                 self.sums[name] = self.sums.get(name, 0.0) + float(value.double().sum())
 
     def all_reduced(self, world, device) -> "PassResult":
-        """The global batch's result. Each rank's loss is its token-loss sum / (N_global / W), so the mean
-        over ranks is the global token-mean; a diagnostic is kept if any rank reported it."""
+        """The global batch's result. Each rank's loss is its share of the global loss times W (its sum
+        over the global denominator / W), so the mean over ranks is the global loss; a diagnostic is kept
+        if any rank reported it."""
         k = len(DIAGNOSTICS)
         present = [float(name in self.sums) for name in DIAGNOSTICS]
         reduced = distributed.all_reduce([self.loss, float(not self.finite)]
@@ -247,9 +261,9 @@ class Trainer:
                                     eos_id=self.codec.eos_id, pad_id=self.codec.pad_id,
                                     temperature=cfg.temperature, generator=gens, progress=cfg.progress)
         t_roll = time.perf_counter() - t0
-        n_tokens = sum(len(r) for r in roll.responses)
-        if self.world.distributed:  # every rank needs the global count: the token-mean's denominator
-            n_tokens = int(distributed.all_reduce([n_tokens], device=self.device)[0])
+        n_tokens, n_seqs = sum(len(r) for r in roll.responses), sum(1 for r in roll.responses if r)
+        if self.world.distributed:  # every rank needs the global counts: the loss's denominator
+            n_tokens, n_seqs = (int(c) for c in distributed.all_reduce([n_tokens, n_seqs], device=self.device))
         groups = self._micro_batches(batch, prompts, roll)
         # (student prompt ids, response ids) per domain in scoring order, kept for inspection and tests.
         self._last_scored = defaultdict(list)
@@ -257,7 +271,8 @@ class Trainer:
             if mb.n_tokens:
                 self._last_scored[mb.domain].extend(zip(mb.prompts, mb.responses))
 
-        row, applied, finite = self._updates(step, groups, n_tokens, global_size)
+        row, applied, finite = self._updates(step, groups, self._denominator(n_tokens, n_seqs), n_tokens,
+                                             global_size)
         # A non-finite update ends the batch's updates and counts towards max_bad_steps.
         self.bad_steps = self.bad_steps + 1 if not finite else (0 if applied else self.bad_steps)
         if cfg.updates_per_batch > 1:
@@ -301,7 +316,16 @@ class Trainer:
                     torch.tensor([lp for i in idx for lp in roll.logprobs[i]], device=self.device)))
         return out
 
-    def _updates(self, step: int, groups: List[MicroBatch], n_tokens: int, global_size: int):
+    def _denominator(self, n_tokens: int, n_seqs: int) -> dict:
+        """The loss keyword with the step's global denominator: num_items_in_batch (reduction mean) or
+        num_sequences_in_batch (the sequence reductions). Under torchrun gradients are averaged over the W
+        ranks, so each rank divides by the global count / W."""
+        world = self.world.size if self.world.distributed else 1
+        if self.cfg.reduction in SEQUENCE_REDUCTIONS:
+            return dict(num_sequences_in_batch=n_seqs / world if world > 1 else n_seqs)
+        return dict(num_items_in_batch=n_tokens / world if world > 1 else n_tokens)
+
+    def _updates(self, step: int, groups: List[MicroBatch], denominator: dict, n_tokens: int, global_size: int):
         """updates_per_batch optimizer steps on this batch (PPO epochs); returns (metrics row, updates
         applied, finite). The first update is on-policy (lp_old = lp_s, ratio 1); later ones pass the
         first pass's log-probs as lp_old, so clip_eps / dual_clip bound how far one batch moves the
@@ -311,7 +335,7 @@ class Trainer:
         old_lp, applied, row = None, 0, {}
         for update in range(cfg.updates_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
-            res = self._score_and_backward(groups, n_tokens, frozen, old_lp)
+            res = self._score_and_backward(groups, denominator, frozen, old_lp)
             finite, grad_norm = res.finite, float("nan")
             if finite and n_tokens > 0:
                 grad_norm = _clip_grad_norm(self.student.parameters(), cfg.grad_clip)
@@ -333,15 +357,14 @@ class Trainer:
             applied += 1
         return row, applied, finite
 
-    def _score_and_backward(self, groups: List[MicroBatch], n_tokens: int, frozen: Dict[int, FrozenInputs],
+    def _score_and_backward(self, groups: List[MicroBatch], denominator: dict, frozen: Dict[int, FrozenInputs],
                             old_lp) -> PassResult:
         """One pass over the micro-batches: fused loss, backward (gradients accumulate in the student).
 
-        frozen caches each micro-batch's FrozenInputs across the updates of a batch; old_lp (one [n]
-        tensor per micro-batch, or None on the first update) is PPO's lp_old. Under torchrun the result
-        is the global batch's. In one process a non-finite loss ends the pass before its backward."""
-        # num_items_in_batch: gradients are averaged over the W ranks, so each divides by N_global / W.
-        num_items = n_tokens / self.world.size if self.world.distributed else n_tokens
+        denominator: the loss keyword of _denominator. frozen caches each micro-batch's FrozenInputs
+        across the updates of a batch; old_lp (one [n] tensor per micro-batch, or None on the first
+        update) is PPO's lp_old. Under torchrun the result is the global batch's. In one process a
+        non-finite loss ends the pass before its backward."""
         res = PassResult()
         for g in progress_bar(range(self._n_calls(len(groups))), progress=self.cfg.progress, desc="scoring"):
             mb = groups[g] if g < len(groups) else None
@@ -351,8 +374,9 @@ class Trainer:
                 continue
             if g not in frozen:
                 frozen[g] = self._frozen_inputs(mb)
-            out = self._loss(mb, frozen[g], None if old_lp is None else old_lp[g], num_items)
-            res.lp_s.append(out.lp_s.detach())
+            out = self._loss(mb, frozen[g], None if old_lp is None else old_lp[g], denominator)
+            lp_s = out.lp_s.detach()
+            res.lp_s.append(unpadded(lp_s, mb.lengths) if self.cfg.reduction in SEQUENCE_REDUCTIONS else lp_s)
             if self.policy is None and not torch.isfinite(out.loss):
                 res.finite = False
                 break
@@ -388,22 +412,32 @@ class Trainer:
             reference = head_input(self.reference, mb.prompts, mb.responses, self.codec.pad_id, self._autocast)
         return FrozenInputs(teacher, reference)
 
-    def _loss(self, mb: MicroBatch, frozen: FrozenInputs, old_lp, num_items: float):
+    def _loss(self, mb: MicroBatch, frozen: FrozenInputs, old_lp, denominator: dict):
         """The student's forward and the fused G-OPD loss (a GOPDOutput) of one micro-batch. Mode sampled
-        also gets the sampler's log-probs (the truncated IS weight) and, on later updates, lp_old."""
+        also gets the sampler's log-probs (the truncated IS weight) and, on later updates, lp_old; the
+        first update takes the advantage from the current policy, which is then the one that sampled.
+        The sequence reductions get every per-token input as [B, T, ...], one response per row."""
         cfg = self.cfg
         sampled = cfg.mode == "sampled"
         options = dict(
             frozen.loss_kwargs(), lam=cfg.lam, mode=cfg.mode,
             rollout_logprobs=mb.rollout_logprobs if sampled else None, old_logprobs=old_lp if sampled else None,
-            clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature,
-            num_items_in_batch=num_items, reduction="mean", backend=cfg.backend, chunk_size=cfg.chunk_size)
+            advantage_from=cfg.advantage_from if old_lp is not None else "current", clip_eps=cfg.clip_eps,
+            dual_clip=cfg.dual_clip, is_cap=cfg.is_cap, temperature=cfg.temperature, reduction=cfg.reduction,
+            backend=cfg.backend, chunk_size=cfg.chunk_size, **denominator)
+        targets, sequences = mb.targets, cfg.reduction in SEQUENCE_REDUCTIONS
+        if sequences:
+            targets = padded(targets, mb.lengths, fill=-100)  # -100: the loss's default ignore_index
+            options.update({k: padded(options[k], mb.lengths) for k in PER_TOKEN if options.get(k) is not None})
         if self.policy is not None:  # the student's forward and the loss inside the FSDP2 root's forward
-            return self.policy(mb.prompts, mb.responses, mb.targets, pad_id=self.codec.pad_id, **options)
+            return self.policy(mb.prompts, mb.responses, targets, pad_id=self.codec.pad_id, sequences=sequences,
+                               **options)
         with self._autocast():
             h_s = response_hidden(self.student, mb.prompts, mb.responses, self.codec.pad_id)
+        if sequences:
+            h_s = padded(h_s, mb.lengths)
         w_s, b_s = lm_head(self.student)
-        return gk.fused_linear_gopd_loss(h_s.to(w_s.dtype), w_s, mb.targets, student_bias=b_s, **options)
+        return gk.fused_linear_gopd_loss(h_s.to(w_s.dtype), w_s, targets, student_bias=b_s, **options)
 
     # ------------------------------------------------------------------ the run
     def evaluate_student(self) -> float:

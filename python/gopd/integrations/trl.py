@@ -9,9 +9,12 @@ replaces the divergence: per completion token i, with y_i the sampled token and
 
     sampled:  loss_i = -w_i * A_i * exp(lp_s - sg(lp_s)),  A_i = lam (lp_t - lp_r) - (lp_s - lp_r)  (detached)
     full:     loss_i =  w_i * sum_v p_s(v) [log p_s(v) - lam log p_t(v) - (1 - lam) log p_r(v)]
-    loss      = sum_i loss_i / num_items_in_batch
+    loss      = sum_i loss_i / num_items_in_batch                                (reduction "mean")
+              = sum_j (sum_{i in j} loss_i / n_j) / num_sequences_in_batch      ("seq-mean-token-mean")
+              = sum_j  sum_{i in j} loss_i        / num_sequences_in_batch      ("seq-mean-token-sum")
 
-(docs/design.md §2), computed by ``gopd_kernels.fused_linear_gopd_loss`` on the three models' final hidden
+with j the completions (n_j tokens each) and num_sequences_in_batch the completions with at least one token
+in the whole generation batch, over the process count, counted like TRL's token count (docs/design.md §2), computed by ``gopd_kernels.fused_linear_gopd_loss`` on the three models' final hidden
 states [B, C, D] and LM-head weights [V, D]: no [tokens x vocab] logits are held. ``w_i`` is the truncated
 importance weight ``min(exp(lp_s - lp_rollout), is_cap)`` when the generator reported the sampler's
 log-probs (vLLM does; transformers ``generate`` samples from the trained weights themselves, so w = 1).
@@ -35,7 +38,11 @@ from trl.trainer.distillation_trainer import DistillationTrainer
 
 import gopd_kernels as gk
 
-MODES = ("sampled", "full")
+from ..loss_options import ADVANTAGE_FROM, REDUCTIONS, SEQUENCE_REDUCTIONS
+
+# mode "topk" takes the teacher as its top-k ids and log-probs (what a served teacher reports); this
+# integration scores a co-located teacher from its hidden states, for which "full" is the exact objective.
+MODES = tuple(m for m in gk.MODES if m != "topk")
 # Config names under which models scale or soft-cap their logits after the LM head; the fused loss computes
 # logits as h W^T + b only, so such a model would be scored on the wrong distribution.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -58,6 +65,14 @@ class GOPDConfig(DistillationConfig):
     mode: str = field(default="sampled", metadata={
         "help": "'sampled': the paper's per-token policy-gradient estimator on the sampled token; 'full': the "
                 "exact token-level objective summed over the vocabulary."})
+    reduction: str = field(default="mean", metadata={
+        "help": "How the per-token losses make the loss: 'mean' (over the generated tokens of the generation "
+                "batch), or verl's 'seq-mean-token-mean' (the paper's runs) / 'seq-mean-token-sum': each "
+                "completion's token mean / sum, averaged over the generation batch's non-empty completions."})
+    advantage_from: str = field(default="current", metadata={
+        "help": "mode 'sampled': the student log-prob in the advantage, from the current policy or 'old', the "
+                "policy that sampled (as the paper authors' verl code). TRL makes one optimizer step per "
+                "generation batch, so the two are the same policy here and give the same loss."})
     is_cap: float = field(default=5.0, metadata={
         "help": "Cap of the truncated importance weight min(exp(lp_s - lp_rollout), is_cap), applied when the "
                 "generator reports the sampler's log-probs (vLLM)."})
@@ -76,6 +91,13 @@ class GOPDConfig(DistillationConfig):
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r} (topk needs a served teacher, "
                              "which this integration does not take)")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.advantage_from not in ADVANTAGE_FROM:
+            raise ValueError(f"advantage_from: expected one of {ADVANTAGE_FROM}, got {self.advantage_from!r}")
+        if self.advantage_from != "current" and self.mode != "sampled":
+            raise ValueError(f"advantage_from={self.advantage_from!r} applies to mode='sampled' (the only mode "
+                             f"with an advantage), got mode={self.mode!r}")
         if not (isinstance(self.is_cap, (int, float)) and self.is_cap > 0):
             raise ValueError(f"is_cap: expected a number > 0, got {self.is_cap!r}")
         if self.beta != 1.0:
@@ -136,7 +158,9 @@ class GOPDTrainer(DistillationTrainer):
       - ``_compute_loss``: the fused G-OPD loss on the student's, teacher's and reference's final hidden
         states instead of TRL's chunked JSD (same hidden-state path, same global token count);
       - ``_generate_and_score_completions``: attaches the sampler's per-token log-probs, when the generator
-        reported them (``record_rollout_logprobs``), as ``rollout_logprobs`` [B, C];
+        reported them (``record_rollout_logprobs``), as ``rollout_logprobs`` [B, C], and the generation
+        batch's count of non-empty completions over all processes as ``num_sequences_in_batch`` (the
+        sequence reductions' denominator, gathered as TRL gathers its token count);
       - ``compute_loss``: logs the G-OPD diagnostics (reward, kl, advantage, importance weight) gathered
         over processes, outside the wrapped forward as TRL does for the entropy.
     """
@@ -212,6 +236,8 @@ class GOPDTrainer(DistillationTrainer):
     def _generate_and_score_completions(self, inputs):
         self._rollout_logprobs = None
         output = super()._generate_and_score_completions(inputs)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(1) > 0).sum()).sum()
         lps = self._rollout_logprobs
         self._rollout_logprobs = None
         if lps is None or "tool_mask" in output:
@@ -242,7 +268,8 @@ class GOPDTrainer(DistillationTrainer):
 
         ``num_items_in_batch``: in training, TRL's count of generated completion tokens over the generation
         batch and all processes, divided by the process count (so that DDP's gradient average gives the
-        global token-mean); None in evaluation, where the micro-batch's own token count is used."""
+        global token-mean); None in evaluation, where the micro-batch's own token count is used. The
+        sequence reductions take ``inputs["num_sequences_in_batch"]`` the same way."""
         args = self.args
         if any(k in inputs for k in ("pixel_values", "image_grid_thw")):
             raise NotImplementedError("GOPDTrainer: multimodal inputs are not supported")
@@ -266,11 +293,18 @@ class GOPDTrainer(DistillationTrainer):
                        ref_bias=getattr(head_r, "bias", None))
         device = head_s.weight.device
         targets = completion_ids.to(device).masked_fill(loss_mask.to(device) == 0, -100)
+        denominator = dict(num_items_in_batch=num_items_in_batch)
+        if args.reduction in SEQUENCE_REDUCTIONS:  # targets [B, C]: one completion per row
+            seqs = inputs.get("num_sequences_in_batch") if self.model.training else None
+            denominator = dict(num_sequences_in_batch=None if seqs is None else
+                               seqs.to(device, torch.float64).clamp(min=1) / self.accelerator.num_processes)
+        # advantage_from: TRL makes one optimizer step per generation batch, so the policy that sampled is the
+        # one trained (lp_old = sg(lp_s)) and the advantage from "old" is the advantage from "current".
         out = gk.fused_linear_gopd_loss(
             h_s.to(device), head_s.weight, targets, h_t.to(head_t.weight.device), head_t.weight, **ref,
             student_bias=getattr(head_s, "bias", None), teacher_bias=getattr(head_t, "bias", None),
             lam=args.lam, mode=args.mode, rollout_logprobs=inputs.get("rollout_logprobs"), is_cap=args.is_cap,
-            temperature=args.temperature, num_items_in_batch=num_items_in_batch, reduction="mean",
+            temperature=args.temperature, reduction=args.reduction, advantage_from="current", **denominator,
             backend=args.gopd_backend, chunk_size=args.gopd_chunk_size)
         valid = targets != -100
         self._gopd_sums = {name: getattr(out, name).detach().double().sum()
