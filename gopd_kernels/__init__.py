@@ -9,7 +9,7 @@ plain-PyTorch definition every backend is tested against.
 """
 
 from . import backends, distributed, reference
-from ._options import IMPLS, MODES, REDUCTIONS
+from ._options import ADVANTAGE_FROM, BACKENDS, IMPLS, MODES, REDUCTIONS, SEQUENCE_REDUCTIONS
 from ._output import GOPDOutput
 from ._workspace import release_workspace
 from .api import fused_linear_gopd_loss, fused_linear_logprobs, gopd_loss
@@ -20,4 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = ["gopd_loss", "fused_linear_gopd_loss", "fused_linear_logprobs", "GOPDLoss", "FusedLinearGOPDLoss",
            "GOPDHead", "global_num_items", "GOPDOutput", "release_workspace", "reference", "backends",
-           "distributed", "MODES", "REDUCTIONS", "IMPLS", "__version__"]
+           "distributed", "MODES", "REDUCTIONS", "SEQUENCE_REDUCTIONS", "ADVANTAGE_FROM", "IMPLS",
+           "BACKENDS", "__version__"]

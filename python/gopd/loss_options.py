@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import gopd_kernels as gk
 
-# gopd_kernels keeps these two beside MODES / REDUCTIONS without exporting them at the top level.
-from gopd_kernels._options import ADVANTAGE_FROM, SEQUENCE_REDUCTIONS
-
+ADVANTAGE_FROM = gk.ADVANTAGE_FROM
+SEQUENCE_REDUCTIONS = gk.SEQUENCE_REDUCTIONS
 REDUCTIONS = tuple(r for r in gk.REDUCTIONS if r not in ("none", "sum"))
 
 __all__ = ["ADVANTAGE_FROM", "REDUCTIONS", "SEQUENCE_REDUCTIONS"]

@@ -21,10 +21,11 @@ import math
 import os
 from dataclasses import dataclass
 
+from gopd_kernels import ADVANTAGE_FROM as ADVANTAGES
+
 LOSS_SAMPLED = "gopd"
 LOSS_TOPK = "gopd_topk"
 LOSS_NAMES = (LOSS_SAMPLED, LOSS_TOPK)
-ADVANTAGES = ("current", "old")
 ENV_LAM = "GOPD_LAM"
 ENV_ADVANTAGE = "GOPD_ADVANTAGE"
 
