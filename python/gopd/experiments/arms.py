@@ -49,6 +49,8 @@ class Schedule:
     n_curve: int = 32             # held-out questions per domain for the accuracy curve
     n_curve_kl: int = 8           # held-out questions per domain for the KL-to-teacher curve
     eval_batch_size: int = 32     # prompts per greedy generation batch
+    score_singles: bool = True    # score the base student and the teachers on the whole held-out set
+                                  # (off in the parts of a run split over processes, but one)
 
 
 def score(model, trainer: Trainer, n: Optional[int] = None, prompt_fn=None, batch_size: int = 32,
@@ -119,10 +121,12 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
                     student=(model, tok))
     times = {"teachers": time.perf_counter() - t}
     t = time.perf_counter()
-    outcomes = {"base student": score(model, first, batch_size=sched.eval_batch_size, label="base student")}
-    start = curve_point(first, 0, sched, outcomes["base student"])
+    outcomes = {}
+    if sched.score_singles:
+        outcomes["base student"] = score(model, first, batch_size=sched.eval_batch_size, label="base student")
+    start = curve_point(first, 0, sched, outcomes.get("base student"))
     times["base student eval"] = time.perf_counter() - t
-    for dom in first.eval_domains():  # each teacher on its own domain, the one it teaches
+    for dom in first.eval_domains() if sched.score_singles else ():  # each teacher on its own domain
         t = time.perf_counter()
         outcomes[f"teacher[{dom}]"] = score(first.teacher_for(dom), first, prompt_fn=first.teacher_prompt,
                                             batch_size=sched.eval_batch_size, label=f"teacher[{dom}]",
@@ -130,7 +134,7 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
         times[f"teacher[{dom}] eval"] = time.perf_counter() - t
     note("base and teachers: " + json.dumps({k: {d: _mean(v) for d, v in o.items()} for k, o in outcomes.items()}))
     domains = first.eval_domains()
-    n_questions = {d: len(v) for d, v in outcomes["base student"].items()}
+    n_questions = {d: sum(ex.domain == d for ex in first.eval_set) for d in domains}
     del first
 
     curves, steps = {}, {}

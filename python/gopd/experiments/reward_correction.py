@@ -24,6 +24,8 @@ import os
 import time
 from typing import Optional, Sequence
 
+import torch
+
 from .. import config as config_mod
 from .. import data as data_mod
 from .arms import Arm, run_arms, summarize, write
@@ -33,6 +35,7 @@ from .truncated import load as load_truncated
 
 RC_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "reward_correction_s2w.yaml")
 DEFAULTS = dict(lam=1.25, truncate=None, curve_every=0, n_curve=32, n_curve_kl=8, eval_batch_size=32,
+                score_singles=True,
                 student_cache="runs/students")
 GPU_OVERRIDES = ("device=cuda", "threads=0", "n_train=1024", "n_eval=2048", "steps=40", "batch_size=32",
                  "micro_batch_size=32", "experiment.curve_every=5", "experiment.n_curve=128",
@@ -44,6 +47,18 @@ def arms(lam: float, student_spec, base_spec) -> list:
     """The two arms: reference = the student's initial weights (the baseline) and = the experts' base."""
     return [Arm(BASELINE, {"lam": lam, "reference": student_spec}),
             Arm(CORRECTED, {"lam": lam, "reference": base_spec})]
+
+
+def prepare_student(cfg: config_mod.Config, block: dict) -> str:
+    """The path of the truncated, healed student (built once, cached in experiment.student_cache); the
+    heal prompts are the run's training questions (the trainer draws them from the same seed)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    base_spec = next(s["sft"] for s in cfg.teachers.values() if isinstance(s, dict) and "sft" in s)
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    train = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits, ops=cfg.synthetic_ops,
+                          seed=data_seed)
+    return build(base_spec, block["truncate"], train, block["student_cache"], cfg.max_new_tokens, cfg.device)
 
 
 def run(cfg: config_mod.Config, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str) -> dict:
@@ -58,12 +73,8 @@ def run(cfg: config_mod.Config, block: dict, seeds: Sequence[int], out_dir: str,
         raise config_mod.ConfigError("reward-correction needs 'teachers' with one sft expert per domain (>= 2), "
                                      "all fine-tuned from the same base (the full model)")
     base_spec = next(s["sft"] for s in cfg.teachers.values())
-    # The heal prompts are the run's training questions (the trainer draws them from the same seed).
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    train = data_mod.load(cfg.train_data, n=cfg.n_train, digits=cfg.synthetic_digits, ops=cfg.synthetic_ops,
-                          seed=data_seed)
     t = time.perf_counter()
-    student = build(base_spec, block["truncate"], train, block["student_cache"], cfg.max_new_tokens, cfg.device)
+    student = prepare_student(cfg, block)
     build_s = time.perf_counter() - t
     cfg = dataclasses.replace(cfg, student=student)
     arm_list = arms(float(lam), student, base_spec)
