@@ -86,3 +86,28 @@ def test_experiment_block_rejects_unknown_keys(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["experiment", "lam-sweep", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "lamz" in capsys.readouterr().err
+
+
+def test_parts_in_separate_processes_combine_into_one_run(tmp_path):
+    """One lam per part (the base student and teachers scored by the first only), joined by combine: the
+    result equals a run of both arms in one process, question by question."""
+    from gopd.experiments.combine import main as combine_main
+
+    cfg = _config(tmp_path, STUDENT, STUDENT, experiment=dict(curve_every=1, n_curve=2, n_curve_kl=2,
+                                                              eval_batch_size=4))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    base = ["experiment", "lam-sweep", "--config", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--set", "experiment.lams=[1.0]"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--set", "experiment.lams=[1.0, 1.5]",
+                        "--set", "experiment.score_base=false",
+                        "--set", "experiment.score_teachers=false"]) == 0
+    b = json.loads((tmp_path / "b" / "lam_sweep_cpu.json").read_text())
+    assert "base student" not in b["outcomes"]
+    out = tmp_path / "joined" / "lam_sweep_cpu"
+    assert combine_main(["--kind", "lam-sweep", "--baseline", "lam=1", "--out", str(out),
+                         str(tmp_path / "a" / "lam_sweep_cpu.json"), str(tmp_path / "b" / "lam_sweep_cpu.json")]) == 0
+    joined = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    _check_common(joined, ["lam=1", "lam=1.5"], "lam=1", [0, 1], 3, 2)
+    assert joined["domains"]["add"]["comparisons"] == b["domains"]["add"]["comparisons"]
+    assert len(joined["commands"]) == 2 and "base student" in joined["outcomes"]

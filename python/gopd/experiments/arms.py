@@ -49,8 +49,9 @@ class Schedule:
     n_curve: int = 32             # held-out questions per domain for the accuracy curve
     n_curve_kl: int = 8           # held-out questions per domain for the KL-to-teacher curve
     eval_batch_size: int = 32     # prompts per greedy generation batch
-    score_singles: bool = True    # score the base student and the teachers on the whole held-out set
-                                  # (off in the parts of a run split over processes, but one)
+    score_base: bool = True       # score the base student on the whole held-out set
+    score_teachers: bool = True   # score each teacher on its own domain's held-out set
+                                  # (a run split over processes scores each in one part only)
 
 
 def score(model, trainer: Trainer, n: Optional[int] = None, prompt_fn=None, batch_size: int = 32,
@@ -122,11 +123,11 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
     times = {"teachers": time.perf_counter() - t}
     t = time.perf_counter()
     outcomes = {}
-    if sched.score_singles:
+    if sched.score_base:
         outcomes["base student"] = score(model, first, batch_size=sched.eval_batch_size, label="base student")
     start = curve_point(first, 0, sched, outcomes.get("base student"))
     times["base student eval"] = time.perf_counter() - t
-    for dom in first.eval_domains() if sched.score_singles else ():  # each teacher on its own domain
+    for dom in first.eval_domains() if sched.score_teachers else ():  # each teacher on its own domain
         t = time.perf_counter()
         outcomes[f"teacher[{dom}]"] = score(first.teacher_for(dom), first, prompt_fn=first.teacher_prompt,
                                             batch_size=sched.eval_batch_size, label=f"teacher[{dom}]",

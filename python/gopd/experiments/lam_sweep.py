@@ -25,7 +25,7 @@ from .runner import command, load, optional_float_list, power_after, schedule
 
 LAM_SWEEP_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "lam_sweep.yaml")
 DEFAULTS = dict(lams=[1.0, 1.25, 1.5], curve_every=0, n_curve=32, n_curve_kl=8, eval_batch_size=32,
-                score_singles=True)
+                score_base=True, score_teachers=True)
 # The larger run of one CUDA GPU: more held-out questions and steps, the GPU's batch.
 GPU_OVERRIDES = ("device=cuda", "threads=0", "n_train=1024", "n_eval=2048", "steps=40", "batch_size=32",
                  "micro_batch_size=32", "experiment.curve_every=5", "experiment.n_curve=128",

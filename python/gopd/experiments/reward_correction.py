@@ -35,7 +35,7 @@ from .truncated import load as load_truncated
 
 RC_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "reward_correction_s2w.yaml")
 DEFAULTS = dict(lam=1.25, truncate=None, curve_every=0, n_curve=32, n_curve_kl=8, eval_batch_size=32,
-                score_singles=True,
+                score_base=True, score_teachers=True,
                 student_cache="runs/students")
 GPU_OVERRIDES = ("device=cuda", "threads=0", "n_train=1024", "n_eval=2048", "steps=40", "batch_size=32",
                  "micro_batch_size=32", "experiment.curve_every=5", "experiment.n_curve=128",

@@ -38,16 +38,17 @@ def load(path: str, overrides: Sequence[str], defaults: dict) -> Tuple[config_mo
 
 
 def schedule(block: dict) -> Schedule:
-    """The Schedule of an experiment block (curve_every, n_curve, n_curve_kl, eval_batch_size, score_singles)."""
+    """The Schedule of an experiment block (curve_every, n_curve, n_curve_kl, eval_batch_size, score_base, score_teachers)."""
     fields = {k: block[k] for k in ("curve_every", "n_curve", "n_curve_kl", "eval_batch_size") if k in block}
-    if "score_singles" in block:
-        if not isinstance(block["score_singles"], bool):
-            raise config_mod.ConfigError(f"experiment.score_singles must be true or false, got {block['score_singles']!r}")
     for k, v in fields.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "eval_batch_size" else 0):
             raise config_mod.ConfigError(f"experiment.{k} must be an int >= {1 if k == 'eval_batch_size' else 0}, "
                                          f"got {v!r}")
-    return Schedule(**fields, score_singles=block.get("score_singles", True))
+    for k in ("score_base", "score_teachers"):
+        if not isinstance(block.get(k, True), bool):
+            raise config_mod.ConfigError(f"experiment.{k} must be true or false, got {block[k]!r}")
+        fields[k] = block.get(k, True)
+    return Schedule(**fields)
 
 
 def command(sub: str, argv: Sequence[str]) -> str:
