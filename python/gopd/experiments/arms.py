@@ -103,10 +103,13 @@ def train_with_curve(trainer: Trainer, sched: Schedule, batch_size: int) -> tupl
 
 
 def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], sched: Schedule,
-             student=None) -> dict:
+             student=None, partial_path: Optional[str] = None, meta: Optional[dict] = None) -> dict:
     """Trains every (arm, seed) from the same initial student (`student`, a loaded (model, tokenizer),
     else cfg.student) and scores it; returns outcomes, curves, step rows and wall times (see the module
-    docstring). The experts / teachers are built (or loaded from expert_cache) by the first trainer."""
+    docstring). The experts / teachers are built (or loaded from expert_cache) by the first trainer.
+    Seeds are the outer loop; after each seed's arms, the run so far (those seeds only) is written to
+    `partial_path` when given (with the entries of `meta`, e.g. the command), so a run stopped early keeps
+    its finished seeds (combine reads it)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if len({a.name for a in arms}) != len(arms):
@@ -139,8 +142,11 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
     del first
 
     curves, steps = {}, {}
-    for arm in arms:
-        for seed in seeds:
+    result = dict(outcomes=outcomes, curves=curves, steps=steps, wall_s=times, domain_names=domains,
+                  n_questions=n_questions, arms=[dict(name=a.name, **a.overrides) for a in arms], seeds=[],
+                  schedule=dataclasses.asdict(sched), **(meta or {}))
+    for seed in seeds:
+        for arm in arms:
             name = run_name(arm, seed)
             model.load_state_dict(initial)
             t = time.perf_counter()
@@ -152,10 +158,14 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
             times[name] = time.perf_counter() - t
             note(f"{name}: " + json.dumps({d: _mean(v) for d, v in outcomes[name].items()}) + f" ({times[name]:.0f}s)")
             del trainer
+        result["seeds"].append(seed)
+        if partial_path:
+            os.makedirs(os.path.dirname(partial_path) or ".", exist_ok=True)
+            with open(partial_path + ".tmp", "w") as fh:
+                json.dump(result, fh)
+            os.replace(partial_path + ".tmp", partial_path)
     model.load_state_dict(initial)
-    return dict(outcomes=outcomes, curves=curves, steps=steps, wall_s=times, domain_names=domains,
-                n_questions=n_questions, arms=[dict(name=a.name, **a.overrides) for a in arms], seeds=list(seeds),
-                schedule=dataclasses.asdict(sched))
+    return result
 
 
 def rollout_kl_to_teacher(row: dict, lam: float) -> float:

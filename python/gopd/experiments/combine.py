@@ -24,9 +24,25 @@ TITLES = {"lam-sweep": "lam sweep in the merge setting: OPD (lam=1) vs ExOPD",
           "reward-correction": "strong-to-weak ExOPD: reference = student's initial weights vs the experts' base"}
 
 
-def combine(parts: Sequence[dict], baseline: str) -> dict:
+def restrict(part: dict, seeds: Sequence[int]) -> dict:
+    """The part with only the runs of `seeds` (each must be among its finished seeds)."""
+    missing = sorted(set(seeds) - set(part["seeds"]))
+    if missing:
+        raise ValueError(f"combine: a part has not finished seed(s) {missing} (it has {part['seeds']})")
+    keep = {f" seed={s}" for s in seeds}
+    drop = {f" seed={s}" for s in part["seeds"]} - keep
+    out = dict(part, seeds=list(seeds))
+    for key in ("outcomes", "curves", "steps"):
+        out[key] = {k: v for k, v in part[key].items() if not any(k.endswith(d) for d in drop)}
+    return out
+
+
+def combine(parts: Sequence[dict], baseline: str, seeds: Sequence[int] = None) -> dict:
+    """Joins the parts (see the module docstring); `seeds` keeps only those seeds' runs of each part."""
     if len(parts) < 1:
         raise ValueError("combine: no parts given")
+    if seeds is not None:
+        parts = [restrict(p, seeds) for p in parts]
     first = parts[0]
     out = dict(first, outcomes={}, curves={}, steps={}, wall_s={}, arms=[], commands=[], part_total_s=[])
     for i, part in enumerate(parts):
@@ -47,12 +63,12 @@ def combine(parts: Sequence[dict], baseline: str) -> dict:
             out[key].update(part[key])
         out["wall_s"].update({f"part {i}: {k}": v for k, v in part["wall_s"].items()})
         out["arms"] += [a for a in part["arms"] if a["name"] not in {b["name"] for b in out["arms"]}]
-        out["commands"].append(part["command"])
-        out["part_total_s"].append(part["total_s"])
+        out["commands"].append(part.get("command", ""))
+        out["part_total_s"].append(part.get("total_s"))
     arms = [Arm(a["name"], {}) for a in out["arms"]]
     summary = summarize(out, baseline)
     out.update(summary, power=power_after(out, summary, arms, baseline))
-    out["command"] = " && ".join(out["commands"])
+    out["command"] = " && ".join(c for c in out["commands"] if c)
     return out
 
 
@@ -62,12 +78,14 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--kind", choices=sorted(TITLES), required=True)
     p.add_argument("--baseline", required=True, help="the arm the paired differences are taken against")
     p.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.png")
+    p.add_argument("--seeds", type=int, nargs="+", help="keep only these seeds (parts stopped early: their "
+                   "finished seeds, from the .partial.json files)")
     args = p.parse_args(argv)
     parts = []
     for path in args.parts:
         with open(path) as fh:
             parts.append(json.load(fh))
-    result = combine(parts, args.baseline)
+    result = combine(parts, args.baseline, args.seeds)
     result["combine_command"] = "python -m gopd.experiments.combine " + " ".join(sys.argv[1:] if argv is None else argv)
     write(result, os.path.dirname(args.out) or ".", os.path.basename(args.out), TITLES[args.kind])
     print(result["table"])

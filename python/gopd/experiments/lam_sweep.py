@@ -47,7 +47,8 @@ def run(cfg, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str
     lams = [1.0] + [x for x in lams if x != 1.0]
     arms = lam_arms(lams)
     sched = schedule(block)
-    result = run_arms(cfg, arms, seeds, sched)
+    result = run_arms(cfg, arms, seeds, sched, partial_path=os.path.join(out_dir, f"lam_sweep_{tag}.partial.json"),
+                      meta=dict(command=cmd, experiment=dict(block), config=config_mod.to_dict(cfg)))
     summary = summarize(result, baseline=arms[0].name)
     result.update(summary, command=cmd, experiment=dict(block), lams=lams,
                   power=power_after(result, summary, arms, arms[0].name),

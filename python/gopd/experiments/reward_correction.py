@@ -78,7 +78,9 @@ def run(cfg: config_mod.Config, block: dict, seeds: Sequence[int], out_dir: str,
     build_s = time.perf_counter() - t
     cfg = dataclasses.replace(cfg, student=student)
     arm_list = arms(float(lam), student, base_spec)
-    result = run_arms(cfg, arm_list, seeds, schedule(block), student=load_truncated(student, base_spec, cfg.device))
+    result = run_arms(cfg, arm_list, seeds, schedule(block), student=load_truncated(student, base_spec, cfg.device),
+                      partial_path=os.path.join(out_dir, f"reward_correction_{tag}.partial.json"),
+                      meta=dict(command=cmd, experiment=dict(block), config=config_mod.to_dict(cfg)))
     result["wall_s"]["truncated student"] = build_s
     summary = summarize(result, baseline=BASELINE)
     result.update(summary, command=cmd, experiment=dict(block), student_path=os.path.basename(student),
