@@ -98,7 +98,7 @@ def test_parts_in_separate_processes_combine_into_one_run(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     base = ["experiment", "lam-sweep", "--config", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1"]
     assert main(base + ["--out", str(tmp_path / "a"), "--set", "experiment.lams=[1.0]"]) == 0
-    assert main(base + ["--out", str(tmp_path / "b"), "--set", "experiment.lams=[1.0, 1.5]",
+    assert main(base + ["--out", str(tmp_path / "b"), "--set", "experiment.lams=[1.5]",
                         "--set", "experiment.score_base=false",
                         "--set", "experiment.score_teachers=false"]) == 0
     b = json.loads((tmp_path / "b" / "lam_sweep_cpu.json").read_text())
@@ -109,5 +109,17 @@ def test_parts_in_separate_processes_combine_into_one_run(tmp_path):
     joined = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     _check_common(joined, ["lam=1", "lam=1.5"], "lam=1", [0, 1], 3, 2)
-    assert joined["domains"]["add"]["comparisons"] == b["domains"]["add"]["comparisons"]
+    assert b["domains"]["add"]["comparisons"] == {}                # one lam alone: nothing to compare
+    a = json.loads((tmp_path / "a" / "lam_sweep_cpu.json").read_text())
+    for dom in ("add", "mul"):  # the joined difference, recomputed from the two parts' outcomes
+        d = [sum(b["outcomes"][f"lam=1.5 seed={s}"][dom][q] - a["outcomes"][f"lam=1 seed={s}"][dom][q]
+                 for s in (0, 1)) / 2 for q in range(3)]
+        assert joined["domains"][dom]["comparisons"]["lam=1.5 - lam=1"]["diff"] == pytest.approx(sum(d) / 3)
+    # a part stopped early: its .partial.json holds the finished seeds, and --seeds joins only those
+    partial = json.loads((tmp_path / "b" / "lam_sweep_cpu.partial.json").read_text())
+    assert partial["seeds"] == [0, 1] and partial["command"].startswith("gopd experiment lam-sweep")
+    assert combine_main([str(tmp_path / "a" / "lam_sweep_cpu.json"), str(tmp_path / "b" / "lam_sweep_cpu.partial.json"),
+                         "--kind", "lam-sweep", "--baseline", "lam=1", "--out", str(out) + "_s0", "--seeds", "0"]) == 0
+    first = json.loads((tmp_path / "joined" / "lam_sweep_cpu_s0.json").read_text())
+    assert first["seeds"] == [0] and sorted(first["curves"]) == ["lam=1 seed=0", "lam=1.5 seed=0"]
     assert len(joined["commands"]) == 2 and "base student" in joined["outcomes"]

@@ -42,9 +42,11 @@ def lam_arms(lams: Sequence[float]) -> list:
 def run(cfg, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str) -> dict:
     t0 = time.perf_counter()
     lams = optional_float_list(block, "lams")
-    if 1.0 not in lams:
+    # lam = 1 (OPD) is the baseline of the paired differences; a part of a run split over processes
+    # (combine) may hold one other lam alone.
+    if 1.0 not in lams and len(lams) > 1:
         raise config_mod.ConfigError(f"experiment.lams must include 1.0 (OPD, the baseline), got {lams}")
-    lams = [1.0] + [x for x in lams if x != 1.0]
+    lams = sorted(lams, key=lambda x: x != 1.0)
     arms = lam_arms(lams)
     sched = schedule(block)
     result = run_arms(cfg, arms, seeds, sched, partial_path=os.path.join(out_dir, f"lam_sweep_{tag}.partial.json"),
