@@ -201,9 +201,10 @@ def seed_averaged(outcomes: dict, names: Sequence[str], dom: str) -> List[float]
 def summarize(run: dict, baseline: str) -> dict:
     """Per domain: each arm's and each single model's pass@1 with a 95% Wilson interval over the
     domain's questions (arms: seed-averaged per question, with the per-seed rates), and each arm's
-    paired difference to `baseline` (an arm name) with its 95% interval and verdict. A text table too."""
+    paired difference to `baseline` (an arm name; None when there are no arms) with its 95% interval and
+    verdict. A text table too."""
     arm_names = [a["name"] for a in run["arms"]]
-    if baseline not in arm_names:
+    if arm_names and baseline not in arm_names:
         raise ValueError(f"summarize: baseline {baseline!r} is not an arm ({arm_names})")
     seeds, outcomes = run["seeds"], run["outcomes"]
     singles = [k for k in outcomes if not any(k == run_name(Arm(a, {}), s) for a in arm_names for s in seeds)]

@@ -41,9 +41,9 @@ def lam_arms(lams: Sequence[float]) -> list:
 
 def run(cfg, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str) -> dict:
     t0 = time.perf_counter()
-    lams = optional_float_list(block, "lams")
+    lams = block["lams"] if block["lams"] == [] else optional_float_list(block, "lams")
     # lam = 1 (OPD) is the baseline of the paired differences; a part of a run split over processes
-    # (combine) may hold one other lam alone.
+    # (combine) may hold one other lam alone, or none (it scores the base student and the teachers only).
     if 1.0 not in lams and len(lams) > 1:
         raise config_mod.ConfigError(f"experiment.lams must include 1.0 (OPD, the baseline), got {lams}")
     lams = sorted(lams, key=lambda x: x != 1.0)
@@ -51,9 +51,10 @@ def run(cfg, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str
     sched = schedule(block)
     result = run_arms(cfg, arms, seeds, sched, partial_path=os.path.join(out_dir, f"lam_sweep_{tag}.partial.json"),
                       meta=dict(command=cmd, experiment=dict(block), config=config_mod.to_dict(cfg)))
-    summary = summarize(result, baseline=arms[0].name)
+    baseline = arms[0].name if arms else None
+    summary = summarize(result, baseline=baseline)
     result.update(summary, command=cmd, experiment=dict(block), lams=lams,
-                  power=power_after(result, summary, arms, arms[0].name),
+                  power=power_after(result, summary, arms, baseline) if arms else {},
                   total_s=time.perf_counter() - t0, config=config_mod.to_dict(cfg), device=str(cfg.device))
     write(result, out_dir, f"lam_sweep_{tag}", "lam sweep in the merge setting: OPD (lam=1) vs ExOPD")
     print(result["table"])
