@@ -97,15 +97,21 @@ def test_parts_in_separate_processes_combine_into_one_run(tmp_path):
                                                               eval_batch_size=4))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     base = ["experiment", "lam-sweep", "--config", str(tmp_path / "tiny.yaml"), "--seeds", "0", "1"]
-    assert main(base + ["--out", str(tmp_path / "a"), "--set", "experiment.lams=[1.0]"]) == 0
+    assert main(base + ["--out", str(tmp_path / "a"), "--set", "experiment.lams=[1.0]",
+                        "--set", "experiment.score_teachers=false"]) == 0
+    assert main(base + ["--out", str(tmp_path / "s"), "--set", "experiment.lams=[]",   # the teachers only
+                        "--set", "experiment.score_base=false"]) == 0
     assert main(base + ["--out", str(tmp_path / "b"), "--set", "experiment.lams=[1.5]",
                         "--set", "experiment.score_base=false",
                         "--set", "experiment.score_teachers=false"]) == 0
     b = json.loads((tmp_path / "b" / "lam_sweep_cpu.json").read_text())
     assert "base student" not in b["outcomes"]
     out = tmp_path / "joined" / "lam_sweep_cpu"
+    s_part = json.loads((tmp_path / "s" / "lam_sweep_cpu.json").read_text())
+    assert sorted(s_part["outcomes"]) == ["teacher[add]", "teacher[mul]"] and s_part["curves"] == {}
     assert combine_main(["--kind", "lam-sweep", "--baseline", "lam=1", "--out", str(out),
-                         str(tmp_path / "a" / "lam_sweep_cpu.json"), str(tmp_path / "b" / "lam_sweep_cpu.json")]) == 0
+                         str(tmp_path / "a" / "lam_sweep_cpu.json"), str(tmp_path / "b" / "lam_sweep_cpu.json"),
+                         str(tmp_path / "s" / "lam_sweep_cpu.json")]) == 0
     joined = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     _check_common(joined, ["lam=1", "lam=1.5"], "lam=1", [0, 1], 3, 2)
@@ -122,4 +128,4 @@ def test_parts_in_separate_processes_combine_into_one_run(tmp_path):
                          "--kind", "lam-sweep", "--baseline", "lam=1", "--out", str(out) + "_s0", "--seeds", "0"]) == 0
     first = json.loads((tmp_path / "joined" / "lam_sweep_cpu_s0.json").read_text())
     assert first["seeds"] == [0] and sorted(first["curves"]) == ["lam=1 seed=0", "lam=1.5 seed=0"]
-    assert len(joined["commands"]) == 2 and "base student" in joined["outcomes"]
+    assert len(joined["commands"]) == 3 and {"base student", "teacher[add]"} <= set(joined["outcomes"])
