@@ -20,6 +20,7 @@ and its 95% interval; paired differences of each arm to the baseline arm, questi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -140,6 +141,7 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
     domains = first.eval_domains()
     n_questions = {d: sum(ex.domain == d for ex in first.eval_set) for d in domains}
     del first
+    gc.collect()  # a trainer holds its own copies of the teachers and the reference: free them now
 
     curves, steps = {}, {}
     result = dict(outcomes=outcomes, curves=curves, steps=steps, wall_s=times, domain_names=domains,
@@ -158,6 +160,7 @@ def run_arms(cfg: config_mod.Config, arms: Sequence[Arm], seeds: Sequence[int], 
             times[name] = time.perf_counter() - t
             note(f"{name}: " + json.dumps({d: _mean(v) for d, v in outcomes[name].items()}) + f" ({times[name]:.0f}s)")
             del trainer
+            gc.collect()
         result["seeds"].append(seed)
         if partial_path:
             os.makedirs(os.path.dirname(partial_path) or ".", exist_ok=True)
