@@ -25,20 +25,19 @@ TITLES = {"lam-sweep": "lam sweep in the merge setting: OPD (lam=1) vs ExOPD",
 
 
 def restrict(part: dict, seeds: Sequence[int]) -> dict:
-    """The part with only the runs of `seeds` (each must be among its finished seeds)."""
-    missing = sorted(set(seeds) - set(part["seeds"]))
-    if missing:
-        raise ValueError(f"combine: a part has not finished seed(s) {missing} (it has {part['seeds']})")
-    keep = {f" seed={s}" for s in seeds}
-    drop = {f" seed={s}" for s in part["seeds"]} - keep
-    out = dict(part, seeds=list(seeds))
+    """The part with only its runs of `seeds` (those it has finished)."""
+    keep = set(seeds) & set(part["seeds"])
+    drop = {f" seed={s}" for s in part["seeds"]} - {f" seed={s}" for s in keep}
+    out = dict(part, seeds=sorted(keep))
     for key in ("outcomes", "curves", "steps"):
         out[key] = {k: v for k, v in part[key].items() if not any(k.endswith(d) for d in drop)}
     return out
 
 
 def combine(parts: Sequence[dict], baseline: str, seeds: Sequence[int] = None) -> dict:
-    """Joins the parts (see the module docstring); `seeds` keeps only those seeds' runs of each part."""
+    """Joins the parts (see the module docstring). Without `seeds` every part must hold the same seeds;
+    with `seeds`, each part gives its finished runs of those seeds (an arm's seeds may come from several
+    parts: one stopped early, one that ran the rest), and every arm must end up with all of them."""
     if len(parts) < 1:
         raise ValueError("combine: no parts given")
     if seeds is not None:
@@ -46,7 +45,7 @@ def combine(parts: Sequence[dict], baseline: str, seeds: Sequence[int] = None) -
     first = parts[0]
     out = dict(first, outcomes={}, curves={}, steps={}, wall_s={}, arms=[], commands=[], part_total_s=[])
     for i, part in enumerate(parts):
-        if part["seeds"] != first["seeds"] or part["domain_names"] != first["domain_names"]:
+        if (seeds is None and part["seeds"] != first["seeds"]) or part["domain_names"] != first["domain_names"]:
             raise ValueError(f"combine: part {i} has seeds {part['seeds']} / domains {part['domain_names']}, "
                              f"part 0 has {first['seeds']} / {first['domain_names']}")
         for name, oc in part["outcomes"].items():
@@ -65,6 +64,12 @@ def combine(parts: Sequence[dict], baseline: str, seeds: Sequence[int] = None) -
         out["arms"] += [a for a in part["arms"] if a["name"] not in {b["name"] for b in out["arms"]}]
         out["commands"].append(part.get("command", ""))
         out["part_total_s"].append(part.get("total_s"))
+    if seeds is not None:
+        out["seeds"] = list(seeds)
+        missing = [f"{a['name']} seed={s}" for a in out["arms"] for s in seeds
+                   if f"{a['name']} seed={s}" not in out["outcomes"]]
+        if missing:
+            raise ValueError(f"combine: no part has finished {missing}")
     arms = [Arm(a["name"], {}) for a in out["arms"]]
     summary = summarize(out, baseline)
     out.update(summary, power=power_after(out, summary, arms, baseline))
