@@ -1,4 +1,5 @@
-"""Command line: ``gopd train | eval | demo | serve | experiment merge`` (also ``python -m gopd``).
+"""Command line: ``gopd train | eval | demo | serve | experiment merge | lam-sweep | reward-correction``
+(also ``python -m gopd``).
 
 ``torchrun --nproc_per_node=N -m gopd train --config FILE`` trains data parallel (gopd.distributed); the
 other commands run in one process."""
@@ -67,6 +68,13 @@ def main(argv=None) -> int:
     p_merge.add_argument("--out", default="results", help="folder for merge_<cpu|gpu>.json / .png (default: results)")
     p_merge.add_argument("--gpu", action="store_true",
                          help="the larger run for one CUDA GPU (2-digit questions, 512 held out per domain)")
+    for name, text in (("lam-sweep", "the merge setting at several lam, with the power to tell ExOPD from OPD"),
+                       ("reward-correction", "strong-to-weak ExOPD: reference = the student vs the experts' base")):
+        p_x = exp_sub.add_parser(name, help=text)
+        _add_config_args(p_x)
+        p_x.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (default: 0 1 2)")
+        p_x.add_argument("--out", default="results", help="folder for the JSON / PNG (default: results)")
+        p_x.add_argument("--gpu", action="store_true", help="the larger run for one CUDA GPU")
     args = parser.parse_args(argv)
 
     from . import config as config_mod
@@ -82,6 +90,13 @@ def main(argv=None) -> int:
               "(WORLD_SIZE > 1)", file=sys.stderr)
         return 2
     try:
+        if args.command == "experiment" and args.experiment != "merge":
+            from .experiments import lam_sweep, reward_correction
+
+            run = {"lam-sweep": lam_sweep.main, "reward-correction": reward_correction.main}[args.experiment]
+            run(list(sys.argv[1:] if argv is None else argv)[2:], args.config, tuple(args.overrides), args.seeds,
+                args.out, args.gpu)
+            return 0
         if args.command == "experiment":
             from .experiments.merge import main as merge_main
 

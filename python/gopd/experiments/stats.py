@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 
 def paired_difference(a: list, b: list, z: float = 1.96) -> tuple:
@@ -31,3 +32,45 @@ def diff_half_width(p1: float, p2: float, n: int, z: float = 1.96) -> float:
     """Half width of the normal-approximation 95% interval of p1 - p2, both measured on n questions.
     It treats the two as independent samples; they share the questions, so this is conservative."""
     return z * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(1, n))
+
+
+def normal_quantile(q: float) -> float:
+    """The standard normal quantile z_q (z_0.975 = 1.96)."""
+    return NormalDist().inv_cdf(q)
+
+
+def min_detectable_difference(p: float, n: int, seeds: int, alpha: float = 0.05, power: float = 0.8,
+                              within: float = None) -> float:
+    """Smallest true difference in pass@1 between two arms that a two-sided paired test at level alpha
+    detects with probability `power`, both arms run `seeds` times on the same n questions and each
+    question's outcome averaged over the seeds first.
+
+    Model: question q passes in arm A with probability p_q^A, independently across seeds; with no
+    question-level difference between the arms, d_q = mean_s a_qs - mean_s b_qs has variance
+    2 w / seeds, where w = E_q[p_q (1 - p_q)] is the within-question (seed) variance. Then
+
+        MDD = (z_{1 - alpha/2} + z_power) * sqrt(2 w / seeds) / sqrt(n).
+
+    w is at most p (1 - p) (every question equally hard: seeds disagree as often as independent draws);
+    that bound is the default. With two seeds' outcomes of one arm, w = (fraction of questions on
+    which they disagree) / 2 (see seed_within_variance)."""
+    if not 0.0 <= p <= 1.0 or n < 1 or seeds < 1:
+        raise ValueError(f"min_detectable_difference: need 0 <= p <= 1, n >= 1, seeds >= 1; got p={p}, n={n}, "
+                         f"seeds={seeds}")
+    w = p * (1 - p) if within is None else within
+    z = normal_quantile(1 - alpha / 2) + normal_quantile(power)
+    return z * math.sqrt(2 * w / seeds / n)
+
+
+def seed_within_variance(runs: list) -> float:
+    """w = E_q[p_q (1 - p_q)] estimated from the 0/1 outcomes of k >= 2 seeds of one arm on the same
+    questions (runs[s][q]): the mean over questions of the unbiased per-question variance
+    m (k - m) / (k (k - 1)), m the number of seeds that pass q. For k = 2 it is half the discordance."""
+    k = len(runs)
+    if k < 2 or len({len(r) for r in runs}) != 1 or not runs[0]:
+        raise ValueError(f"seed_within_variance: need >= 2 equally long non-empty outcome lists, got {k}")
+    total = 0.0
+    for q in range(len(runs[0])):
+        m = sum(float(r[q]) for r in runs)
+        total += m * (k - m) / (k * (k - 1))
+    return total / len(runs[0])
