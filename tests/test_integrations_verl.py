@@ -192,7 +192,7 @@ def env(monkeypatch):
 
 # -- loading -----------------------------------------------------------------------------------------
 
-def test_import_verl_loads_the_plugin_and_registers_both_losses():
+def test_import_verl_loads_the_plugin_and_registers_both_losses(tmp_path):
     code = ("import sys, verl\n"
             "from verl.trainer.distillation import losses as L\n"
             "import verl.utils.config as C\n"
@@ -203,7 +203,10 @@ def test_import_verl_loads_the_plugin_and_registers_both_losses():
             "print('hooks', getattr(L.compute_topk_loss, '_gopd_route', False), "
             "getattr(C.validate_config, '_gopd_check', False))\n")
     env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_PLUGINS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    # Outside the checkout: its own gopd_kernels.egg-info (written by an editable install, possibly older
+    # than pyproject.toml's entry points) would shadow the installed metadata.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "FAILED" not in out.stderr, out.stderr
     lines = out.stdout.split("\n")

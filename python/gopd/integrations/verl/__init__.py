@@ -21,8 +21,6 @@ from __future__ import annotations
 import sys
 import traceback
 
-from .settings import ENV_ADVANTAGE, ENV_LAM, LOSS_NAMES, GOPDVerlConfigError, Options
-
 TESTED_VERL = "0.9.1"
 
 
@@ -40,6 +38,8 @@ def _load() -> None:
 
 
 try:
+    from .settings import ENV_ADVANTAGE, ENV_LAM, LOSS_NAMES, GOPDVerlConfigError, Options
+
     _load()
 except Exception:
     print("gopd verl plug-in: FAILED to load, the losses gopd / gopd_topk are not registered:\n"
