@@ -52,11 +52,9 @@ from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.models import _gguf_cache_folder, load_model, smollm2_path, tiny_llama  # noqa: E402
 from gopd.rollout import SYNC_TOLERANCE, VLLMEngine, VLLMSyncError  # noqa: E402
 
-# vLLM's CPU attention takes head sizes from 32 up (gopd's default tiny model has 16).
-TINY = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "initializer_range": 0.2}
-TINY_SPEC = "{tiny: {hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, num_key_value_heads: 2, " \
-            "initializer_range: 0.2}, seed: 0"
+# vLLM's CPU attention takes head sizes from 32 up: gopd's default tiny model (hidden 32) with one head.
+TINY = {"num_attention_heads": 1, "num_key_value_heads": 1, "initializer_range": 0.2}
+TINY_SPEC = "{tiny: {num_attention_heads: 1, num_key_value_heads: 1, initializer_range: 0.2}, seed: 0"
 SERVER_START_TIMEOUT = 300
 
 
@@ -139,9 +137,10 @@ def train_cfg(tmp_path, *overrides):
 
 def test_trainer_with_vllm_moves_a_tiny_student_towards_its_teacher(tmp_path):
     """The learning test's set-up (a teacher with 3x the student's initial logits), rollouts from vLLM:
-    finite losses, the sync check passes after every step, and KL(student || teacher) falls."""
-    cfg = train_cfg(tmp_path, f"student={TINY_SPEC}}}", f"teacher={TINY_SPEC}, sharpen: 3}}", "mode=sampled",
-                    "lam=1.0", "lr=0.01", "steps=8", "n_eval=16", "n_eval_kl=16")
+    finite losses, the sync check passes after every step, and KL(student || teacher) falls (measured:
+    1.72 -> 0.96 with the hf engine on this set-up, same seed)."""
+    cfg = train_cfg(tmp_path, f"student={TINY_SPEC}}}", f"teacher={TINY_SPEC}, sharpen: 3}}", "mode=full",
+                    "lam=1.0", "lr=0.003", "steps=8", "n_eval=16", "n_eval_kl=16")
     trainer = trainer_mod.Trainer(cfg)
     rows = trainer.train()
     steps = [r for r in rows if "loss" in r]
@@ -150,7 +149,7 @@ def test_trainer_with_vllm_moves_a_tiny_student_towards_its_teacher(tmp_path):
     assert isinstance(engine, VLLMEngine) and engine.n_syncs >= 8
     assert max(engine.sync_errors) < 1e-4, engine.sync_errors
     before, after = rows[0]["kl_to_teacher"], rows[-1]["kl_to_teacher"]
-    assert before > 0.5 and after <= 0.6 * before, (before, after)
+    assert before > 1.0 and after <= 0.75 * before, (before, after)
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +165,25 @@ def smollm2_dir():
     return folder
 
 
-def test_trainer_with_vllm_on_smollm2_float32(tmp_path, smollm2_dir):
+@pytest.fixture(scope="module")
+def sharpened_smollm2_dir(smollm2_dir, tmp_path_factory):
+    """SmolLM2 with 2x its logits (the final norm's weight doubled): a teacher that differs from the
+    student, so the student's weights move."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(tmp_path_factory.mktemp("smollm2-sharp"))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
+    return folder
+
+
+def test_trainer_with_vllm_on_smollm2_float32(tmp_path, sharpened_smollm2_dir):
     """Several steps of SmolLM2 in float32 with vLLM rollouts: the weights change every step and vLLM
     follows (the sync check, at 1e-3, passes at the start and after each step)."""
-    cfg = train_cfg(tmp_path, "student=smollm2", f"teacher={smollm2_dir}", "lam=1.0", "mode=sampled",
+    cfg = train_cfg(tmp_path, "student=smollm2", f"teacher={sharpened_smollm2_dir}", "lam=1.0", "mode=sampled",
                     "lr=1.0e-4", "steps=3", "batch_size=2", "micro_batch_size=2", "n_train=16",
                     "eval_at_start=false", "n_eval=1", "vllm={max_model_len: 512}")
     trainer = trainer_mod.Trainer(cfg)
