@@ -284,3 +284,19 @@ def test_engine_dtype_kv_cache_and_sync_options(tmp_path, fake_vllm):
                       (dict(sync_check_tokens=0), "sync_check_tokens")):
         with pytest.raises(ValueError, match=word):
             VLLMEngine(**bad)
+
+
+def test_bench_rollout_quick(tmp_path):
+    """benchmarks/bench_rollout.py --quick runs (hf engine; its vllm row needs the vLLM venv) and writes its JSON."""
+    import json
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "rollout.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python")]))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_rollout.py"), "--quick",
+                           "--engines", "hf", "--reps", "1", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["engine"] == "hf" and row["rollout_tokens"] > 0 and row["step_s"] > 0
