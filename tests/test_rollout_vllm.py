@@ -1,12 +1,15 @@
-"""The vllm rollout engine's plumbing, against a stand-in ``vllm`` module (no real vLLM here).
+"""The vllm rollout engine's plumbing, against a stand-in ``vllm`` module (runs without vLLM).
 
 The stand-in implements only the surface the engine uses: ``LLM(model=DIR, **kwargs)`` loading the
 folder the engine wrote, ``LLM.generate`` on ``{"prompt_token_ids": ...}`` prompts with one
-``SamplingParams`` per prompt, ``RequestOutput.outputs[0].token_ids / .logprobs``, ``apply_model``
-and ``reset_prefix_cache``. Like vLLM's V1 sampler it returns raw-logit log-probs unless the engine
-asks for ``logprobs_mode="processed_logprobs"``. It samples with its own plain (no KV cache) loop, so
-these tests check the plumbing (ids in, ids + sampler log-probs out in the hf engine's format,
-weights pushed every step, errors), not vLLM itself.
+``SamplingParams`` per prompt, ``RequestOutput.outputs[0].token_ids / .logprobs``,
+``collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`` (vLLM 0.32's in-place reload; the
+"0.11" flavour's ``reload_weights`` takes no iterator, as there, so the engine falls back to
+``apply_model(model.load_weights)``), ``apply_model`` and ``reset_prefix_cache``. Like vLLM's V1 sampler
+it returns raw-logit log-probs unless the engine asks for ``logprobs_mode="processed_logprobs"``. It
+samples with its own plain (no KV cache) loop, so these tests check the plumbing (ids in, ids + sampler
+log-probs out in the hf engine's format, weights pushed every step, the sync check, errors), not vLLM
+itself: tests/test_vllm_real.py runs the engine on a real vLLM.
 """
 
 import math
@@ -26,7 +29,7 @@ import gopd_kernels as gk  # noqa: E402
 from gopd import config as config_mod  # noqa: E402
 from gopd import trainer as trainer_mod  # noqa: E402
 from gopd.models import lm_head, tiny_llama  # noqa: E402
-from gopd.rollout import VLLMEngine, make_engine  # noqa: E402
+from gopd.rollout import VLLMEngine, VLLMSyncError, make_engine, sync_probe  # noqa: E402
 from gopd.scoring import response_hidden, targets_of  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
@@ -67,6 +70,7 @@ class WorkerModel:
 
 class LLM:
     instances = []
+    api = "0.32"          # "0.11": reload_weights() takes no iterator there
 
     def __init__(self, model, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -77,10 +81,21 @@ class LLM:
         self.requests = []           # (prompts, sampling params) per generate call
         self.weights_at_generate = []
         self.prefix_resets = 0
+        self.reloads = 0
+        self.checks = 0
         LLM.instances.append(self)
 
     def apply_model(self, func):
         return [func(self.worker)]
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights", method
+        if self.api == "0.11" and kwargs:
+            raise TypeError(f"reload_weights() got an unexpected keyword argument {sorted(kwargs)[-1]!r}")
+        assert kwargs["is_checkpoint_format"] is True
+        self.worker.load_weights(kwargs["weights_iterator"])
+        self.reloads += 1
+        return [None]
 
     def reset_prefix_cache(self):
         self.prefix_resets += 1
@@ -88,8 +103,12 @@ class LLM:
 
     @torch.no_grad()
     def generate(self, prompts, sampling_params, use_tqdm=True):
-        self.requests.append((prompts, sampling_params))
-        self.weights_at_generate.append({k: v.clone() for k, v in self.worker.hf.named_parameters()})
+        vocab = self.worker.hf.config.vocab_size
+        if [p["prompt_token_ids"] for p in prompts] == [sync_probe(vocab)]:
+            self.checks += 1      # the engine's sync check: not a rollout
+        else:
+            self.requests.append((prompts, sampling_params))
+            self.weights_at_generate.append({k: v.clone() for k, v in self.worker.hf.named_parameters()})
         processed = self.kwargs.get("logprobs_mode") == "processed_logprobs"
         outs = []
         for prompt, sp in zip(prompts, sampling_params):
@@ -115,8 +134,9 @@ class LLM:
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm(monkeypatch, request):
     LLM.instances = []
+    monkeypatch.setattr(LLM, "api", getattr(request, "param", "0.32"))
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
@@ -170,6 +190,7 @@ def test_other_models_use_the_hf_engine(fake_vllm):
         engine.sync_weights(teacher)
 
 
+@pytest.mark.parametrize("fake_vllm", ["0.32", "0.11"], indirect=True)
 def test_trainer_pushes_weights_every_step(tmp_path, fake_vllm, monkeypatch):
     cfg = config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm", "eval_teachers=false",
                                   "n_eval=2", "eval_max_new_tokens=4", "micro_batch_size=4"))
@@ -189,8 +210,11 @@ def test_trainer_pushes_weights_every_step(tmp_path, fake_vllm, monkeypatch):
     for before, used in zip(snapshots, llm.weights_at_generate):
         assert all(torch.equal(before[k], used[k]) for k in before)
     assert any(not torch.equal(snapshots[0][k], snapshots[2][k]) for k in snapshots[0])
-    # ... pushed once per step after the first (the first started the engine from save_pretrained).
+    # ... pushed once per step after the first (the first started the engine from save_pretrained), through
+    # the in-place reload where vLLM has it, and checked against the student after the start and every push.
     assert llm.worker.loads == 2 and llm.prefix_resets == 2 and trainer.engine.n_syncs == 2
+    assert llm.reloads == (2 if llm.api == "0.32" else 0)   # 0.11: one refused try, then load_weights
+    assert llm.checks == 3 and len(trainer.engine.sync_errors) == 3 and max(trainer.engine.sync_errors) < 1e-4
     # The sampler's log-probs reached the loss as rollout_logprobs and equal the student's own scores
     # (on-policy, so the truncated IS weight is 1).
     for kwargs, out in calls:
@@ -224,3 +248,55 @@ def test_vllm_options_reach_the_engine_and_bad_ones_are_clear_errors(tmp_path, f
         VLLMEngine(model="/elsewhere")
     with pytest.raises(ValueError, match="takes no options"):
         make_engine("hf", options={"dtype": "bfloat16"})
+
+
+def test_a_stale_sync_is_a_clear_error_not_a_silent_policy(fake_vllm, monkeypatch):
+    """A push that leaves vLLM's old weights in place (here: the stand-in drops them) fails the sync check
+    with an error naming the difference and the tolerance; the start's own check passes."""
+    monkeypatch.setattr(WorkerModel, "load_weights", lambda self, weights: None)
+    model = tiny_llama({}, seed=3).eval()
+    engine = VLLMEngine(seed=0)
+    engine.sync_weights(model)
+    assert engine.engine_dtype == "float32" and engine.sync_tolerance == 1e-3 and engine.sync_errors[0] < 1e-4
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with pytest.raises(VLLMSyncError, match=r"weight sync 1: .* differ from the student's by up to .* above "
+                                            r"sync_tolerance 0\.001 \(engine dtype float32\)"):
+        engine.sync_weights(model)
+
+
+def test_engine_dtype_kv_cache_and_sync_options(tmp_path, fake_vllm):
+    """The engine runs in the student's dtype unless told otherwise; sync_tolerance / sync_check_tokens are
+    the engine's own options (not passed to vllm.LLM), checked like every other option."""
+    engine = VLLMEngine(seed=0)
+    engine.sync_weights(tiny_llama({}, seed=3).to(torch.float64))
+    assert LLM.instances[-1].kwargs["dtype"] == "float64"
+    cfg = config_mod.load(SMOKE, (f"out_dir={tmp_path}", "rollout_engine=vllm",
+                                  "vllm={dtype: bfloat16, sync_tolerance: 0.5, sync_check_tokens: 3}"))
+    engine = make_engine(cfg.rollout_engine, seed=cfg.seed, options=cfg.vllm)
+    engine.sync_weights(tiny_llama({}, seed=3))
+    kwargs = LLM.instances[-1].kwargs
+    assert kwargs["dtype"] == "bfloat16" and "sync_tolerance" not in kwargs and "sync_check_tokens" not in kwargs
+    assert engine.sync_tolerance == 0.5 and engine.sync_check_tokens == 3
+    assert VLLMEngine(dtype="bfloat16").sync_tolerance is None   # set at the start: 0.25 for 16-bit engines
+    for bad, word in ((dict(sync_tolerance=0), "sync_tolerance"), (dict(sync_tolerance="x"), "sync_tolerance"),
+                      (dict(sync_check_tokens=0), "sync_check_tokens")):
+        with pytest.raises(ValueError, match=word):
+            VLLMEngine(**bad)
+
+
+def test_bench_rollout_quick(tmp_path):
+    """benchmarks/bench_rollout.py --quick runs (hf engine; its vllm row needs the vLLM venv) and writes its JSON."""
+    import json
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "rollout.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python")]))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_rollout.py"), "--quick",
+                           "--engines", "hf", "--reps", "1", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["engine"] == "hf" and row["rollout_tokens"] > 0 and row["step_s"] > 0
