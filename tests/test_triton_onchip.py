@@ -36,11 +36,17 @@ DIAGNOSTICS = ("lp_s", "lp_t", "lp_r", "reward", "kl", "advantage", "entropy")
 
 @pytest.fixture(autouse=True, scope="module")
 def small_tiles():
-    saved = dict(K.BLOCKS)
+    """Small tiles keep the interpreter fast; no tuning table, whose tiles for a listed GPU would win."""
+    saved, table = dict(K.BLOCKS), os.environ.get("GOPD_TUNING_TABLE")
     K.BLOCKS.update(SMALL)
+    os.environ["GOPD_TUNING_TABLE"] = "none"
     yield
     K.BLOCKS.clear()
     K.BLOCKS.update(saved)
+    if table is None:
+        os.environ.pop("GOPD_TUNING_TABLE", None)
+    else:
+        os.environ["GOPD_TUNING_TABLE"] = table
 
 
 def _problem(seed, n, v, dims, pad, mask_frac):

@@ -100,6 +100,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# The rollout engines gopd.rollout.make_engine builds.
+ROLLOUT_ENGINES = ("hf", "vllm")
 # vllm.LLM arguments the rollout engine sets itself (the engine relies on them; see rollout.VLLMEngine).
 VLLM_RESERVED = frozenset({"model", "skip_tokenizer_init", "logprobs_mode", "seed"})
 
@@ -169,8 +171,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("temperature must be > 0 (log-probs are taken of logits / temperature)")
     if not isinstance(cfg.teachers, dict):
         raise ConfigError("teachers must be a mapping domain -> model spec")
-    if cfg.rollout_engine not in ("hf", "vllm"):
-        raise ConfigError(f"rollout_engine must be 'hf' or 'vllm', got {cfg.rollout_engine!r}")
+    if cfg.rollout_engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"rollout_engine must be one of {', '.join(ROLLOUT_ENGINES)}, got {cfg.rollout_engine!r}")
     if not isinstance(cfg.vllm, dict):
         raise ConfigError(f"vllm must be a mapping of vllm.LLM arguments, got {type(cfg.vllm).__name__}")
     if cfg.vllm and cfg.rollout_engine != "vllm":

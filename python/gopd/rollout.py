@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import torch
 
-from .config import VLLM_RESERVED
+from .config import ROLLOUT_ENGINES, VLLM_RESERVED
 from .progress import progress_bar
 
 
@@ -446,4 +446,4 @@ def make_engine(name: str, *, seed: int = 0, options: Optional[dict] = None) -> 
         return HFRollout()
     if name == "vllm":
         return VLLMEngine(seed=seed, **(options or {}))
-    raise ValueError(f"unknown rollout engine {name!r}: expected 'hf' or 'vllm'")
+    raise ValueError(f"unknown rollout engine {name!r}: expected one of {ROLLOUT_ENGINES}")
