@@ -585,7 +585,7 @@ def _same(a, b, tol):
 @pytest.mark.parametrize("case", list(_NONFINITE_CASES))
 @pytest.mark.parametrize("backend", ["reference"] + ALL)
 def test_non_finite_inputs_follow_one_rule(use_backend, backend, case):
-    """Issue 18.4: the rule in gopd_kernels.reference's docstring. Row 0 holds the case's non-finite
+    """The rule in gopd_kernels.reference's docstring. Row 0 holds the case's non-finite
     input and must give the expected loss class (finite, +inf, -inf or NaN); a non-finite loss gives a
     gradient row that is NaN in every entry, a finite one a finite row equal to the reference's; rows 1
     and 2 are untouched, and the masked row 3 (full of NaN / inf) gives loss 0 and a zero gradient."""
@@ -618,7 +618,7 @@ def test_non_finite_inputs_follow_one_rule(use_backend, backend, case):
 
 
 def test_gemm_out_dtype_is_probed_by_running_it_not_by_its_overload():
-    """Issue 18.6: the bf16 tensor-core dH / dW path needs torch.addmm(fp32 acc, bf16, bf16,
+    """The bf16 tensor-core dH / dW path needs torch.addmm(fp32 acc, bf16, bf16,
     out_dtype=float32, out=acc). torch 2.8 / 2.9 have the overload but raise (their kernel wants acc in
     bf16), and CPU builds have it but no kernel: the capability is probed by running it."""
     from gopd_kernels import autograd

@@ -1,4 +1,4 @@
-"""`gopd serve` as a real process on loopback, and the trainer scoring against it (issue 17).
+"""`gopd serve` as a real process on loopback, and the trainer scoring against it.
 
 One server process (the smoke config's teacher) is shared by the module; the last test kills it mid-run.
 """

@@ -51,7 +51,7 @@ per-token statistics (``gopd_kernels.objective``); a backend only does the vocab
     get out = 0. A valid row whose gradient is undefined gets NaN in every column: when g_lp_i or
     g_loss_i is not finite, when L_i is not finite and g_loss_i != 0, or when lse_s is not finite. A backend may write an entry whose magnitude is below 2^-100 (~7.9e-31; for fp64
     input, the smallest normal double) as 0; the CPU backend does, because such entries put
-    subnormals into the dH / dW GEMMs, which x86 runs many-fold slower (csrc/cpu/rows.cpp,
+    subnormals into the dH / dW GEMMs, which x86 runs many-fold slower (csrc/cpu/rows_generic.h,
     zero_if_tiny).
 
 Optional, ``rows_forward_backward(zs, zt, zr, targets, g_lp, g_loss, lam, ts, tt, tr, ignore_index, out)

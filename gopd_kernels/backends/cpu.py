@@ -1,5 +1,5 @@
-"""C++ CPU backend: the row kernels of ``csrc/cpu/rows.cpp`` (OpenMP over rows, one vectorised pass
-over the vocabulary per row, fp32 accumulation, fp64 for fp64 input), called through
+"""C++ CPU backend: the row kernels of ``csrc/cpu/`` (OpenMP over rows, one vectorised pass over the
+vocabulary per row, fp32 accumulation, fp64 for fp64 input), called through
 ``torch.ops.gopd.rows_forward`` / ``rows_backward`` registered by the extension ``gopd_kernels._C``.
 
 Supports float16, bfloat16, float32 and float64 logits on CPU; the statistics are float64 for every
