@@ -136,3 +136,22 @@ def teacher_args(mode, zt, v, k=None, temperature=1.0):
     if mode != "topk":
         return zt, {}
     return None, topk_teacher(zt, v, k or max(1, v // 3), temperature)
+
+
+class LossRecorder:
+    """Wraps gopd_kernels.fused_linear_gopd_loss (the trainer's one loss call) for a test: each call's
+    (args, kwargs, output) goes to .calls and its output to .outs; a test may reset either with []."""
+
+    def __init__(self, monkeypatch):
+        import gopd_kernels
+
+        self.calls, self.outs = [], []
+        real = gopd_kernels.fused_linear_gopd_loss
+
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            self.calls.append((args, kwargs, out))
+            self.outs.append(out)
+            return out
+
+        monkeypatch.setattr(gopd_kernels, "fused_linear_gopd_loss", wrapped)

@@ -275,7 +275,7 @@ def test_sequence_count_spans_the_generation_batch(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(reduction="sum"), "reduction: expected one of"),
     (dict(advantage_from="rollout"), "advantage_from: expected one of"),
-    (dict(advantage_from="old", mode="full"), "advantage_from='old' applies to mode='sampled'"),
+    (dict(advantage_from="old", mode="full"), "advantage_from: 'old' applies to mode 'sampled'"),
     (dict(lam="1.25"), "lam: expected a finite number"),
     (dict(lam=float("nan")), "lam: expected a finite number"),
     (dict(mode="topk"), "mode: expected one of"),

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import need  # noqa: E402
+from helpers import LossRecorder, need  # noqa: E402
 
 need("transformers")
 need("yaml")
@@ -175,19 +175,7 @@ def smoke_cfg(tmp_path, *overrides):
                                    "eval_max_new_tokens=4", "eval_at_start=false") + overrides)
 
 
-class Recorder:
-    """Keeps each fused_linear_gopd_loss call's outputs."""
-
-    def __init__(self, monkeypatch):
-        self.outs = []
-        real = trainer_mod.gk.fused_linear_gopd_loss
-
-        def wrapped(*args, **kwargs):
-            out = real(*args, **kwargs)
-            self.outs.append(out)
-            return out
-
-        monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", wrapped)
+Recorder = LossRecorder
 
 
 @pytest.mark.parametrize("mode", ["sampled", "topk"])

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from helpers import need  # noqa: E402
+from helpers import LossRecorder, need  # noqa: E402
 
 need("transformers")
 need("yaml")
@@ -45,19 +45,7 @@ def logprobs_by_logits(model, prompt, response):
     return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
 
 
-class Recorder:
-    """Wraps fused_linear_gopd_loss, keeping each call's inputs and outputs."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        real = trainer_mod.gk.fused_linear_gopd_loss
-
-        def wrapped(*args, **kwargs):
-            out = real(*args, **kwargs)
-            self.calls.append((args, kwargs, out))
-            return out
-
-        monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", wrapped)
+Recorder = LossRecorder
 
 
 def test_smoke_end_to_end(tmp_path):
@@ -506,10 +494,10 @@ def test_reduction_and_advantage_from_match_reference_by_hand(tmp_path, reductio
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("reduction", "sum", "reduction must be one of mean, seq-mean-token-mean, seq-mean-token-sum, got 'sum'"),
-    ("reduction", "seq-mean", "reduction must be one of"),
-    ("advantage_from", "rollout", "advantage_from must be one of current, old, got 'rollout'"),
-    ("mode", "sparse", "mode must be one of sampled, full, topk"),
+    ("reduction", "sum", "reduction: expected one of mean, seq-mean-token-mean, seq-mean-token-sum, got 'sum'"),
+    ("reduction", "seq-mean", "reduction: expected one of"),
+    ("advantage_from", "rollout", "advantage_from: expected one of current, old, got 'rollout'"),
+    ("mode", "sparse", "mode: expected one of sampled, full, topk"),
 ])
 def test_loss_option_errors_name_the_key(tmp_path, key, value, match):
     with pytest.raises(config_mod.ConfigError, match=match):
@@ -517,5 +505,5 @@ def test_loss_option_errors_name_the_key(tmp_path, key, value, match):
 
 
 def test_advantage_from_old_needs_sampled_mode(tmp_path):
-    with pytest.raises(config_mod.ConfigError, match="advantage_from 'old' applies to mode sampled"):
+    with pytest.raises(config_mod.ConfigError, match="advantage_from: 'old' applies to mode 'sampled'"):
         smoke_cfg(tmp_path, "advantage_from=old", "mode=full")

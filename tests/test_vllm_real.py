@@ -26,7 +26,7 @@ import urllib.request
 import pytest
 import torch
 
-from helpers import need  # noqa: E402
+from helpers import LossRecorder, need  # noqa: E402
 
 need("transformers")
 need("yaml")
@@ -251,19 +251,7 @@ def test_vllm_server_answers_the_served_teacher_protocol(vllm_server):
     assert len(entries) == 5 and entries[0] is None and all(len(e) >= 5 for e in entries[1:])
 
 
-class Recorder:
-    """Keeps each fused_linear_gopd_loss call's outputs."""
-
-    def __init__(self, monkeypatch):
-        self.outs = []
-        real = trainer_mod.gk.fused_linear_gopd_loss
-
-        def wrapped(*args, **kwargs):
-            out = real(*args, **kwargs)
-            self.outs.append(out)
-            return out
-
-        monkeypatch.setattr(trainer_mod.gk, "fused_linear_gopd_loss", wrapped)
+Recorder = LossRecorder
 
 
 @pytest.mark.parametrize("mode", ["sampled", "topk"])

@@ -22,9 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-import gopd_kernels as gk
-
-from .loss_options import ADVANTAGE_FROM, REDUCTIONS
+from .loss_options import first_problem
 
 
 @dataclass
@@ -146,15 +144,9 @@ def load(path: Optional[str] = None, overrides: tuple = (), base: Optional[dict]
 
 
 def validate(cfg: Config) -> None:
-    if cfg.mode not in gk.MODES:
-        raise ConfigError(f"mode must be one of {', '.join(gk.MODES)}, got {cfg.mode!r}")
-    if cfg.reduction not in REDUCTIONS:
-        raise ConfigError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {cfg.reduction!r}")
-    if cfg.advantage_from not in ADVANTAGE_FROM:
-        raise ConfigError(f"advantage_from must be one of {', '.join(ADVANTAGE_FROM)}, got {cfg.advantage_from!r}")
-    if cfg.advantage_from != "current" and cfg.mode != "sampled":
-        raise ConfigError(f"advantage_from {cfg.advantage_from!r} applies to mode sampled (the only mode with an "
-                          f"advantage), got mode {cfg.mode!r}")
+    bad = first_problem(cfg.mode, cfg.reduction, cfg.advantage_from)
+    if bad:
+        raise ConfigError(f"{bad[0]}: {bad[1]}")
     if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1:
         raise ConfigError(f"top_k must be a positive int, got {cfg.top_k!r}")
     if cfg.teacher_context not in ("none", "solution", "examples"):

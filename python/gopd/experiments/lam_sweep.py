@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .. import config as config_mod
-from .arms import Arm, run_arms, summarize, write
-from .runner import command, load, optional_float_list, power_after, schedule
+from .arms import Arm, run_arms
+from .runner import finish, main_for, optional_float_list, schedule
 
 LAM_SWEEP_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "lam_sweep.yaml")
 DEFAULTS = dict(lams=[1.0, 1.25, 1.5], curve_every=0, n_curve=32, n_curve_kl=8, eval_batch_size=32,
@@ -52,18 +52,9 @@ def run(cfg, block: dict, seeds: Sequence[int], out_dir: str, tag: str, cmd: str
     result = run_arms(cfg, arms, seeds, sched, partial_path=os.path.join(out_dir, f"lam_sweep_{tag}.partial.json"),
                       meta=dict(command=cmd, experiment=dict(block), config=config_mod.to_dict(cfg)))
     baseline = arms[0].name if arms else None
-    summary = summarize(result, baseline=baseline)
-    result.update(summary, command=cmd, experiment=dict(block), lams=lams,
-                  power=power_after(result, summary, arms, baseline) if arms else {},
-                  total_s=time.perf_counter() - t0, config=config_mod.to_dict(cfg), device=str(cfg.device))
-    write(result, out_dir, f"lam_sweep_{tag}", "lam sweep in the merge setting: OPD (lam=1) vs ExOPD")
-    print(result["table"])
-    return result
+    return finish(result, cfg=cfg, block=block, cmd=cmd, arms=arms, baseline=baseline, out_dir=out_dir,
+                  name=f"lam_sweep_{tag}", title="lam sweep in the merge setting: OPD (lam=1) vs ExOPD", t0=t0,
+                  lams=lams)
 
 
-def main(argv: Sequence[str], config: Optional[str], overrides: tuple, seeds: Sequence[int], out_dir: str,
-         gpu: bool) -> dict:
-    if gpu:
-        overrides = GPU_OVERRIDES + tuple(overrides)
-    cfg, block = load(config or LAM_SWEEP_YAML, overrides, DEFAULTS)
-    return run(cfg, block, seeds, out_dir, "gpu" if gpu else "cpu", command("lam-sweep", argv))
+main = main_for("lam-sweep", LAM_SWEEP_YAML, DEFAULTS, GPU_OVERRIDES, run)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from .. import config as config_mod
 from .. import data as data_mod
-from .arms import Arm, run_arms, summarize, write
-from .runner import command, load, power_after, schedule
+from .arms import Arm, run_arms
+from .runner import finish, main_for, schedule
 from .truncated import build
 from .truncated import load as load_truncated
 
@@ -82,19 +82,10 @@ def run(cfg: config_mod.Config, block: dict, seeds: Sequence[int], out_dir: str,
                       partial_path=os.path.join(out_dir, f"reward_correction_{tag}.partial.json"),
                       meta=dict(command=cmd, experiment=dict(block), config=config_mod.to_dict(cfg)))
     result["wall_s"]["truncated student"] = build_s
-    summary = summarize(result, baseline=BASELINE)
-    result.update(summary, command=cmd, experiment=dict(block), student_path=os.path.basename(student),
-                  power=power_after(result, summary, arm_list, BASELINE), total_s=time.perf_counter() - t0,
-                  config=config_mod.to_dict(cfg), device=str(cfg.device))
-    write(result, out_dir, f"reward_correction_{tag}",
-          f"strong-to-weak ExOPD (lam={lam:g}): reference = student's initial weights vs the experts' base")
-    print(result["table"])
-    return result
+    return finish(result, cfg=cfg, block=block, cmd=cmd, arms=arm_list, baseline=BASELINE, out_dir=out_dir,
+                  name=f"reward_correction_{tag}", t0=t0, student_path=os.path.basename(student),
+                  title=f"strong-to-weak ExOPD (lam={lam:g}): reference = student's initial weights vs "
+                        "the experts' base")
 
 
-def main(argv: Sequence[str], config: Optional[str], overrides: tuple, seeds: Sequence[int], out_dir: str,
-         gpu: bool) -> dict:
-    if gpu:
-        overrides = GPU_OVERRIDES + tuple(overrides)
-    cfg, block = load(config or RC_YAML, overrides, DEFAULTS)
-    return run(cfg, block, seeds, out_dir, "gpu" if gpu else "cpu", command("reward-correction", argv))
+main = main_for("reward-correction", RC_YAML, DEFAULTS, GPU_OVERRIDES, run)

@@ -5,12 +5,13 @@ recorded, and the post-hoc power figures written beside the results."""
 from __future__ import annotations
 
 import shlex
-from typing import Optional, Sequence, Tuple
+import time
+from typing import Callable, Optional, Sequence, Tuple
 
 import yaml
 
 from .. import config as config_mod
-from .arms import Arm, Schedule, run_name
+from .arms import Arm, Schedule, run_name, summarize, write
 from .stats import min_detectable_difference, seed_within_variance
 
 
@@ -84,3 +85,28 @@ def optional_float_list(block: dict, key: str) -> Optional[list]:
     if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise config_mod.ConfigError(f"experiment.{key} must be a non-empty list of numbers, got {v!r}")
     return [float(x) for x in v]
+
+
+def finish(result: dict, *, cfg, block: dict, cmd: str, arms: Sequence[Arm], baseline: str, out_dir: str, name: str,
+           title: str, t0: float, **extra) -> dict:
+    """An experiment's last step: the summary against `baseline`, the power after the run, the command, the
+    config and the time into `result`, written as `name`.json / .png under `out_dir`, and its table printed."""
+    summary = summarize(result, baseline=baseline)
+    result.update(summary, command=cmd, experiment=dict(block), **extra,
+                  power=power_after(result, summary, arms, baseline) if arms else {},
+                  total_s=time.perf_counter() - t0, config=config_mod.to_dict(cfg), device=str(cfg.device))
+    write(result, out_dir, name, title)
+    print(result["table"])
+    return result
+
+
+def main_for(sub: str, default_yaml: str, defaults: dict, gpu_overrides: tuple, run: Callable) -> Callable:
+    """The `gopd experiment <sub>` entry point of an experiment whose `run(cfg, block, seeds, out_dir, tag, cmd)`
+    does the work: its YAML (or `config`) with `overrides`, and the --gpu scale's overrides first."""
+    def main(argv: Sequence[str], config: Optional[str], overrides: tuple, seeds: Sequence[int], out_dir: str,
+             gpu: bool) -> dict:
+        if gpu:
+            overrides = tuple(gpu_overrides) + tuple(overrides)
+        cfg, block = load(config or default_yaml, overrides, defaults)
+        return run(cfg, block, seeds, out_dir, "gpu" if gpu else "cpu", command(sub, argv))
+    return main

@@ -38,7 +38,7 @@ from trl.trainer.distillation_trainer import DistillationTrainer
 
 import gopd_kernels as gk
 
-from ..loss_options import ADVANTAGE_FROM, REDUCTIONS, SEQUENCE_REDUCTIONS
+from ..loss_options import SEQUENCE_REDUCTIONS, first_problem
 
 # mode "topk" takes the teacher as its top-k ids and log-probs (what a served teacher reports); this
 # integration scores a co-located teacher from its hidden states, for which "full" is the exact objective.
@@ -88,16 +88,10 @@ class GOPDConfig(DistillationConfig):
         super().__post_init__()
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
             raise ValueError(f"lam: expected a finite number (1 = OPD, 1.25 = the paper's ExOPD), got {self.lam!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r} (topk needs a served teacher, "
-                             "which this integration does not take)")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.advantage_from not in ADVANTAGE_FROM:
-            raise ValueError(f"advantage_from: expected one of {ADVANTAGE_FROM}, got {self.advantage_from!r}")
-        if self.advantage_from != "current" and self.mode != "sampled":
-            raise ValueError(f"advantage_from={self.advantage_from!r} applies to mode='sampled' (the only mode "
-                             f"with an advantage), got mode={self.mode!r}")
+        bad = first_problem(self.mode, self.reduction, self.advantage_from, modes=MODES)
+        if bad:
+            why = " (topk needs a served teacher, which this integration does not take)" if bad[0] == "mode" else ""
+            raise ValueError(f"{bad[0]}: {bad[1]}{why}")
         if not (isinstance(self.is_cap, (int, float)) and self.is_cap > 0):
             raise ValueError(f"is_cap: expected a number > 0, got {self.is_cap!r}")
         if self.beta != 1.0:
