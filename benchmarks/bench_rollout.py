@@ -17,17 +17,17 @@ benchmarks/results/rollout.json (rollout_quick.json with --quick).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
 # vLLM's CPU attention needs a head size of at least 32: the default tiny model with one head.
 TINY = {"tiny": {"num_attention_heads": 1, "num_key_value_heads": 1, "initializer_range": 0.2}, "seed": 0}
 
@@ -89,17 +89,14 @@ def run_engine(engine: str, base: dict, reps: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 reps / steps (seconds)")
+    ap = harness.parser(__doc__.splitlines()[0], quick_help="a tiny random Llama, 2 reps / steps (seconds)")
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None, help="timed rollouts per engine after a warm-up")
     ap.add_argument("--steps", type=int, default=None, help="timed trainer steps per engine after a warm-up")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "python"))
-    import torch
+    harness.use_checkout()
 
     reps = args.reps or (2 if args.quick else 3)
     steps = args.steps or (2 if args.quick else 3)
@@ -131,17 +128,11 @@ def main(argv=None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     import transformers
 
-    result = dict(meta=dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
-                            load_avg=load, torch=torch.__version__, transformers=transformers.__version__,
-                            vllm=vllm_version, python=platform.python_version(), quick=args.quick,
-                            student=student if isinstance(student, str) else "tiny"),
-                  config={k: v for k, v in base.items() if k != "teacher"}, rows=rows, summary=summary)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "rollout_quick.json" if args.quick else "rollout.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    meta = dict(harness.device_meta(), load_avg=load, transformers=transformers.__version__, vllm=vllm_version,
+                quick=args.quick, student=student if isinstance(student, str) else "tiny")
+    result = dict(meta=meta, config={k: v for k, v in base.items() if k != "teacher"}, rows=rows, summary=summary)
     print("\n".join(summary))
-    print(f"wrote {out}")
+    harness.write_json(harness.out_path(args, "rollout.json", "rollout_quick.json"), result, newline=False)
     return 0
 
 

@@ -23,22 +23,23 @@ from ._layout import LP_S, LSE_R, LSE_S, NSTATS
 from ._validate import compiling, math_dtype
 from .objective import Rows, full_loss_from_stats
 
-# Elements of one temporary of the top-k tail sums (fp32: 16 MiB), whatever the rows' count.
+# Elements of one temporary of the top-k tail sums (fp64: 32 MiB), whatever the rows' count.
 _TAIL_ELEMENTS = 1 << 22
 
 
 def _tail_log_mass(z, ids, temp, lse):
-    """[n] log P(tail) = logsumexp over the columns not in ids of z / T, minus lse (stats dtype): a masked
-    logsumexp in the input's precision (fp32, fp64 for fp64), exact for a tail of any size; -inf for an
-    empty one. O(rows x V) temporaries, taken in sub-chunks."""
+    """[n] log P(tail) = logsumexp over the columns not in ids of (z / T - lse): a masked logsumexp in the
+    statistics' precision (fp64), exact for a tail of any size; -inf for an empty one. The row's lse is
+    subtracted before the sum, in fp64: logsumexp(z / T) - lse in fp32 would be the difference of two
+    numbers of size |z / T|, off by eps |z / T|, and every tail token's gradient p(v) (c_tail - L) carries
+    that error (lam times over). O(rows x V) temporaries, taken in sub-chunks."""
     n, v = z.shape
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     out = lse.new_empty(n)
     step = max(1, _TAIL_ELEMENTS // max(v, 1))
     for a in range(0, n, step):
-        x = z[a:a + step].to(dtype) / temp
+        x = z[a:a + step].to(lse.dtype) / temp - lse[a:a + step, None]
         x = x.scatter(1, ids[a:a + step], float("-inf"))
-        out[a:a + step] = torch.logsumexp(x, -1).to(lse.dtype) - lse[a:a + step]
+        out[a:a + step] = torch.logsumexp(x, -1)
     return out
 
 

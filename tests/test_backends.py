@@ -7,7 +7,7 @@ small factor.
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gopd_kernels as gk
@@ -79,6 +79,9 @@ def test_float64_matches_reference(backend, dtype, n, v, lam, mode, reduction, s
                                            if b != "torch" or d == torch.float32])  # torch: the fp32 baseline
 @given(n=st.sampled_from([3, 17]), v=st.sampled_from([7, 129, 1000]), lam=st.sampled_from([1.0, 1.25, 2.0]),
        mode=st.sampled_from(gk.MODES), seed=st.integers(0, 1000))
+# A tail token with p = 0.34: its gradient carries any error of log P(tail), here 1e-5 when that was an fp32
+# logsumexp(z / T) minus lse (two numbers of size |z / T|), 12x torch's own fp32 error.
+@example(n=3, v=129, lam=2.0, mode="topk", seed=359)
 @settings(max_examples=8)
 def test_low_precision_error_is_torch_like(backend, dtype, n, v, lam, mode, seed):
     zs, zt, zr, y = make_problem(n, v, seed=seed, scale=4.0, device=device_for(backend))
