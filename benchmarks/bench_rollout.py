@@ -32,23 +32,6 @@ ROOT = harness.ROOT
 TINY = {"tiny": {"num_attention_heads": 1, "num_key_value_heads": 1, "initializer_range": 0.2}, "seed": 0}
 
 
-def sharpened_copy(student: str, folder: str) -> str:
-    """The student with its final norm's weight doubled (2x its logits), saved with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gopd.models import _gguf_cache_folder, load_model, smollm2_path
-
-    load_model(student)
-    src = _gguf_cache_folder(smollm2_path()) if student == "smollm2" else student
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(2.0)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(src).save_pretrained(folder)
-    return folder
-
-
 def run_engine(engine: str, base: dict, reps: int, steps: int) -> dict:
     import torch
 
@@ -97,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed trainer steps per engine after a warm-up")
     args = ap.parse_args(argv)
     harness.use_checkout()
+    from gopd.models import save_sharpened_copy
 
     reps = args.reps or (2 if args.quick else 3)
     steps = args.steps or (2 if args.quick else 3)
@@ -104,7 +88,7 @@ def main(argv=None) -> int:
         if args.quick:
             student, teacher = TINY, dict(TINY, sharpen=2.0)
         else:
-            student, teacher = "smollm2", sharpened_copy("smollm2", teacher_dir)
+            student, teacher = "smollm2", save_sharpened_copy("smollm2", teacher_dir)
         batch = args.batch_size or (4 if args.quick else 8)
         base = dict(student=student, teacher=teacher, lam=1.0, mode="sampled", n_train=64, n_eval=2,
                     eval_at_start=False, eval_teachers=False, batch_size=batch, micro_batch_size=batch,

@@ -167,17 +167,10 @@ def smollm2_dir():
 
 @pytest.fixture(scope="module")
 def sharpened_smollm2_dir(smollm2_dir, tmp_path_factory):
-    """SmolLM2 with 2x its logits (the final norm's weight doubled): a teacher that differs from the
-    student, so the student's weights move."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2 with 2x its logits: a teacher that differs from the student, so the student's weights move."""
+    from gopd.models import save_sharpened_copy
 
-    folder = str(tmp_path_factory.mktemp("smollm2-sharp"))
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(2.0)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
-    return folder
+    return save_sharpened_copy("smollm2", str(tmp_path_factory.mktemp("smollm2-sharp")))
 
 
 def test_trainer_with_vllm_on_smollm2_float32(tmp_path, sharpened_smollm2_dir):

@@ -253,6 +253,18 @@ def load_model(spec: Any, device: str = "cpu", dtype=torch.float32) -> Tuple[tor
     return model.to(device=device, dtype=dtype), tok
 
 
+def save_sharpened_copy(spec: Any, folder: str, factor: float = 2.0) -> str:
+    """Saves model `spec` (a Llama-style transformers model) with its final norm's weight times `factor`, so
+    its logits are `factor` times the original's: a teacher that differs from the student in a known way and
+    shares its tokenizer (saved beside it). Returns `folder`."""
+    model, tok = load_model(spec)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(factor)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
