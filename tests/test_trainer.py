@@ -169,6 +169,20 @@ def test_unknown_key_names_closest():
         config_mod.load(SMOKE, ("mode=sparse",))
 
 
+def test_float_keys_take_exponent_literals_and_name_bad_values(tmp_path):
+    # PyYAML reads 3e-5 (no dot) as a string, in a file and in --set alike.
+    assert config_mod.load(SMOKE, ("lr=3e-5",)).lr == 3e-5
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-5\nlam: 2\nteachers: {add: {sft: smollm2, lr: 5e-5}}\n")
+    cfg = config_mod.load(str(path))
+    assert cfg.lr == 3e-5 and cfg.lam == 2
+    from gopd.sft import check_spec
+    assert check_spec(cfg.teachers["add"], "teachers.add")["lr"] == 5e-5
+    for bad, name in (("lr=fast", "lr"), ("lam=true", "lam"), ("grad_clip=[1]", "grad_clip")):
+        with pytest.raises(config_mod.ConfigError, match=f"^{name} must be a number"):
+            config_mod.load(SMOKE, (bad,))
+
+
 def test_cli_reports_config_error(capsys):
     from gopd.cli import main
     assert main(["train", "--config", SMOKE, "--set", "learning_rate=1"]) == 2

@@ -115,9 +115,27 @@ def _check_key(key: str) -> None:
         raise ConfigError(f"unknown config key {key!r}{hint}")
 
 
+def as_number(value: Any, name: str) -> Any:
+    """A number given as YAML text: PyYAML (YAML 1.1) reads ``3e-5`` (no dot) as the string "3e-5", so a
+    string that is a float literal becomes that float; a bool, or any other string, is a ConfigError naming
+    `name`. Other values are returned as they are (the field's own check judges them)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
+FLOAT_FIELDS = tuple(name for name, f in FIELDS.items() if f.type == "float")
+
+
 def from_dict(values: dict) -> Config:
     for key in values:
         _check_key(key)
+    values = {k: as_number(v, k) if k in FLOAT_FIELDS else v for k, v in values.items()}
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -144,6 +162,10 @@ def load(path: Optional[str] = None, overrides: tuple = (), base: Optional[dict]
 
 
 def validate(cfg: Config) -> None:
+    for name in FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
     bad = first_problem(cfg.mode, cfg.reduction, cfg.advantage_from)
     if bad:
         raise ConfigError(f"{bad[0]}: {bad[1]}")

@@ -47,6 +47,12 @@ def check_spec(spec: dict, name: str) -> dict:
     if unknown:
         raise SFTSpecError(f"{name}: unknown key(s) {unknown} in an sft spec; valid keys: {sorted(SFT_KEYS)}")
     out = dict(DEFAULTS, **spec)
+    if isinstance(out["lr"], str):
+        # PyYAML (YAML 1.1) reads 3e-5 (no dot) as a string.
+        try:
+            out["lr"] = float(out["lr"])
+        except ValueError:
+            pass
     for key in ("steps", "batch_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
             raise SFTSpecError(f"{name}: sft '{key}' must be an int >= 1, got {out[key]!r}")
