@@ -90,3 +90,19 @@ def test_rollout_kl_to_teacher_is_the_kl_of_the_scored_responses(tmp_path):
     assert rollout_kl_to_teacher(row, cfg.lam) == pytest.approx(total / count, rel=1e-4, abs=1e-6)
     assert math.isnan(rollout_kl_to_teacher(row, 0.0))
     assert rollout_kl_to_teacher(dict(kl=0.5, reward=0.25), 1.25) == pytest.approx(0.3)
+
+
+def test_seed_level_difference_by_hand():
+    from gopd.experiments.stats import seed_level_difference, t_quantile_975
+    # d = [0.1, 0.0, 0.2]: mean 0.1, sd 0.1, half width t_{0.975, 2} 0.1 / sqrt(3) = 4.303 * 0.057735.
+    r = seed_level_difference([0.6, 0.5, 0.7], [0.5, 0.5, 0.5])
+    assert r["per_seed"] == pytest.approx([0.1, 0.0, 0.2])
+    assert r["diff"] == pytest.approx(0.1) and r["half_width"] == pytest.approx(0.248428, abs=1e-5)
+    assert r["verdict"] == "no significant difference"
+    assert seed_level_difference([0.7, 0.72, 0.69], [0.5, 0.52, 0.5])["verdict"] == "higher"
+    assert seed_level_difference([0.5], [0.6])["half_width"] is None
+    # Published t_{0.975} values beyond the table: df 11, 20, 30, 100.
+    for df, t in ((11, 2.201), (20, 2.086), (30, 2.042), (100, 1.984)):
+        assert t_quantile_975(df) == pytest.approx(t, abs=5e-4)
+    with pytest.raises(ValueError, match="equally many seeds"):
+        seed_level_difference([0.1, 0.2], [0.3])

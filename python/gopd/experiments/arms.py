@@ -33,7 +33,7 @@ from ..eval import evaluate
 from ..models import load_model
 from ..progress import note
 from ..trainer import Trainer, TrainingStopped
-from .stats import paired_difference, wilson_interval
+from .stats import paired_difference, seed_level_difference, wilson_interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +227,8 @@ def summarize(run: dict, baseline: str) -> dict:
                 d, half = paired_difference(per_q[arm], per_q[baseline])
                 comparisons[f"{arm} - {baseline}"] = dict(
                     diff=d, half_width=half, ci95=[d - half, d + half],
-                    verdict="higher" if d - half > 0 else "lower" if d + half < 0 else "no significant difference")
+                    verdict="higher" if d - half > 0 else "lower" if d + half < 0 else "no significant difference",
+                    seed_level=seed_level_difference(models[arm]["per_seed"], models[baseline]["per_seed"]))
         table[dom] = dict(models=models, comparisons=comparisons)
         for name, r in models.items():
             lo, hi = r["ci95"]
@@ -235,6 +236,10 @@ def summarize(run: dict, baseline: str) -> dict:
             lines.append(f"{dom:6s} {name:28s} {r['accuracy']:7.3f} {f'[{lo:.3f}, {hi:.3f}]':>13s}  {seeds_txt}")
         for name, c in comparisons.items():
             lines.append(f"{dom:6s} {name}: {c['diff']:+.3f} +- {c['half_width']:.3f} (95%, paired): {c['verdict']}")
+            sl = c["seed_level"]
+            if sl["half_width"] is not None:
+                lines.append(f"{dom:6s} {'':{len(name)}s}  {sl['diff']:+.3f} +- {sl['half_width']:.3f} (95%, seeds as "
+                             f"the unit, t with {len(seeds) - 1} df): {sl['verdict']}")
     return dict(domains=table, table="\n".join(lines))
 
 

@@ -1,4 +1,5 @@
-"""Pass rates with intervals, and paired differences between two models on the same questions."""
+"""Pass rates with intervals, and paired differences between two models on the same questions (the
+question as the unit) and between two arms' training runs (the seed as the unit)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,39 @@ def seed_within_variance(runs: list) -> float:
         m = sum(float(r[q]) for r in runs)
         total += m * (k - m) / (k * (k - 1))
     return total / len(runs[0])
+
+
+# Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..10 (from the standard table).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the table for df <= 10, else the Cornish-Fisher expansion (within 1e-3 there)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df must be >= 1, got {df}")
+    if df in _T975:
+        return _T975[df]
+    z = normal_quantile(0.975)
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def seed_level_difference(a: list, b: list) -> dict:
+    """Arm A - arm B with the training run as the unit: a[s], b[s] are the two arms' pass@1 in seed s
+    (same questions). The question-level interval (paired_difference) holds the trained models fixed;
+    this one asks whether the difference would hold for other training runs:
+
+        d_s = a_s - b_s,  mean d +- t_{0.975, S-1} sd(d) / sqrt(S)   (S >= 2 seeds).
+
+    Returns per_seed (the d_s), diff, half_width (None for one seed), ci95 and verdict."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"seed_level_difference: need equally many seeds in both arms, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    s = len(d)
+    mean = sum(d) / s
+    if s < 2:
+        return dict(per_seed=d, diff=mean, half_width=None, ci95=None, verdict="one seed: no interval")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (s - 1))
+    half = t_quantile_975(s - 1) * sd / math.sqrt(s)
+    verdict = "higher" if mean - half > 0 else "lower" if mean + half < 0 else "no significant difference"
+    return dict(per_seed=d, diff=mean, half_width=half, ci95=[mean - half, mean + half], verdict=verdict)
