@@ -25,6 +25,7 @@ from typing import List, Sequence
 import torch
 
 from . import checkpoint
+from .config import ConfigError, as_number
 from .data import Example
 from .progress import note, phase
 from .scoring import padded_batch
@@ -47,12 +48,10 @@ def check_spec(spec: dict, name: str) -> dict:
     if unknown:
         raise SFTSpecError(f"{name}: unknown key(s) {unknown} in an sft spec; valid keys: {sorted(SFT_KEYS)}")
     out = dict(DEFAULTS, **spec)
-    if isinstance(out["lr"], str):
-        # PyYAML (YAML 1.1) reads 3e-5 (no dot) as a string.
-        try:
-            out["lr"] = float(out["lr"])
-        except ValueError:
-            pass
+    try:
+        out["lr"] = as_number(out["lr"], f"{name}: sft 'lr'")
+    except ConfigError as exc:
+        raise SFTSpecError(str(exc)) from None
     for key in ("steps", "batch_size"):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
             raise SFTSpecError(f"{name}: sft '{key}' must be an int >= 1, got {out[key]!r}")
